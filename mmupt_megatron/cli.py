@@ -1,0 +1,52 @@
+"""The ``mmupt`` command line.
+
+    mmupt config show RECIPE [section.key=value ...]   # print the resolved, validated config
+    mmupt config keys                                    # every key with its documentation
+
+More subcommands (train, eval, synthesize, convert, launch, plan) are mounted here as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmupt_megatron.config_loading import config_to_yaml, load_config
+from mmupt_megatron.config_docs import describe_keys
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(config_to_yaml(load_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _config_keys(args: argparse.Namespace) -> int:
+    for key, type_name, default, doc in describe_keys():
+        print(f"{key} ({type_name}, default {default!r})\n    {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmupt", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="inspect recipes").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config of a recipe")
+    show.add_argument("recipe", help="a YAML path or a name in configs/ (e.g. demo)")
+    show.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    show.set_defaults(handler=_config_show)
+    keys = config.add_parser("keys", help="list every config key with its documentation")
+    keys.set_defaults(handler=_config_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # user errors: one clear message, no stack trace
+        print(f"mmupt: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

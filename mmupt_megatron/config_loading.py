@@ -1,0 +1,113 @@
+"""Loading a recipe: YAML (with at most one ``defaults:`` parent) + ``key=value`` overrides -> ``Config``.
+
+    mmupt config show demo trainer.steps=10 rollout.n=16
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from mmupt_megatron.config import Config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_all_keys(type(default), key + "."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    known = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    # a right name in the wrong section first, then the closest spelling
+    matches = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    matches = matches or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe is a YAML path or the name of a file in configs/ (``demo`` -> configs/demo.yaml)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"recipe {str(recipe)!r} is neither a file nor one of configs/: {available}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def recipe_layers(recipe: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """[(source, mapping)] from parent to child; ``defaults:`` names one parent, which may not have one."""
+    path = resolve_recipe(recipe)
+    data = _read_yaml(path)
+    parent_name = data.pop("defaults", None)
+    if parent_name is None:
+        return [(str(path), data)]
+    if not isinstance(parent_name, str):
+        raise ValueError(f"{path}: defaults must name one parent recipe, got {parent_name!r}")
+    sibling = path.parent / parent_name
+    parent_path = sibling if sibling.is_file() else resolve_recipe(parent_name)
+    parent = _read_yaml(parent_path)
+    if "defaults" in parent:
+        raise ValueError(
+            f"{path}: its parent {parent_path} has a defaults: of its own; recipes compose one level deep"
+        )
+    return [(str(parent_path), parent), (str(path), data)]
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override {item!r} must look like section.key=value")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+
+
+def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The validated ``Config`` of a recipe with overrides; ValueError naming every problem."""
+    merged = OmegaConf.structured(Config)
+    layers = recipe_layers(recipe) + [("command line", _parse_overrides(overrides))]
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (ConfigKeyError, ConfigAttributeError) as error:
+            key = error.full_key or str(error.key)
+            raise ValueError(f"{source}: unknown config key {key!r}{_did_you_mean(key)}") from None
+        except OmegaConfBaseException as error:
+            message = str(error).splitlines()[0]
+            raise ValueError(f"{source}: bad value for {error.full_key!r}: {message}") from None
+    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    problems = config.problems()
+    if problems:
+        raise ValueError(f"invalid config from {layers[-2][0]}:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def config_to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
