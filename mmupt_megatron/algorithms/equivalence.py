@@ -12,7 +12,9 @@ Two stages, so that the expensive one runs rarely:
    anything else are never equal, so no symbolic check is needed for them.
 2. ``math-verify`` (~ms) only for the remaining pairs that involve an ``expr``: each distinct form is parsed
    once and each distinct pair compared once (both cached), with a bounded time per call; a timeout or a
-   parse failure counts as "not equal".
+   parse failure counts as "not equal". Before the (slow, simplify-based) comparison, each parsed form
+   gets a numeric fingerprint (its value, with free symbols set to fixed irrational-ish values): two
+   forms whose fingerprints differ cannot be equal, which settles most unequal pairs in microseconds.
 """
 
 from __future__ import annotations
@@ -142,6 +144,15 @@ def _math_verify() -> tuple[Any, Any]:
     return math_verify.parser.parse, math_verify.grader.verify
 
 
+def _numeric_value(expr: Any) -> complex | None:
+    """The value of a sympy expression with its free symbols set to fixed, unlikely values."""
+    substitutions = {
+        symbol: 0.5772156649 + 0.1 * (sum(map(ord, str(symbol))) % 97) for symbol in expr.free_symbols
+    }
+    value = complex(expr.subs(substitutions).evalf())
+    return value if value == value else None  # NaN: no fingerprint
+
+
 class AnswerMatcher:
     """Equivalence of answers with per-form and per-pair caches (reuse one matcher across steps).
 
@@ -154,6 +165,7 @@ class AnswerMatcher:
         self.max_cache = max_cache
         self._forms: dict[str, CanonicalAnswer] = {}
         self._parsed: dict[str, Any] = {}
+        self._fingerprints: dict[str, complex | None] = {}
         self._pairs: dict[tuple[str, str], bool] = {}
         self.num_symbolic_calls = 0
         self.num_timeouts = 0
@@ -180,15 +192,34 @@ class AnswerMatcher:
                 self._parsed[key] = []
         return self._parsed[key]
 
+    def _fingerprint(self, key: str) -> complex | None:
+        if key not in self._fingerprints:
+            parsed = self._parse(key)
+            value = None
+            if parsed and hasattr(parsed[0], "free_symbols"):
+                try:
+                    value = _call_with_time_limit(_numeric_value, self.timeout_s, parsed[0])
+                except _Timeout:
+                    self.num_timeouts += 1
+                except Exception:  # sets, equations, matrices...: no fingerprint, math-verify decides
+                    value = None
+            self._fingerprints[key] = value
+        return self._fingerprints[key]
+
     def _symbolic_equal(self, a: CanonicalAnswer, b: CanonicalAnswer) -> bool:
         pair = (a.key, b.key) if a.key <= b.key else (b.key, a.key)
         if pair not in self._pairs:
             _, verify = _math_verify()
             parsed_a, parsed_b = self._parse(pair[0]), self._parse(pair[1])
-            self.num_symbolic_calls += 1
+            value_a, value_b = self._fingerprint(pair[0]), self._fingerprint(pair[1])
             if not parsed_a or not parsed_b:
                 result = False
+            elif value_a is not None and value_b is not None and abs(value_a - value_b) > 1e-6 * max(
+                1.0, abs(value_a)
+            ):
+                result = False
             else:
+                self.num_symbolic_calls += 1
                 try:
                     result = bool(
                         _call_with_time_limit(

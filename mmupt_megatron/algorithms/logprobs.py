@@ -34,17 +34,16 @@ def _chunk_rows(num_rows: int, vocab: int, chunk_tokens: int | None) -> int:
     return max(1, min(num_rows, _DEFAULT_BUDGET_BYTES // (4 * vocab)))
 
 
-def _check_finite(logits_NV: torch.Tensor, seq_len: int) -> None:
-    finite_N = torch.isfinite(logits_NV).all(dim=-1)
-    if not bool(finite_N.all()):
-        bad_rows = torch.nonzero(~finite_N).flatten()
-        samples = sorted({int(r) // seq_len for r in bad_rows[:256]})
-        raise ValueError(f"non-finite (NaN/inf) logits in sample(s) {samples[:8]} of the batch")
+def _raise_non_finite(lse_N: torch.Tensor, seq_len: int) -> None:
+    """NaN or +inf anywhere in a row makes its logsumexp non-finite: name the samples it happened in."""
+    bad_rows = torch.nonzero(~torch.isfinite(lse_N)).flatten()
+    samples = sorted({int(r) // seq_len for r in bad_rows[:256]})
+    raise ValueError(f"non-finite (NaN/inf) logits in sample(s) {samples[:8]} of the batch")
 
 
 class _TokenLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum):  # noqa: D102
+    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len):  # noqa: D102
         num_rows, vocab = logits_NV.shape
         local_N = targets_N - vocab_start
         in_shard_N = (local_N >= 0) & (local_N < vocab)
@@ -61,6 +60,8 @@ class _TokenLogprob(torch.autograd.Function):
             target_C = all_reduce_sum(torch.where(in_shard_N[start:stop], target_C, 0.0))
             lse_N[start:stop] = lse_C
             logprob_N[start:stop] = target_C - lse_C
+        if seq_len and not bool(torch.isfinite(lse_N).all()):
+            _raise_non_finite(lse_N, seq_len)
         ctx.save_for_backward(logits_NV, local_N, in_shard_N, lse_N)
         ctx.rows = rows
         return logprob_N
@@ -77,7 +78,7 @@ class _TokenLogprob(torch.autograd.Function):
             block = (chunk - lse_N[start:stop, None]).exp_().mul_(-g_C[:, None])
             block.scatter_add_(1, local_N[start:stop, None], torch.where(in_shard_N[start:stop], g_C, 0.0)[:, None])
             grad_NV[start:stop] = block
-        return grad_NV, None, None, None, None, None
+        return grad_NV, None, None, None, None, None, None
 
 
 def vocab_parallel_token_logprobs(
@@ -101,11 +102,10 @@ def vocab_parallel_token_logprobs(
         )
     vocab = local_logits_BTV.shape[-1]
     logits_NV = local_logits_BTV.reshape(-1, vocab)
-    if check_finite:
-        _check_finite(logits_NV, seq_len=targets_BT.shape[-1] if targets_BT.ndim > 1 else logits_NV.shape[0])
     rows = _chunk_rows(logits_NV.shape[0], vocab, chunk_tokens)
+    seq_len = (targets_BT.shape[-1] if targets_BT.ndim > 1 else logits_NV.shape[0]) if check_finite else 0
     logprob_N = _TokenLogprob.apply(
-        logits_NV, targets_BT.reshape(-1).long(), rows, vocab_start, all_reduce_max, all_reduce_sum
+        logits_NV, targets_BT.reshape(-1).long(), rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len
     )
     return logprob_N.view(targets_BT.shape)
 

@@ -1,0 +1,141 @@
+"""Majority-vote reward throughput: ours vs the original MM-UPT method, same process, same data.
+
+    .venv/bin/python benchmarks/reward_throughput.py [--responses 10000] [--group-size 10] [--seed 0]
+
+Data: groups of responses to imaginary questions whose true answers are integers, fractions, decimals,
+LaTeX expressions or multiple-choice letters; each response states one candidate value in a random
+equivalent spelling (``0.5`` / ``\\frac{1}{2}`` / ``1/2`` ...), or gives no answer (no box, or a box cut
+off). Ground truth: which responses *should* be rewarded, i.e. state the value that most responses of
+the group state (exact, from the generator's value ids).
+
+- baseline (original MM-UPT): ``mathruler.extract_boxed_content``, ``Counter`` over the raw strings
+  (``"None"`` votes like an answer), then one ``mathruler.grade_answer`` per response against the winner;
+- ours: ``extract_answers`` + ``majority_vote`` (canonical forms, math-verify only for distinct symbolic
+  pairs, cached).
+Agreement = fraction of responses whose reward equals the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, majority_vote  # noqa: E402
+
+# value id -> equivalent spellings
+_FRACTIONS = {(1, 2): ["0.5", r"\frac{1}{2}", "1/2", r"\dfrac{1}{2}", ".5"],
+              (3, 4): ["0.75", r"\frac{3}{4}", "3/4", r"\tfrac34"],
+              (2, 5): ["0.4", r"\frac{2}{5}", "2/5", "0.40"],
+              (5, 2): ["2.5", r"\frac{5}{2}", "5/2", "2.50"]}
+_EXPRESSIONS = {"sqrt2": [r"\sqrt{2}", r"2^{1/2}", r"\frac{2}{\sqrt{2}}"],
+                "2pi": [r"2\pi", r"\pi \cdot 2", r"2 \pi"],
+                "sqrt3/2": [r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}", r"\sqrt{3}/2"],
+                "x+1": ["x+1", "1+x", "x + 1"]}
+
+
+def spellings(kind: str, value: object) -> list[str]:
+    if kind == "int":
+        return [str(value), f"{value}.0", f"{value}^\\circ" if value < 90 else f"{value:,}", f"x = {value}"]
+    if kind == "frac":
+        return _FRACTIONS[value]  # type: ignore[index]
+    if kind == "decimal":
+        return [f"{value:.1f}", f"{value:.2f}", f"{value:.3f}"]
+    if kind == "expr":
+        return _EXPRESSIONS[value]  # type: ignore[index]
+    return [value, f"({value})", f"{value}.", f"\\text{{({value})}}"]  # type: ignore[list-item]
+
+
+def candidate_values(kind: str, rng: random.Random) -> list[object]:
+    if kind == "int":
+        return rng.sample(range(2, 2000), 4)
+    if kind == "frac":
+        return rng.sample(list(_FRACTIONS), 3)
+    if kind == "decimal":
+        return [round(rng.uniform(0, 100), 1) for _ in range(3)]
+    if kind == "expr":
+        return rng.sample(list(_EXPRESSIONS), 3)
+    return rng.sample(list("ABCDE"), 3)
+
+
+def make_data(num_responses: int, group_size: int, seed: int) -> tuple[list[str], list[int], list[float]]:
+    rng = random.Random(seed)
+    responses, group_ids, truth = [], [], []
+    for group in range(num_responses // group_size):
+        kind = rng.choice(["int", "frac", "decimal", "expr", "choice"])
+        values = candidate_values(kind, rng)
+        weights = [rng.uniform(0.5, 3.0) for _ in values]
+        picked: list[object | None] = []
+        for _ in range(group_size):
+            if rng.random() < 0.1:
+                picked.append(None)
+            else:
+                picked.append(rng.choices(values, weights)[0])
+        counts = Counter(v for v in picked if v is not None)
+        top = max(counts.values()) if counts else 0
+        winners = [v for v, c in counts.items() if c == top]
+        for value in picked:
+            if value is None:
+                responses.append(rng.choice(["I am not sure.", r"so the answer is \boxed{12"]))
+            else:
+                responses.append(f"Reasoning ... so the answer is \\boxed{{{rng.choice(spellings(kind, value))}}}.")
+            group_ids.append(group)
+            # ties make the true reward ambiguous: count either winner as right (both methods get the benefit)
+            truth.append(1.0 if value is not None and value in winners and len(winners) == 1 else
+                         (-1.0 if value is not None and value in winners else 0.0))
+    return responses, group_ids, truth
+
+
+def agreement(rewards: list[float], truth: list[float]) -> float:
+    ok = sum(1 for r, t in zip(rewards, truth, strict=True) if t < 0 or r == t)
+    return ok / len(truth)
+
+
+def baseline(responses: list[str], group_ids: list[int], group_size: int) -> list[float]:
+    from mathruler.grader import extract_boxed_content, grade_answer
+
+    answers = [extract_boxed_content(r) for r in responses]
+    rewards = []
+    for start in range(0, len(answers), group_size):
+        group = answers[start : start + group_size]
+        majority = Counter(group).most_common(1)[0][0]
+        rewards.extend(1.0 if grade_answer(a, majority) else 0.0 for a in group)
+    return rewards
+
+
+def ours(responses: list[str], group_ids: list[int]) -> list[float]:
+    matcher = AnswerMatcher(timeout_s=1.0)
+    return majority_vote(extract_answers(responses), group_ids, matcher=matcher).rewards
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--responses", type=int, default=10_000)
+    parser.add_argument("--group-size", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    responses, group_ids, truth = make_data(args.responses, args.group_size, args.seed)
+    # warm both up on a few groups (imports, sympy caches) so that we time steady-state grading
+    baseline(responses[:50], group_ids[:50], args.group_size)
+    ours(responses[:50], group_ids[:50])
+    rows = []
+    for name, fn in (("baseline: Counter + mathruler", lambda: baseline(responses, group_ids, args.group_size)),
+                     ("ours: canonical + cached math-verify", lambda: ours(responses, group_ids))):
+        start = time.perf_counter()
+        rewards = fn()
+        seconds = time.perf_counter() - start
+        rows.append((name, len(responses) / seconds, agreement(rewards, truth), seconds))
+    print(f"{len(responses)} responses in groups of {args.group_size}, seed {args.seed}\n")
+    print("| method | responses/s | agreement with truth | seconds | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, rate, agree, seconds in rows:
+        print(f"| {name} | {rate:,.0f} | {agree:.4f} | {seconds:.2f} | {rate / rows[0][1]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
