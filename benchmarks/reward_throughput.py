@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, majority_vote  # noqa: E402
+from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, majority_vote
 
 # value id -> equivalent spellings
 _FRACTIONS = {(1, 2): ["0.5", r"\frac{1}{2}", "1/2", r"\dfrac{1}{2}", ".5"],

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmupt_megatron.config_loading import config_to_yaml, load_config
 from mmupt_megatron.config_docs import describe_keys
+from mmupt_megatron.config_loading import config_to_yaml, load_config
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig
 
+
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = ""

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-import mmupt_megatron.algorithms as algorithms
+from mmupt_megatron import algorithms
 
 FORBIDDEN = ("megatron", "vllm", "ray", "nemo_run", "torch.distributed", "transformers")
 

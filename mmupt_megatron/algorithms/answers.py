@@ -64,4 +64,4 @@ def extract_answers(responses: list[str]) -> list[str | None]:
     return answers
 
 
-__all__ = ["extract_boxed", "extract_answers"]
+__all__ = ["extract_answers", "extract_boxed"]

@@ -212,9 +212,7 @@ class AnswerMatcher:
             _, verify = _math_verify()
             parsed_a, parsed_b = self._parse(pair[0]), self._parse(pair[1])
             value_a, value_b = self._fingerprint(pair[0]), self._fingerprint(pair[1])
-            if not parsed_a or not parsed_b:
-                result = False
-            elif value_a is not None and value_b is not None and abs(value_a - value_b) > 1e-6 * max(
+            if not parsed_a or not parsed_b or value_a is not None and value_b is not None and abs(value_a - value_b) > 1e-6 * max(
                 1.0, abs(value_a)
             ):
                 result = False

@@ -43,7 +43,7 @@ def _raise_non_finite(lse_N: torch.Tensor, seq_len: int) -> None:
 
 class _TokenLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len):  # noqa: D102
+    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len):
         num_rows, vocab = logits_NV.shape
         local_N = targets_N - vocab_start
         in_shard_N = (local_N >= 0) & (local_N < vocab)
@@ -67,7 +67,7 @@ class _TokenLogprob(torch.autograd.Function):
         return logprob_N
 
     @staticmethod
-    def backward(ctx, grad_N):  # noqa: D102
+    def backward(ctx, grad_N):
         logits_NV, local_N, in_shard_N, lse_N = ctx.saved_tensors
         grad_NV = torch.empty_like(logits_NV)
         grad_N = grad_N.float()

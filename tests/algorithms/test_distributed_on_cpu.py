@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mmupt_megatron.algorithms import PolicyLossConfig, grpo_policy_loss, token_logprobs, vocab_parallel_token_logprobs
+from mmupt_megatron.algorithms import (
+    PolicyLossConfig,
+    grpo_policy_loss,
+    token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 from tests.dist_utils import run_workers
 
 pytestmark = pytest.mark.distributed
