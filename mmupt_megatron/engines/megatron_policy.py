@@ -1,0 +1,263 @@
+"""The Megatron policy: token log-probs and GRPO optimizer steps on a (TP/PP/DP-sharded) Qwen2.5-VL.
+
+One ``train_step`` = zero grads -> Megatron's forward/backward schedule over micro-batches (1F1B under
+PP) -> ``finalize_model_grads`` (DP reduction, tied-embedding sync across stages) -> optimizer step
+(Megatron's distributed optimizer when DP > 1 with Adam). fp32 on CPU, bf16 on GPU.
+
+Loss scaling: ``grpo_policy_loss`` already divides by the *global* token / sequence counts, so the sum
+of micro-batch losses over all DP ranks is the full-batch loss. We therefore run Megatron with
+``calculate_per_token_loss=True`` (no division by the number of micro-batches, DP grads summed rather
+than averaged) and finalize the grads without a token count.
+
+Log-prob convention: ``logprobs_BT[b, t]`` = log p(ids[b, t+1] | ids[b, :t+1]) (shape [B, T-1]).
+Log-probs and metrics exist on the last pipeline stage; other stages get None / {}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
+from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
+from mmupt_megatron.engines.cpu_compat import cuda_type_names
+from mmupt_megatron.engines.parallel import ParallelGroups
+from mmupt_megatron.models.rope_index import _image_runs, causal_attention_mask, mrope_position_ids
+
+
+@dataclass(kw_only=True, frozen=True)
+class PolicyOptimConfig:
+    lr: float = 1e-6
+    """Learning rate (constant; schedules belong to the trainer)."""
+    optimizer: str = "adam"
+    """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward micro-batch on each DP rank."""
+    freeze_vision: bool = False
+    """Keep the vision tower fixed (no grads, no optimizer state)."""
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.lr < 0 or self.clip_grad < 0:
+            raise ValueError(f"lr ({self.lr}) and clip_grad ({self.clip_grad}) must be >= 0")
+
+
+@dataclass(kw_only=True)
+class PolicyBatch:
+    """This DP rank's slice of a batch. Images are in sample order: ``pixel_values`` stacks the patches of
+    every image and ``image_grid_thw`` has one row per image (one image per run of <|image_pad|>)."""
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor | None = None
+    loss_mask_BT: torch.Tensor | None = None
+    """[B, T-1]: 1 where the token at t+1 is a response token to train on."""
+    old_logprobs_BT: torch.Tensor | None = None
+    ref_logprobs_BT: torch.Tensor | None = None
+    advantages_B: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None, merge: int) -> list[dict]:
+    """Split along the batch dim; images follow their samples."""
+    num = batch.input_ids_BT.shape[0]
+    pixels_per_sample, grids_per_sample = [], []
+    for b in range(num):
+        runs = _image_runs(batch.input_ids_BT[b] == image_token_id) if batch.pixel_values is not None else []
+        grids_per_sample.append(len(runs))
+        pixels_per_sample.append(sum(end - start for start, end in runs) * merge * merge)
+    out, pix, img = [], 0, 0
+    for start in range(0, num, size):
+        stop = min(start + size, num)
+        mb = {key: (value[start:stop] if value is not None and value.dim() > 0 else value)
+              for key, value in vars(batch).items() if key not in ("pixel_values", "image_grid_thw")}
+        num_pix, num_img = sum(pixels_per_sample[start:stop]), sum(grids_per_sample[start:stop])
+        mb["pixel_values"] = batch.pixel_values[pix : pix + num_pix] if num_img else None
+        mb["image_grid_thw"] = batch.image_grid_thw[img : img + num_img] if num_img else None
+        pix, img = pix + num_pix, img + num_img
+        out.append(mb)
+    return out
+
+
+class MegatronPolicy:
+    """Wraps a ``Qwen2_5_VLModel`` with Megatron DDP and optimizer; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, groups: ParallelGroups, cfg: PolicyOptimConfig) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.cfg, self.groups, self.model = cfg, groups, model
+        if cfg.freeze_vision and model.vision_model is not None:
+            model.vision_model.requires_grad_(False)
+        config = model.config
+        config.calculate_per_token_loss = True
+        # Megatron's distributed optimizer (sharded optimizer state over DP) supports only Adam.
+        distributed = groups.dims.dp > 1 and cfg.optimizer == "adam"
+        self.ddp = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed
+            ),
+            module=model,
+            pg_collection=groups.megatron_pgs,
+        )
+        with cuda_type_names():  # CPU: megatron's optimizers check param.type() for CUDA names
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                    sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=config.bf16,
+                    params_dtype=config.params_dtype, use_distributed_optimizer=distributed,
+                ),
+                [self.ddp],
+                use_gloo_process_groups=False,
+                pg_collection=groups.megatron_pgs,
+            )
+        config.no_sync_func = self.ddp.no_sync
+        self.p2p = None
+        if groups.dims.pp > 1:
+            from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+            self.p2p = P2PCommunicator(pp_group=groups.pp_group, config=config)
+        config.finalize_model_grads_func = self._finalize_grads
+
+    # ------------------------------------------------------------------ collectives for the loss
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if self.groups.dims.tp > 1:
+            dist.all_reduce(tensor, op=op, group=self.groups.tp_group)
+        return tensor
+
+    def _finalize_grads(self, model, num_tokens=None, pg_collection=None, **kwargs) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(model, None, pg_collection=self.groups.megatron_pgs)
+
+    def _logprobs(self, local_logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_token_logprobs(
+            local_logits_BTV[:, :-1],
+            input_ids_BT[:, 1:],
+            vocab_start=self.model.vocab_start(),
+            all_reduce_max=partial(self._all_reduce, op=dist.ReduceOp.MAX),
+            all_reduce_sum=partial(self._all_reduce, op=dist.ReduceOp.SUM),
+        )
+
+    # ------------------------------------------------------------------ schedule plumbing
+    def _forward_step(self, data_iterator: Iterator[dict], model, *, loss_fn):
+        device = next(self.model.parameters()).device
+        mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in next(data_iterator).items()}
+        arch = self.model.arch
+        ids_BT = mb["input_ids_BT"]
+        position_ids = mrope_position_ids(
+            ids_BT, image_token_id=arch.image_token_id, image_grid_thw=mb["image_grid_thw"],
+            spatial_merge_size=arch.spatial_merge_size if arch.is_multimodal else 2,
+            attention_mask_BT=mb["attention_mask_BT"],
+        )
+        mask = causal_attention_mask(ids_BT.shape[1], mb["attention_mask_BT"], device=ids_BT.device)
+        pixels = mb["pixel_values"]
+        if pixels is not None and self.model.config.params_dtype != pixels.dtype:
+            pixels = pixels.to(self.model.config.params_dtype)
+        output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"])
+        return output, partial(loss_fn, mb)
+
+    def _run(self, batch: PolicyBatch, loss_fn, *, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        arch = self.model.arch
+        mbs = _micro_batches(batch, self.cfg.micro_batch_size, image_token_id=arch.image_token_id,
+                             merge=arch.spatial_merge_size if arch.is_multimodal else 1)
+        seq_len = batch.input_ids_BT.shape[1]
+        return get_forward_backward_func(pp_size=self.groups.dims.pp)(
+            forward_step_func=partial(self._forward_step, loss_fn=loss_fn),
+            data_iterator=iter(mbs),
+            model=[self.ddp],
+            num_microbatches=len(mbs),
+            seq_length=seq_len,
+            micro_batch_size=min(self.cfg.micro_batch_size, batch.input_ids_BT.shape[0]),
+            forward_only=forward_only,
+            pg_collection=self.groups.megatron_pgs,
+            **({"p2p_communicator": self.p2p} if self.p2p is not None else {}),
+        )
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def compute_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        """fp32 [B, T-1] log-probs of the batch's own tokens (last stage; None on other stages)."""
+
+        def collect(mb: dict, logits_BTV: torch.Tensor):
+            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"])
+            return torch.zeros((), requires_grad=False), torch.zeros((), dtype=torch.int), {"logprobs": logprobs}
+
+        self.ddp.eval()
+        outputs = self._run(batch, collect, forward_only=True)
+        self.ddp.train()
+        if not self.groups.is_last_stage:
+            return None
+        return torch.cat([out["logprobs"] for out in outputs], dim=0)
+
+    def train_step(self, batch: PolicyBatch, *, global_num_tokens: int | None = None,
+                   global_num_seqs: int | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's batch. Global counts default to the DP-all-reduced sums of
+        ``loss_mask_BT`` and of the batch size."""
+        if batch.loss_mask_BT is None or batch.old_logprobs_BT is None or batch.advantages_B is None:
+            raise ValueError("train_step needs loss_mask_BT, old_logprobs_BT and advantages_B")
+        expected = (batch.input_ids_BT.shape[0], batch.input_ids_BT.shape[1] - 1)
+        if tuple(batch.loss_mask_BT.shape) != expected:
+            raise ValueError(f"loss_mask_BT has shape {tuple(batch.loss_mask_BT.shape)}, expected {expected} (T-1)")
+        if global_num_tokens is None or global_num_seqs is None:
+            counts = torch.tensor([float(batch.loss_mask_BT.sum()), float(batch.input_ids_BT.shape[0])])
+            if self.groups.dims.dp > 1:
+                dist.all_reduce(counts, group=self.groups.dp_group)
+            global_num_tokens = int(counts[0]) if global_num_tokens is None else global_num_tokens
+            global_num_seqs = int(counts[1]) if global_num_seqs is None else global_num_seqs
+        loss_cfg = self.cfg.loss
+
+        def loss_fn(mb: dict, logits_BTV: torch.Tensor):
+            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"])
+            loss, metrics = grpo_policy_loss(
+                logprobs, mb["old_logprobs_BT"], mb["advantages_B"], mb["loss_mask_BT"], cfg=loss_cfg,
+                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                ref_logprobs_BT=mb["ref_logprobs_BT"],
+            )
+            metrics = {key: value.detach() for key, value in metrics.items()}
+            metrics["loss"] = loss.detach()
+            return loss, torch.zeros((), dtype=torch.int), metrics
+
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(batch, loss_fn, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:
+            raise RuntimeError("optimizer step skipped (non-finite gradients)")
+        result = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if outputs:
+            weights = [float(out["num_tokens"]) for out in outputs]
+            total = max(sum(weights), 1.0)
+            for key in outputs[0]:
+                if key == "loss":
+                    result[key] = sum(float(out[key]) for out in outputs)
+                elif key == "num_tokens":
+                    result[key] = total
+                else:
+                    result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
+        return result
+
+
+def with_loss(cfg: PolicyOptimConfig, **loss_overrides) -> PolicyOptimConfig:
+    """A copy of ``cfg`` whose loss config has ``loss_overrides`` applied."""
+    return replace(cfg, loss=replace(cfg.loss, **loss_overrides))

@@ -1,0 +1,162 @@
+"""HF <-> Megatron checkpoint conversion (dist-checkpointing on the Megatron side).
+
+A Megatron checkpoint folder made here holds:
+    megatron/                 megatron-core dist-checkpoint (torch_dist): loads at any TP/PP
+    hf/                       the HF config, tokenizer and preprocessor files (no weights)
+    mmupt_checkpoint.json     the TP/PP/dtype it was written with
+``hf_to_megatron`` / ``megatron_to_hf`` spawn tp*pp gloo workers on CPU (``convert_on_cpu_workers``);
+inside an already-initialised job use ``save_megatron_checkpoint`` / ``load_megatron_checkpoint`` /
+``load_hf_weights`` / ``export_hf_weights`` directly. Each worker streams one layer at a time, so its peak
+memory is about its model shard plus one layer. Entry scripts need a ``__main__`` guard (workers are
+spawned, and dist-checkpoint saving starts a process).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmupt_megatron.engines.parallel import ParallelDims, init_parallel, run_workers
+from mmupt_megatron.models.hf_config import LMArch, load_arch, read_hf_config
+from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
+
+META_FILE = "mmupt_checkpoint.json"
+MEGATRON_SUBDIR = "megatron"
+HF_SUBDIR = "hf"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def prepare_output_dir(out_dir: str | Path, *, force: bool) -> Path:
+    """Create ``out_dir``; ValueError if it is non-empty unless ``force`` (then it is emptied)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"output dir {out} is not empty; pass force=True (--force) to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def copy_hf_metadata(src: str | Path, dst: str | Path) -> None:
+    """Copy config / tokenizer / preprocessor / chat-template files (everything but weights)."""
+    for path in Path(src).iterdir():
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_NAMES:
+            shutil.copy2(path, Path(dst) / path.name)
+
+
+def hf_dtype(hf_dir: str | Path) -> torch.dtype:
+    raw = read_hf_config(hf_dir)
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype") or "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{hf_dir}/config.json: unsupported dtype {name!r}")
+    return getattr(torch, name)
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(f"{ckpt_dir} is not an mmupt Megatron checkpoint: {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def checkpoint_arch(ckpt_dir: str | Path) -> LMArch:
+    read_checkpoint_meta(ckpt_dir)
+    return load_arch(Path(ckpt_dir) / HF_SUBDIR, require_weights=False)
+
+
+def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, *, hf_meta_dir: str | Path | None) -> None:
+    """Collective: save ``model`` (all ranks) into ``ckpt_dir``, which rank 0 has prepared."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt_dir)
+    if dist.get_rank() == 0:
+        (ckpt / MEGATRON_SUBDIR).mkdir(parents=True, exist_ok=True)
+        (ckpt / HF_SUBDIR).mkdir(exist_ok=True)
+        if hf_meta_dir is not None:
+            copy_hf_metadata(hf_meta_dir, ckpt / HF_SUBDIR)
+        dims = model.groups.dims
+        meta = {"tp": dims.tp, "pp": dims.pp, "dtype": str(model.config.params_dtype).removeprefix("torch."),
+                "model_type": model.arch.model_type, "format": "megatron-core dist-checkpoint (torch_dist)"}
+        (ckpt / META_FILE).write_text(json.dumps(meta, indent=2))
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt / MEGATRON_SUBDIR))
+    dist.barrier()
+
+
+def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Collective: fill ``model`` (any TP/PP) from the dist-checkpoint in ``ckpt_dir``."""
+    from megatron.core import dist_checkpointing
+
+    read_checkpoint_meta(ckpt_dir)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / MEGATRON_SUBDIR))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+
+def build_model(arch: LMArch, groups, *, dtype: torch.dtype, init_weights: bool = False) -> torch.nn.Module:
+    from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
+
+    return Qwen2_5_VLModel(arch, groups, dtype=dtype, init_weights=init_weights)
+
+
+def _hf_to_megatron_worker(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
+    arch = load_arch(hf_dir)
+    groups = init_parallel(ParallelDims(tp=tp, pp=pp))
+    model = build_model(arch, groups, dtype=hf_dtype(hf_dir))
+    load_hf_weights(model, hf_dir)
+    save_megatron_checkpoint(model, out_dir, hf_meta_dir=hf_dir)
+
+
+def _megatron_to_hf_worker(ckpt_dir: str, out_dir: str, tp: int, pp: int) -> None:
+    arch = checkpoint_arch(ckpt_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    groups = init_parallel(ParallelDims(tp=tp, pp=pp))
+    model = build_model(arch, groups, dtype=getattr(torch, meta["dtype"]))
+    load_megatron_checkpoint(model, ckpt_dir)
+    export_hf_weights(model, out_dir)
+    if groups.rank == 0:
+        copy_hf_metadata(Path(ckpt_dir) / HF_SUBDIR, out_dir)
+    dist.barrier()
+
+
+def _validate(arch: LMArch, tp: int, pp: int) -> None:
+    ParallelDims(tp=tp, pp=pp).validate(
+        world_size=tp * pp, num_attention_heads=arch.num_attention_heads, num_kv_heads=arch.num_kv_heads,
+        num_layers=arch.num_layers,
+    )
+
+
+def convert_on_cpu_workers(worker, *, world_size: int, args: tuple) -> None:
+    """Launcher: run a conversion worker on ``world_size`` spawned gloo processes."""
+    run_workers(worker, world_size=world_size, args=args)
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, force: bool = False) -> Path:
+    """Convert an HF Qwen2 / Qwen2.5-VL folder into a Megatron dist-checkpoint at TP=tp, PP=pp."""
+    arch = load_arch(hf_dir)
+    _validate(arch, tp, pp)
+    out = prepare_output_dir(out_dir, force=force)
+    convert_on_cpu_workers(_hf_to_megatron_worker, world_size=tp * pp, args=(str(hf_dir), str(out), tp, pp))
+    return out
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = False,
+                   tp: int | None = None, pp: int | None = None) -> Path:
+    """Convert a Megatron checkpoint made here into an HF folder that transformers loads. Runs at the
+    checkpoint's own TP/PP unless ``tp`` / ``pp`` say otherwise."""
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = checkpoint_arch(ckpt_dir)
+    tp, pp = tp or meta["tp"], pp or meta["pp"]
+    _validate(arch, tp, pp)
+    if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+        raise ValueError(f"output dir {out_dir} is the checkpoint dir itself")
+    out = prepare_output_dir(out_dir, force=force)
+    convert_on_cpu_workers(_megatron_to_hf_worker, world_size=tp * pp, args=(str(ckpt_dir), str(out), tp, pp))
+    return out

@@ -1,0 +1,271 @@
+"""Model provider: Qwen2.5-VL (or text-only Qwen2) as a Megatron-Core GPTModel plus the HF vision tower.
+
+- The language model is a ``GPTModel`` (RMSNorm, SwiGLU, QKV bias, GQA, ``mrope`` rotary embeddings with
+  the checkpoint's ``mrope_section`` and 3-D position ids, tied or untied embeddings). Text-only Qwen2
+  uses the same mrope path with every section on the temporal axis, which equals 1-D RoPE.
+- The vision tower is transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (megatron-core has no
+  Qwen2.5-VL encoder), replicated on every TP rank of the first pipeline stage; its merged features
+  replace the embeddings at the ``<|image_pad|>`` positions.
+- ``select_layer_spec`` is the single place that picks Transformer Engine (GPU, FP8 on Hopper) or
+  Megatron's local torch layers (CPU).
+- Forward returns the vocab-parallel logits shard [B, T, V_local] on the last pipeline stage (padded
+  vocabulary entries masked to the dtype minimum); ``gather_logits`` assembles full logits for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmupt_megatron.engines.parallel import ParallelGroups
+from mmupt_megatron.models.hf_config import LMArch
+from mmupt_megatron.models.mapping import MEG_LM_PREFIX, padded_vocab_size
+
+logger = logging.getLogger(__name__)
+_TE_NORM_KEYS = {  # TE fuses the norms into the next linear; checkpoints always use the local names.
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def select_layer_spec(*, fp8: bool = False) -> tuple[Any, str | None]:
+    """(layer spec, fp8 mode). Transformer Engine when a GPU and TE are present, FP8 ("hybrid", delayed
+    scaling) only if requested and the GPU is Hopper or newer; Megatron's local torch spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if _transformer_engine_available():
+        fp8_mode = None
+        if fp8:
+            if torch.cuda.get_device_capability()[0] >= 9:
+                fp8_mode = "hybrid"
+            else:
+                logger.warning("fp8 requested but %s is not Hopper or newer: using bf16", torch.cuda.get_device_name())
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), fp8_mode
+    if fp8:
+        logger.warning("fp8 requested but Transformer Engine / a GPU is unavailable: using the local spec")
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), None
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def uses_te_spec(spec: Any) -> bool:
+    return "transformer_engine" in repr(spec)
+
+
+def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype, fp8_mode: str | None,
+                       init_weights: bool) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cpu = not torch.cuda.is_available()
+    mrope = list(arch.mrope_section) if arch.mrope_section else [arch.head_dim // 2, 0, 0]
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mrope_section=mrope,
+        tensor_model_parallel_size=groups.dims.tp,
+        pipeline_model_parallel_size=groups.dims.pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp8=fp8_mode,
+        fp8_recipe="delayed" if fp8_mode else None,
+        use_cpu_initialization=cpu,
+        perform_initialization=init_weights,
+        # Fusions need CUDA kernels; off on CPU (STACK.md item 4).
+        bias_activation_fusion=not cpu,
+        masked_softmax_fusion=not cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=not cpu,
+        persist_layer_norm=False,
+    )
+
+
+class Qwen2_5_VLModel(torch.nn.Module):
+    """Megatron GPTModel language model + (first stage) HF vision tower. Not a GPTModel subclass: it
+    composes one, so checkpoints carry ``language_model.*`` and ``vision_model.*`` keys."""
+
+    def __init__(self, arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
+                 init_weights: bool = True, fp8: bool = False) -> None:
+        from megatron.core.enums import ModelType
+        from megatron.core.models.gpt import GPTModel
+
+        super().__init__()
+        dtype = dtype or default_dtype()
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        groups.dims.validate(
+            world_size=groups.world_size, num_attention_heads=arch.num_attention_heads,
+            num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
+        )
+        spec, fp8_mode = select_layer_spec(fp8=fp8)
+        self.te_spec = uses_te_spec(spec)
+        self.arch = arch
+        self.groups = groups
+        self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights)
+        self.padded_vocab = padded_vocab_size(arch.vocab_size, tp=groups.dims.tp)
+        self.pre_process = groups.is_first_stage
+        self.post_process = groups.is_last_stage
+        self.language_model = GPTModel(
+            config=self.config,
+            transformer_layer_spec=spec,
+            vocab_size=self.padded_vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=arch.rope_theta,
+            pg_collection=groups.megatron_pgs,
+        )
+        if not init_weights:
+            _mark_tensor_parallel_weights(self.language_model)
+        self.vision_model = None
+        if arch.is_multimodal and self.pre_process:
+            self.vision_model = build_vision_tower(arch, dtype=dtype)
+
+    # -- plumbing read by megatron's schedules and finalize_model_grads (tied embeddings under PP)
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_3BT: torch.Tensor,
+        attention_mask_B1TT: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Local logits [B, T, V_local] on the last stage; hidden states [T, B, H] on the others."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=input_ids_BT, position_ids=None)
+            if pixel_values is not None:
+                decoder_input = self._merge_image_features(decoder_input, input_ids_BT, pixel_values, image_grid_thw)
+        out = self.language_model(
+            input_ids=input_ids_BT,
+            position_ids=position_ids_3BT,
+            attention_mask=attention_mask_B1TT,
+            decoder_input=decoder_input,
+        )
+        if not self.post_process:
+            return out
+        return self._mask_vocab_padding(out)
+
+    def _merge_image_features(self, embeds_TBH, input_ids_BT, pixel_values, image_grid_thw) -> torch.Tensor:
+        if self.vision_model is None:
+            raise ValueError(f"pixel_values given but the checkpoint ({self.arch.model_type}) has no vision tower")
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        features_NH = self.vision_model(pixel_values.to(embeds_TBH.dtype), grid_thw=image_grid_thw).pooler_output
+        mask_TB = (input_ids_BT == self.arch.image_token_id).transpose(0, 1)
+        num_pads = int(mask_TB.sum())
+        if num_pads != features_NH.shape[0]:
+            raise ValueError(
+                f"{num_pads} <|image_pad|> tokens but the images give {features_NH.shape[0]} features "
+                f"(image_grid_thw={image_grid_thw.tolist()})"
+            )
+        return embeds_TBH.masked_scatter(mask_TB[..., None], features_NH.to(embeds_TBH.dtype))
+
+    def _mask_vocab_padding(self, logits_BTV: torch.Tensor) -> torch.Tensor:
+        local = logits_BTV.shape[-1]
+        start = self.groups.tp_rank * local
+        num_pad = start + local - self.arch.vocab_size
+        if num_pad <= 0:
+            return logits_BTV
+        keep_V = torch.arange(start, start + local, device=logits_BTV.device) < self.arch.vocab_size
+        return logits_BTV.masked_fill(~keep_V, torch.finfo(logits_BTV.dtype).min)
+
+    def vocab_start(self) -> int:
+        return self.groups.tp_rank * (self.padded_vocab // self.groups.dims.tp)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's sharded state dict with spec-independent keys (TE norm names -> local names)."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sharded = self.language_model.sharded_state_dict(prefix=f"{prefix}{MEG_LM_PREFIX}", metadata=metadata)
+        if self.vision_model is not None:
+            sharded.update(
+                sharded_state_dict_default(
+                    self.vision_model, f"{prefix}vision_model.", sharded_offsets, metadata, tp_group=self.groups.tp_group
+                )
+            )
+        if self.te_spec:
+            for value in sharded.values():
+                for te_name, local_name in _TE_NORM_KEYS.items():
+                    if hasattr(value, "key") and value.key.endswith(te_name):
+                        value.key = value.key[: -len(te_name)] + local_name
+        return sharded
+
+
+def _mark_tensor_parallel_weights(module: torch.nn.Module) -> None:
+    """With ``perform_initialization=False`` megatron-core 0.16.1 allocates the weights of its parallel
+    linears / embedding without ``set_tensor_model_parallel_attributes`` (only the init helpers set them),
+    so the optimizer would treat TP-sharded weights as replicas (wrong grad norm under TP). Set them here."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for sub in module.modules():
+        kind = type(sub).__name__
+        weight = getattr(sub, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if "VocabParallelEmbedding" in kind or "ColumnParallel" in kind:
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif "RowParallel" in kind:
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
+def build_vision_tower(arch: LMArch, *, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    assert arch.vision_config is not None
+    config = Qwen2_5_VLVisionConfig(**{k: v for k, v in arch.vision_config.items() if k != "model_type"})
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return Qwen2_5_VisionTransformerPretrainedModel(config).to(device=device, dtype=dtype)
+
+
+def gather_logits(local_logits_BTV: torch.Tensor, groups: ParallelGroups, *, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits from the TP shards (all-gather; padding stripped). For tests / eval."""
+    if groups.dims.tp == 1:
+        return local_logits_BTV[..., :vocab_size]
+    parts = [torch.empty_like(local_logits_BTV) for _ in range(groups.dims.tp)]
+    dist.all_gather(parts, local_logits_BTV.contiguous(), group=groups.tp_group)
+    return torch.cat(parts, dim=-1)[..., :vocab_size]
