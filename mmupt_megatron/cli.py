@@ -2,6 +2,8 @@
 
     mmupt config show RECIPE [section.key=value ...]   # print the resolved, validated config
     mmupt config keys                                    # every key with its documentation
+    mmupt convert hf-to-megatron --hf DIR --out DIR --tp N --pp M
+    mmupt convert megatron-to-hf --ckpt DIR --out DIR
 
 More subcommands (train, eval, synthesize, convert, launch, plan) are mounted here as they land.
 """
@@ -12,6 +14,7 @@ import argparse
 import sys
 
 from mmupt_megatron.config_docs import describe_keys
+from mmupt_megatron.models.convert_cli import add_convert_subcommands
 from mmupt_megatron.config_loading import config_to_yaml, load_config
 
 
@@ -36,13 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_config_show)
     keys = config.add_parser("keys", help="list every config key with its documentation")
     keys.set_defaults(handler=_config_keys)
+    convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
+    add_convert_subcommands(convert.add_subparsers(dest="direction", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        handler = getattr(args, "handler", None) or args.func
+        return handler(args)
     except ValueError as error:  # user errors: one clear message, no stack trace
         print(f"mmupt: error: {error}", file=sys.stderr)
         return 2

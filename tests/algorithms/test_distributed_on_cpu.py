@@ -10,7 +10,7 @@ from mmupt_megatron.algorithms import (
     token_logprobs,
     vocab_parallel_token_logprobs,
 )
-from tests.dist_utils import run_workers
+from mmupt_megatron.engines.parallel import run_workers
 
 pytestmark = pytest.mark.distributed
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -40,7 +40,9 @@ def loss_and_grad(weight, hidden_states, targets, old, ref, adv, mask, agg, num_
     return loss.detach(), weight.grad
 
 
-def _dp_worker(rank, world_size):
+def _dp_worker():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     weight, h, t, old, ref, adv, mask = make_batch()
     shard = slice(rank * 3, rank * 3 + 3)
     out = {}
@@ -68,7 +70,9 @@ def test_dp_sharded_gradient_equals_full_batch():
         assert grad.abs().sum() > 0
 
 
-def _tp_worker(rank, world_size):
+def _tp_worker():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 4, 10, generator=gen) * 4
     targets = torch.randint(0, 10, (2, 4), generator=gen)
