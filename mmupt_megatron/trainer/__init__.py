@@ -1,0 +1,1 @@
+"""The MM-UPT trainer: rollout -> vote -> advantages -> train -> refit -> checkpoint."""
