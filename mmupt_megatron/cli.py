@@ -2,6 +2,7 @@
 
     mmupt config show RECIPE [section.key=value ...]   # print the resolved, validated config
     mmupt config keys                                    # every key with its documentation
+    mmupt train RECIPE [section.key=value ...]        # MM-UPT training (Ray + Megatron + vLLM)
     mmupt convert hf-to-megatron --hf DIR --out DIR --tp N --pp M
     mmupt convert megatron-to-hf --ckpt DIR --out DIR
 
@@ -29,6 +30,19 @@ def _config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mmupt_megatron.trainer.loop import Trainer
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(config_to_yaml(cfg), end="", flush=True)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.cluster.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmupt", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_config_show)
     keys = config.add_parser("keys", help="list every config key with its documentation")
     keys.set_defaults(handler=_config_keys)
+    train = commands.add_parser("train", help="train a policy with MM-UPT")
+    train.add_argument("recipe", help="a YAML path or a name in configs/")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.set_defaults(handler=_train)
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     add_convert_subcommands(convert.add_subparsers(dest="direction", required=True))
     return parser

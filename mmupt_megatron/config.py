@@ -198,19 +198,21 @@ class DataConfig:
     """Parquet/JSONL files or folders of unlabeled questions (EasyR1 / MM-UPT row format)."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files for evaluation (their answers are used for metrics only)."""
-    prompt_key: str = "problem"
+    problem_key: str = "problem"
     """Column holding the question text."""
     image_key: str = "images"
     """Column holding the image(s): bytes, paths, or {bytes, path} dicts."""
     answer_key: str = "answer"
     """Optional column with the reference answer (never used for rewards unless reward.kind=label)."""
+    id_key: str = "id"
+    """Optional column with a row id (default: file stem and row number)."""
     instruction: str = " Please reason step by step, and put your final answer within \\boxed{}."
     """Appended to every question."""
     min_pixels: int = 3136
     """Images smaller than this are upscaled (Qwen2.5-VL smart resize)."""
     max_pixels: int = 1003520
     """Images larger than this are downscaled (Qwen2.5-VL smart resize; 1280 x 28 x 28)."""
-    max_image_pixels: int = 50_000_000
+    max_decode_pixels: int = 64_000_000
     """Hard cap: larger images are bad rows (decompression-bomb guard)."""
     on_bad_row: str = "error"
     """error: stop with a message naming the row; skip: skip it, count it and report."""
@@ -221,10 +223,10 @@ class DataConfig:
         out = []
         if self.on_bad_row not in ("error", "skip"):
             out.append(f"data.on_bad_row must be error or skip, got {self.on_bad_row!r}")
-        if not 0 < self.min_pixels <= self.max_pixels <= self.max_image_pixels:
+        if not 0 < self.min_pixels <= self.max_pixels <= self.max_decode_pixels:
             out.append(
-                "data pixel limits must satisfy 0 < min_pixels <= max_pixels <= max_image_pixels, got "
-                f"{self.min_pixels}, {self.max_pixels}, {self.max_image_pixels}"
+                "data pixel limits must satisfy 0 < min_pixels <= max_pixels <= max_decode_pixels, got "
+                f"{self.min_pixels}, {self.max_pixels}, {self.max_decode_pixels}"
             )
         return out
 

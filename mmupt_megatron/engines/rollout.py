@@ -34,6 +34,8 @@ class SamplingSpec:
     seed: int = 0
     """Request i is sampled with seed + i, so results do not depend on how requests are batched."""
     stop_token_ids: tuple[int, ...] = ()
+    banned_token_ids: tuple[int, ...] = ()
+    """Never sampled (e.g. vision placeholders: a response must not contain image tokens)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ import os
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _FUSED_GROUPS = ((".q_proj.", ".k_proj.", ".v_proj."), (".gate_proj.", ".up_proj."))
 
 
@@ -119,6 +121,8 @@ class VLLMRolloutEngine:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        vocab = self.tokenizer.get_vocab()
+        self.vision_token_ids = tuple(vocab[t] for t in VISION_TOKENS if t in vocab)
 
     # -- generation -----------------------------------------------------------------------------------
     def _inputs(self, requests: Sequence[RolloutRequest]) -> list[dict[str, Any]]:
@@ -132,8 +136,10 @@ class VLLMRolloutEngine:
         return inputs
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
+        """``n`` rollouts per request; vision placeholder tokens are never sampled (always banned)."""
         from vllm import SamplingParams
 
+        sampling = replace(sampling, banned_token_ids=tuple({*sampling.banned_token_ids, *self.vision_token_ids}))
         params = [
             SamplingParams(
                 n=sampling.n,
@@ -143,6 +149,7 @@ class VLLMRolloutEngine:
                 seed=sampling.seed + index,
                 logprobs=0,
                 stop_token_ids=list(sampling.stop_token_ids) or None,
+                logit_bias={token: -100.0 for token in sampling.banned_token_ids} or None,
             )
             for index in range(len(requests))
         ]

@@ -1,0 +1,181 @@
+"""The MM-UPT training loop: rollout -> majority vote -> advantages -> GRPO update -> refit.
+
+    mmupt train RECIPE [section.key=value ...]
+
+Each step, for a batch of unlabeled (image, question) prompts:
+1. the rollout engine samples ``rollout.num_voters`` responses per prompt;
+2. each response's final ``\\boxed{}`` answer is extracted; the majority answer of its group is the
+   pseudo-label and agreeing responses earn reward 1 (``reward.kind=label`` uses the data's answers instead:
+   the supervised reference);
+3. the first ``rollout.n`` responses per prompt are trained on with group-normalised advantages;
+4. old (and, with KL, reference) log-probs come from the Megatron policy; the GRPO loss is minimised for
+   ``algorithm.ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` prompts;
+5. the new weights are loaded into the engine (refit).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
+from mmupt_megatron.config import Config
+from mmupt_megatron.data.dataset import DatasetConfig, ImageQuestionDataset
+from mmupt_megatron.data.images import ImageEncoder
+from mmupt_megatron.data.prompts import build_prompt
+from mmupt_megatron.data.sampler import ResumableSampler
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.trainer.batching import pack_rollouts
+
+
+@dataclass
+class StepTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, cluster: Any = None) -> None:
+        if not cfg.model.path:
+            raise ValueError("model.path is empty: set it to a Hugging Face Qwen2.5-VL / Qwen2 folder")
+        if not cfg.data.train_files:
+            raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")
+        self.cfg = cfg
+        d = cfg.data
+        self.dataset = ImageQuestionDataset(
+            d.train_files,
+            cfg=DatasetConfig(problem_key=d.problem_key, image_key=d.image_key, answer_key=d.answer_key,
+                              id_key=d.id_key, on_bad_row=d.on_bad_row, max_decode_pixels=d.max_decode_pixels),
+        )
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.trainer.seed, shuffle=d.shuffle)
+        self.images = ImageEncoder(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+        self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s)
+        if cluster is None:
+            from mmupt_megatron.trainer.cluster import Cluster
+
+            cluster = Cluster(cfg, model_dir=cfg.model.path)
+        self.cluster = cluster
+        self.out_dir = Path(cfg.trainer.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- one step, as the algorithm -------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg, timer = self.cfg, StepTimer()
+        samples = [self.dataset[i] for i in self.sampler.next_batch(cfg.trainer.prompts_per_step)]
+        prompts = [build_prompt(sample.question, instruction=cfg.data.instruction) for sample, _ in samples]
+        fitted = [self.images.fit(image) for _, image in samples]
+        # group id = position in this step's batch: the same question drawn twice still votes separately
+        requests = [RolloutRequest(group_id=i, prompt=p, images=[img]) for i, (p, img) in enumerate(zip(prompts, fitted))]
+        labels = {i: sample.answer for i, (sample, _) in enumerate(samples) if sample.answer is not None}
+
+        with timer("rollout"):
+            rollouts = self._generate(requests, step)
+        with timer("reward"):
+            answers = extract_answers([r.text for r in rollouts])
+            group_ids = [r.group_id for r in rollouts]
+            vote = majority_vote(answers, group_ids, matcher=self.matcher, min_agreement=cfg.reward.min_agreement,
+                                 soft=cfg.reward.soft, labels=labels)
+            rewards = vote.rewards
+            if cfg.reward.kind == "label":
+                rewards = label_rewards(answers, group_ids, labels=labels, matcher=self.matcher)
+        trained = [i for i, r in enumerate(rollouts) if r.sample_index < cfg.rollout.n]
+        train_rollouts = [rollouts[i] for i in trained]
+        advantages = group_advantages([rewards[i] for i in trained], [group_ids[i] for i in trained],
+                                      estimator=cfg.algorithm.advantage, normalize_std=cfg.algorithm.normalize_std)
+        encoded = {i: self.images.encode([img]) for i, img in enumerate(fitted)}
+        batch = pack_rollouts(train_rollouts, pad_id=self._pad_id(), images=encoded, advantages_B=advantages)
+
+        with timer("logprobs"):
+            batch.old_logprobs_BT = self.cluster.logprobs(batch)
+            if cfg.algorithm.kl_coef > 0:
+                batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
+        with timer("train"):
+            train_metrics = self._update(batch, train_rollouts)
+        with timer("refit"):
+            self.cluster.refit()
+        return self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer)
+
+    def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
+        import ray
+
+        r = self.cfg.rollout
+        spec = SamplingSpec(n=r.num_voters, temperature=r.temperature, top_p=r.top_p,
+                            max_new_tokens=r.max_new_tokens, seed=r.seed + 1_000_003 * step)
+        return ray.get(self.cluster.engine.generate.remote(requests, spec))
+
+    def _pad_id(self) -> int:
+        tokens = self.cluster.tokens
+        return tokens["pad_id"] if tokens["pad_id"] is not None else tokens["eos_id"]
+
+    def _update(self, batch, rollouts: list[Rollout]) -> dict[str, float]:
+        """``ppo_epochs`` passes over mini-batches of whole prompt groups."""
+        per_update = self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
+        metrics: list[dict[str, float]] = []
+        for _ in range(self.cfg.algorithm.ppo_epochs):
+            for start in range(0, len(rollouts), per_update):
+                metrics.append(self.cluster.train(_slice(batch, start, start + per_update, self.cluster.image_token_id)))
+        return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+
+    def _metrics(self, step, rollouts, answers, rewards, vote, train_metrics, timer) -> dict[str, float]:
+        groups = list(vote.groups.values())
+        judged = [g.pseudo_label_correct for g in groups if g.pseudo_label_correct is not None]
+        tokens = sum(len(r.response_token_ids) for r in rollouts)
+        out = {
+            "step": step,
+            "reward": sum(rewards) / len(rewards),
+            "majority_share": sum(g.majority_share for g in groups) / len(groups),
+            "low_agreement_groups": sum(g.low_agreement for g in groups) / len(groups),
+            "no_answer": sum(a is None for a in answers) / len(answers),
+            "response_length": tokens / len(rollouts),
+            "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            **({"pseudo_label_accuracy": sum(judged) / len(judged)} if judged else {}),
+            **{f"train/{k}": v for k, v in train_metrics.items()},
+            **{f"time/{k}": v for k, v in timer.seconds.items()},
+        }
+        out["tokens_per_s"] = tokens / max(timer.seconds.get("rollout", 1e-9), 1e-9)
+        return out
+
+    def fit(self) -> list[dict[str, float]]:
+        history = []
+        with open(self.out_dir / "metrics.jsonl", "a") as log:
+            for step in range(self.cfg.trainer.steps):
+                metrics = self.step(step)
+                history.append(metrics)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                if self.cfg.logging.progress:
+                    print(f"step {step}: reward {metrics['reward']:.3f} majority {metrics['majority_share']:.3f} "
+                          f"loss {metrics.get('train/loss', float('nan')):.4f} {metrics['tokens_per_s']:.0f} tok/s",
+                          flush=True)
+        return history
+
+
+def _slice(batch, start: int, stop: int, image_token_id: int | None):
+    """Sequences [start, stop) of a packed batch, images following (reuses the DP-shard logic)."""
+    from mmupt_megatron.trainer.batching import shard_for_rank
+
+    num = batch.input_ids_BT.shape[0]
+    if start == 0 and stop >= num:
+        return batch
+    size = stop - start
+    if num % size or start % size:
+        raise ValueError(f"mini-batch of {size} sequences does not divide the {num} trained sequences")
+    return shard_for_rank(batch, dp_rank=start // size, dp_size=num // size, image_token_id=image_token_id)
+
+
+__all__ = ["Trainer"]

@@ -1,0 +1,134 @@
+"""Ray actors: one per Megatron rank (``PolicyWorker``) and one per rollout engine (``RolloutWorker``).
+
+The driver never touches tensors' sharding: it sends each policy worker the full batch's slice for its
+data-parallel rank and reads results from the ranks that hold them (the last pipeline stage's TP rank 0).
+torch.distributed runs among the policy workers only (gloo on CPU, NCCL on GPU); the engine process has no
+torch.distributed world of its own (vLLM's uni-process executor would otherwise try to use it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
+from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankInfo:
+    rank: int
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
+    is_last_stage: bool
+
+    @property
+    def reports(self) -> bool:
+        """The rank whose log-probs / metrics the driver reads for its DP slice."""
+        return self.is_last_stage and self.tp_rank == 0
+
+
+class PolicyWorker:
+    """One Megatron rank: the trained policy and, when KL is on, a frozen reference copy."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        dims: ParallelDims,
+        model_dir: str,
+        optim: PolicyOptimConfig,
+        with_reference: bool,
+        seed: int,
+        num_threads: int = 1,
+    ) -> None:
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+        )
+        torch.set_num_threads(num_threads)
+        from mmupt_megatron.engines.megatron_policy import MegatronPolicy
+        from mmupt_megatron.engines.parallel import init_parallel
+        from mmupt_megatron.models.convert import build_model
+        from mmupt_megatron.models.hf_config import load_arch
+        from mmupt_megatron.models.weights import load_hf_weights
+
+        self.groups = init_parallel(dims, seed=seed)
+        self.arch = load_arch(model_dir)
+        dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+        model = build_model(self.arch, self.groups, dtype=dtype)
+        load_hf_weights(model, model_dir)
+        self.policy = MegatronPolicy(model, self.groups, optim)
+        self.reference = None
+        if with_reference:
+            reference = build_model(self.arch, self.groups, dtype=dtype)
+            load_hf_weights(reference, model_dir)
+            reference.requires_grad_(False)
+            # forward-only: plain SGD with lr 0 keeps its optimizer stateless
+            self.reference = MegatronPolicy(reference, self.groups, replace(optim, optimizer="sgd", lr=0.0))
+
+    def info(self) -> RankInfo:
+        g = self.groups
+        return RankInfo(rank=g.rank, dp_rank=g.dp_rank, tp_rank=g.tp_rank, pp_rank=g.pp_rank,
+                        is_last_stage=g.is_last_stage)
+
+    def image_token_id(self) -> int | None:
+        return self.arch.image_token_id
+
+    def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor | None:
+        policy = self.reference if reference else self.policy
+        if policy is None:
+            raise ValueError("reference log-probs requested but the worker has no reference model (kl_coef = 0)")
+        return policy.compute_logprobs(batch)
+
+    def train(self, batch: PolicyBatch, *, global_num_tokens: int, global_num_seqs: int) -> dict[str, float]:
+        return self.policy.train_step(batch, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.policy.optimizer.param_groups:
+            group["lr"] = lr
+
+    def hf_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's part of the full HF-named weights (TP rank 0 of each stage; empty elsewhere).
+        Collective: every rank must call it."""
+        from mmupt_megatron.models.weights import iter_hf_files
+
+        return [item for _, tensors in iter_hf_files(self.policy.model) for item in tensors.items()]
+
+    def export_hf(self, out_dir: str) -> None:
+        from mmupt_megatron.models.weights import export_hf_weights
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        export_hf_weights(self.policy.model, out_dir)
+
+
+class RolloutWorker:
+    """A rollout engine in its own process."""
+
+    def __init__(self, *, model_dir: str, engine_kwargs: dict[str, Any], num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)
+        from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
+
+        self.engine = VLLMRolloutEngine(model_dir, **engine_kwargs)
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
+        return self.engine.generate(requests, sampling)
+
+    def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]]) -> list[torch.Tensor]:
+        return self.engine.prompt_logprobs(requests, completions)
+
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        return self.engine.load_weights(weights)
+
+    def tokenizer_info(self) -> dict[str, int | None]:
+        tokenizer = self.engine.tokenizer
+        return {"pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}

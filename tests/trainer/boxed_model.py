@@ -1,0 +1,42 @@
+"""A tiny Qwen2.5-VL that answers in ``\\boxed{}``: a few supervised steps on random targets, so that
+votes, rewards and advantages are non-trivial in end-to-end tests (a random model never boxes)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from mmupt_megatron.data.images import ImageEncoder
+from mmupt_megatron.data.prompts import build_prompt, expand_image_pads
+from mmupt_megatron.data.synthetic import generate
+
+
+def teach_boxed_answers(model_dir: Path, *, steps: int = 30, seed: int = 0) -> Path:
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    encoder = ImageEncoder(min_pixels=56 * 56, max_pixels=112 * 112)
+    examples = generate(8, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        example = rng.choice(examples)
+        pixels, grid = encoder.encode([example.image])
+        prompt = expand_image_pads(build_prompt(example.question), grid.tolist())
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        answer_ids = tokenizer(f"so \\boxed{{{rng.choice([1, 2, 2, 3])}}}<|im_end|>")["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        labels = ids.clone()
+        labels[0, : len(prompt_ids)] = -100
+        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=labels,
+                    mm_token_type_ids=(ids == image_id).int())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.save_pretrained(model_dir)
+    return model_dir
