@@ -1,0 +1,85 @@
+"""Held-out evaluation through a rollout engine: greedy accuracy, sampled pass@1, maj@k, pass@k.
+
+The same ``\\boxed{}`` extraction and answer equivalence as training. ``generate`` is any function with the
+``RolloutEngine.generate`` signature (an engine, or a Ray actor's method wrapped in ``ray.get``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmupt_megatron.algorithms import AnswerMatcher, extract_answers
+from mmupt_megatron.algorithms.metrics import question_scores
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+
+Generate = Callable[[Sequence[RolloutRequest], SamplingSpec], list[Rollout]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalItem:
+    prompt: str
+    images: Sequence[Any]
+    answer: str
+    category: str = "all"
+
+
+@dataclass
+class EvalReport:
+    num_questions: int
+    k: int
+    metrics: dict[str, float]
+    by_category: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float]:
+        return {"questions": float(self.num_questions), **self.metrics}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def evaluate(
+    generate: Generate,
+    items: Sequence[EvalItem],
+    *,
+    k: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    matcher: AnswerMatcher | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Greedy (1 sample) and sampled (k samples) answers for every item, scored against its answer."""
+    if not items:
+        raise ValueError("nothing to evaluate: no items")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    matcher = matcher or AnswerMatcher()
+    rows: list[dict[str, float]] = []
+    categories: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        requests = [RolloutRequest(group_id=i, prompt=item.prompt, images=item.images) for i, item in enumerate(chunk)]
+        greedy = generate(requests, SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
+        sampled = generate(requests, SamplingSpec(n=k, temperature=temperature, top_p=top_p,
+                                                  max_new_tokens=max_new_tokens, seed=seed + 1))
+        greedy_answers = extract_answers([r.text for r in greedy])
+        sampled_answers = extract_answers([r.text for r in sampled])
+        for i, item in enumerate(chunk):
+            answers = sampled_answers[i * k : (i + 1) * k]
+            responses = sampled[i * k : (i + 1) * k]
+            row = question_scores(answers, item.answer, matcher=matcher, k=k)
+            row["greedy"] = float(greedy_answers[i] is not None and matcher.equal(greedy_answers[i], item.answer))
+            row["no_answer"] = sum(a is None for a in answers) / k
+            row["response_length"] = sum(len(r.response_token_ids) for r in responses) / k
+            rows.append(row)
+            categories[item.category].append(row)
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    by_category = {name: _mean(group) for name, group in sorted(categories.items())} if len(categories) > 1 else {}
+    return EvalReport(num_questions=len(items), k=k, metrics=_mean(rows), by_category=by_category)
