@@ -148,15 +148,82 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
         raise ValueError(f"{hf_dir}: no HF weights for model parameters {missing[:6]}")
 
 
-def _gather_tp(tensor: torch.Tensor, groups) -> list[torch.Tensor] | None:
-    """All TP shards of ``tensor`` on TP rank 0 (None elsewhere)."""
+def _gather_tp(tensor: torch.Tensor, groups, *, shapes_only: bool = False) -> list[torch.Tensor] | None:
+    """All TP shards of ``tensor`` on TP rank 0 (None elsewhere). ``shapes_only``: meta tensors of the
+    shards' shapes on every rank, without communication."""
+    if shapes_only:
+        return [torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")] * groups.dims.tp
     tensor = tensor.detach().contiguous()
     if groups.dims.tp == 1:
         return [tensor]
+    # Point-to-point rather than dist.gather: rank 0 keeps its own shard as it is instead of copying it
+    # into a gather list (one shard less of transient memory per tensor).
     dst = dist.get_global_rank(groups.tp_group, 0)
-    parts = [torch.empty_like(tensor) for _ in range(groups.dims.tp)] if groups.tp_rank == 0 else None
-    dist.gather(tensor, parts, dst=dst, group=groups.tp_group)
+    if groups.tp_rank != 0:
+        dist.send(tensor, dst=dst, group=groups.tp_group)
+        return None
+    parts = [tensor] + [torch.empty_like(tensor) for _ in range(groups.dims.tp - 1)]
+    for peer in range(1, groups.dims.tp):
+        dist.recv(parts[peer], src=dist.get_global_rank(groups.tp_group, peer), group=groups.tp_group)
     return parts
+
+
+def _replicated(param: torch.Tensor, shapes_only: bool) -> torch.Tensor:
+    if shapes_only:
+        return torch.empty(param.shape, dtype=param.dtype, device="meta")
+    return param.detach().contiguous()
+
+
+def _vision_group(hf_name: str) -> str:
+    """The unit a vision tensor belongs to: ``visual.blocks.N`` for a block, else ``visual.<module>``."""
+    parts = hf_name.split(".")
+    return ".".join(parts[:3]) if parts[1] == "blocks" else ".".join(parts[:2])
+
+
+def iter_hf_groups(model: torch.nn.Module, *, shapes_only: bool = False) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(group key, full HF-named tensors) for each whole layer this pipeline stage owns, in a fixed order:
+    ``embedding``, the vision units (``visual.patch_embed``, ``visual.blocks.N``, ``visual.merger``),
+    ``layers.N`` (global index), ``final_norm``, ``lm_head``. A group holds every tensor a serving engine
+    fuses together (q/k/v, gate/up), so it can be loaded on its own.
+
+    Produced on TP rank 0 after TP gathers (QKV / gate-up un-fused by ``mapping.megatron_layer_to_hf``);
+    other TP ranks take part in the gathers and get nothing. ``shapes_only``: the same names, shapes and
+    dtypes as meta tensors, on every rank, without communication (a manifest before any gather)."""
+    arch, groups = model.arch, model.groups
+    params = _params(model)
+    lm = M.MEG_LM_PREFIX
+    dims = M.AttentionDims.of(arch)
+    names = M.megatron_layer_names(te_spec=model.te_spec)
+    owner = shapes_only or groups.tp_rank == 0
+    if model.pre_process:
+        embedding = _gather_tp(params[lm + M.MEG_EMBEDDING], groups, shapes_only=shapes_only)
+        if owner:
+            yield "embedding", {M.HF_EMBEDDING: M.merge_vocab(embedding, vocab_size=arch.vocab_size)}
+        del embedding
+        if model.vision_model is not None and owner:
+            vision: dict[str, dict[str, torch.Tensor]] = {}
+            for name, param in params.items():
+                if name.startswith(M.MEG_VISION_PREFIX):
+                    hf_name = M.megatron_vision_to_hf(name)
+                    vision.setdefault(_vision_group(hf_name), {})[hf_name] = _replicated(param, shapes_only)
+            yield from vision.items()
+    for local, layer in enumerate(stage_layers(arch, pp=groups.dims.pp, pp_rank=groups.pp_rank)):
+        gathered = {
+            key: _gather_tp(params[f"{lm}decoder.layers.{local}.{key}"], groups, shapes_only=shapes_only)
+            for key in names.values()
+        }
+        if owner:
+            shards = [{key: parts[rank] for key, parts in gathered.items()} for rank in range(groups.dims.tp)]
+            hf_layer = M.megatron_layer_to_hf(shards, dims=dims, te_spec=model.te_spec)
+            yield f"layers.{layer}", {M.hf_layer_prefix(layer) + k: v for k, v in hf_layer.items()}
+        del gathered
+    if model.post_process:
+        if owner:
+            yield "final_norm", {M.HF_FINAL_NORM: _replicated(params[lm + M.MEG_FINAL_NORM], shapes_only)}
+        if not arch.tie_word_embeddings:
+            output = _gather_tp(params[lm + M.MEG_OUTPUT], groups, shapes_only=shapes_only)
+            if owner:
+                yield "lm_head", {M.HF_OUTPUT: M.merge_vocab(output, vocab_size=arch.vocab_size)}
 
 
 def _layer_file(layer: int, total: int) -> str:
@@ -165,39 +232,26 @@ def _layer_file(layer: int, total: int) -> str:
 
 def iter_hf_files(model: torch.nn.Module) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(file name, HF tensors) for the files this stage owns, produced on TP rank 0; other TP ranks take
-    part in the gathers and get nothing. File 1: embeddings + vision; 2..L+1: layers; L+2: norm + head."""
-    arch, groups = model.arch, model.groups
-    total = arch.num_layers + 2
-    params = _params(model)
-    lm = M.MEG_LM_PREFIX
-    dims = M.AttentionDims.of(arch)
-    names = M.megatron_layer_names(te_spec=model.te_spec)
-    if model.pre_process:
-        tensors = {}
-        embedding = _gather_tp(params[lm + M.MEG_EMBEDDING], groups)
-        if embedding is not None:
-            tensors[M.HF_EMBEDDING] = M.merge_vocab(embedding, vocab_size=arch.vocab_size)
-            if model.vision_model is not None:
-                for name, param in params.items():
-                    if name.startswith(M.MEG_VISION_PREFIX):
-                        tensors[M.megatron_vision_to_hf(name)] = param.detach().contiguous()
-            yield f"model-00001-of-{total:05d}.safetensors", tensors
-    for local, layer in enumerate(stage_layers(arch, pp=groups.dims.pp, pp_rank=groups.pp_rank)):
-        gathered = {key: _gather_tp(params[f"{lm}decoder.layers.{local}.{key}"], groups) for key in names.values()}
-        if groups.tp_rank == 0:
-            shards = [{key: parts[rank] for key, parts in gathered.items()} for rank in range(groups.dims.tp)]
-            hf_layer = M.megatron_layer_to_hf(shards, dims=dims, te_spec=model.te_spec)
-            yield _layer_file(layer, total), {M.hf_layer_prefix(layer) + k: v for k, v in hf_layer.items()}
-        del gathered
-    if model.post_process:
-        tensors = {M.HF_FINAL_NORM: params[lm + M.MEG_FINAL_NORM].detach().contiguous()}
-        output = None
-        if not arch.tie_word_embeddings:
-            output = _gather_tp(params[lm + M.MEG_OUTPUT], groups)
-        if groups.tp_rank == 0:
-            if output is not None:
-                tensors[M.HF_OUTPUT] = M.merge_vocab(output, vocab_size=arch.vocab_size)
-            yield f"model-{total:05d}-of-{total:05d}.safetensors", tensors
+    part in the gathers and get nothing. File 1: embeddings + vision; 2..L+1: layers; L+2: norm + head.
+    The groups of ``iter_hf_groups``, merged per file."""
+    total = model.arch.num_layers + 2
+    current: str | None = None
+    tensors: dict[str, torch.Tensor] = {}
+    for key, group in iter_hf_groups(model):
+        if key.startswith("layers."):
+            file_name = _layer_file(int(key.split(".")[1]), total)
+        elif key in ("final_norm", "lm_head"):
+            file_name = f"model-{total:05d}-of-{total:05d}.safetensors"
+        else:
+            file_name = f"model-00001-of-{total:05d}.safetensors"
+        if current is not None and file_name != current:
+            yield current, tensors
+            tensors = {}
+        current = file_name
+        tensors.update(group)
+        del group
+    if current is not None:
+        yield current, tensors
 
 
 def export_hf_weights(model: torch.nn.Module, out_dir: str | Path) -> None:

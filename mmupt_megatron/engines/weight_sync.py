@@ -1,0 +1,283 @@
+"""Refit: reshard the Megatron policy's weights (any TP/PP) into HF-named full tensors and stream them into
+the rollout engine in buckets of whole layers; verify the refit against the policy's own log-probs.
+
+    # every Megatron rank (collective within its TP group); sender on TP rank 0 / DP rank 0 of each stage
+    send_refit(model, PipeSender(conn) if sends else None, bucket_bytes=256 << 20)
+    # next to the engine, one receiver per pipeline stage, first stage first
+    load_refit(engine, [PipeReceiver(c) for c in stage_conns])
+    verify_refit(engine, requests, completions, policy_logprobs, tol=cfg.rollout.verify_refit_tol)
+
+- **Manifest first.** ``refit_manifest`` runs the same per-layer generator as the export
+  (``models.weights.iter_hf_groups``, the pure mappings of ``models.mapping``) on meta tensors: every
+  (name, shape, dtype) that will be sent, per layer, with no gather and no memory. The sender offers it;
+  the receiver checks the whole model's manifest against the engine (names, shapes, fused siblings,
+  completeness, duplicates) and answers before any weight moves — a bad name from a mapping is a
+  ValueError naming it, and the engine is untouched.
+- **Buckets of whole layers.** ``plan_buckets`` cuts the ordered layer groups into buckets of at most
+  ``bucket_bytes``; a layer larger than that travels alone. A serving engine fuses q/k/v and gate/up, and
+  loading part of a fused layer leaves the rest undefined, so a bucket is loadable on its own: one
+  ``engine.load_weights(bucket, manifest=bucket_manifest)`` call per bucket.
+- **Memory.** The sender fills one preallocated bucket buffer layer by layer (TP gather -> un-fuse ->
+  copy in -> free), so a rank's extra memory is one bucket plus one layer's gather transients, never the
+  model. DP replicas other than DP rank 0 do nothing.
+- **Transport** (``weight_transport``): the packing writes into whatever buffer the sender hands out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmupt_megatron.engines.weight_transport import BucketLayout, ManifestEntry, WeightReceiver, WeightSender
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+GroupManifest = list[tuple[str, list[ManifestEntry]]]
+"""(layer group key, its tensors) in send order."""
+
+
+def refit_manifest(model: torch.nn.Module) -> GroupManifest:
+    """What this pipeline stage will send, per whole layer; pure (meta tensors), identical on every rank."""
+    from mmupt_megatron.models.weights import iter_hf_groups
+
+    return [
+        (key, [ManifestEntry.of(name, tensor) for name, tensor in tensors.items()])
+        for key, tensors in iter_hf_groups(model, shapes_only=True)
+    ]
+
+
+def flat_manifest(grouped: GroupManifest) -> list[ManifestEntry]:
+    return [entry for _, entries in grouped for entry in entries]
+
+
+def plan_buckets(grouped: GroupManifest, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[BucketLayout]:
+    """Consecutive layer groups packed greedily into buckets of at most ``bucket_bytes`` (a group larger
+    than that is a bucket of its own)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    plan: list[BucketLayout] = []
+    keys: list[str] = []
+    entries: list[ManifestEntry] = []
+    filled = [0]
+
+    def flush() -> None:
+        offsets, total = [], 0
+        for entry in entries:
+            offsets.append(total)
+            total += entry.nbytes
+        plan.append(BucketLayout(index=len(plan), groups=tuple(keys), entries=tuple(entries),
+                                 offsets=tuple(offsets), nbytes=total))
+        keys.clear()
+        entries.clear()
+        filled[0] = 0
+
+    for key, group in grouped:
+        size = sum(entry.nbytes for entry in group)
+        if entries and filled[0] + size > bucket_bytes:
+            flush()
+        keys.append(key)
+        entries.extend(group)
+        filled[0] += size
+    if entries:
+        flush()
+    return plan
+
+
+def _broadcast_refusal(refusal: str | None, groups: Any) -> str | None:
+    if groups.dims.tp == 1:
+        return refusal
+    box = [refusal]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(groups.tp_group, 0), group=groups.tp_group)
+    return box[0]
+
+
+@dataclass(kw_only=True)
+class SendStats:
+    num_buckets: int = 0
+    num_tensors: int = 0
+    num_bytes: int = 0
+    plan: list[BucketLayout] = field(default_factory=list)
+
+
+def pack_buckets(model: torch.nn.Module, plan: Sequence[BucketLayout], *, sender: WeightSender | None) -> Iterator[BucketLayout]:
+    """Fill each planned bucket in the buffer ``sender.buffer`` hands out and yield its layout (TP rank 0).
+    Other TP ranks pass ``sender=None``: they take part in the gathers and yield nothing. Every streamed
+    tensor is checked against the plan (ValueError naming it)."""
+    from mmupt_megatron.models.weights import iter_hf_groups
+
+    stream = iter_hf_groups(model)
+    if sender is None:
+        for _ in stream:
+            raise AssertionError("iter_hf_groups yielded on a TP rank other than 0")
+        return
+    for layout in plan:
+        data = sender.buffer(layout)
+        cursor = 0
+        for key in layout.groups:
+            got, tensors = next(stream, (None, {}))
+            if got != key:
+                raise ValueError(f"refit: expected layer group {key!r} next, the model produced {got!r}")
+            for name, tensor in tensors.items():
+                entry = layout.entries[cursor] if cursor < len(layout.entries) else None
+                if entry is None or ManifestEntry.of(name, tensor) != entry:
+                    raise ValueError(f"refit: streamed {name!r} {tuple(tensor.shape)} {tensor.dtype} differs from "
+                                     f"the manifest entry {entry}")
+                start = layout.offsets[cursor]
+                data[start : start + entry.nbytes].copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+                tensors[name] = None  # free each un-fused tensor once packed
+                cursor += 1
+            del tensors
+        del data  # the transport may unmap the buffer once sent
+        if cursor != len(layout.entries):
+            raise ValueError(f"refit: bucket {layout.index} filled {cursor} of {len(layout.entries)} tensors; "
+                             f"missing {layout.entries[cursor].name!r}")
+        yield layout
+    extra = next(stream, None)
+    if extra is not None:
+        raise ValueError(f"refit: layer group {extra[0]!r} is not in the manifest")
+
+
+def send_refit(model: torch.nn.Module, sender: WeightSender | None, *,
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SendStats:
+    """Stream this stage's weights through ``sender``. Collective: every rank of the model calls it, with a
+    sender on TP rank 0 of DP rank 0 (None elsewhere). Raises ValueError if the receiver refuses the
+    manifest (on every TP rank of the stage), before any gather."""
+    groups = model.groups
+    if groups.dp_rank != 0:  # DP replicas hold the same weights; their TP groups gather independently
+        return SendStats()
+    is_sender = groups.tp_rank == 0
+    if is_sender and sender is None:
+        raise ValueError("sender: required on TP rank 0 of DP rank 0 (this rank sends its stage's weights)")
+    grouped = refit_manifest(model)
+    plan = plan_buckets(grouped, bucket_bytes=bucket_bytes)
+    refusal = _broadcast_refusal(sender.offer(flat_manifest(grouped)) if is_sender else None, groups)
+    if refusal is not None:
+        raise ValueError(f"refit refused by the receiver: {refusal}")
+    stats = SendStats(plan=plan)
+    for layout in pack_buckets(model, plan, sender=sender if is_sender else None):
+        sender.send(layout)
+        stats.num_buckets += 1
+        stats.num_tensors += len(layout.entries)
+        stats.num_bytes += layout.nbytes
+    if is_sender:
+        sender.close()
+    return stats
+
+
+# ------------------------------------------------------------------ receiving side
+
+
+def check_refit_manifest(engine: Any, manifest: Sequence[ManifestEntry], *, complete: bool = True) -> None:
+    """ValueError naming the first offending tensor: duplicate, unknown to the engine, wrong shape, fused
+    sibling missing (``engine.check_manifest``) or — with ``complete`` — an engine parameter not sent."""
+    seen: set[str] = set()
+    for entry in manifest:
+        if entry.name in seen:
+            raise ValueError(f"refit: {entry.name!r} is sent twice")
+        seen.add(entry.name)
+    expected = getattr(engine, "expected_shapes", None)
+    if expected is not None:  # names and shapes first: the fused-sibling rule would blame a neighbour
+        for entry in manifest:
+            if entry.name not in expected:
+                raise ValueError(f"refit: {entry.name!r} is not a parameter of the engine's model")
+            if tuple(entry.shape) != tuple(expected[entry.name]):
+                raise ValueError(f"refit: {entry.name!r} has shape {entry.shape}, the engine expects "
+                                 f"{tuple(expected[entry.name])}")
+    engine.check_manifest([(entry.name, entry.shape) for entry in manifest])
+    if complete:
+        if expected is None:
+            raise ValueError("complete=True needs engine.expected_shapes (the engine's parameter names)")
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise ValueError(f"refit: {len(missing)} engine parameters would not be updated, e.g. {missing[:4]}")
+
+
+@dataclass(kw_only=True)
+class LoadStats:
+    num_buckets: int = 0
+    num_tensors: int = 0
+    num_bytes: int = 0
+    bucket_names: list[list[str]] = field(default_factory=list)
+
+
+def load_refit(engine: Any, receivers: Sequence[WeightReceiver], *, complete: bool = True) -> LoadStats:
+    """Receive a refit (one receiver per pipeline stage, first stage first) into ``engine``: validate the
+    whole manifest and answer every sender, then load bucket by bucket. ValueError (after refusing) if the
+    manifest is bad; ValueError if a stream diverges from its manifest."""
+    manifests = [receiver.manifest() for receiver in receivers]
+    refusal = None
+    try:
+        check_refit_manifest(engine, [entry for manifest in manifests for entry in manifest], complete=complete)
+    except ValueError as exc:
+        refusal = str(exc)
+    for receiver in receivers:
+        receiver.answer(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+    stats = LoadStats()
+    for stage, (receiver, manifest) in enumerate(zip(receivers, manifests, strict=True)):
+        position = 0
+        for entries, tensors in receiver.buckets():
+            announced = manifest[position : position + len(entries)]
+            if entries != announced:
+                first = next((e for e, a in zip(entries, announced + [None] * len(entries)) if e != a), entries[-1])
+                raise ValueError(f"refit: stage {stage} sent {first} where its manifest announced otherwise")
+            position += len(entries)
+            engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
+            stats.num_buckets += 1
+            stats.num_tensors += len(entries)
+            stats.num_bytes += sum(e.nbytes for e in entries)
+            stats.bucket_names.append([e.name for e in entries])
+            del tensors
+        if position != len(manifest):
+            raise ValueError(f"refit: stage {stage} ended before sending {manifest[position].name!r}")
+    return stats
+
+
+# ------------------------------------------------------------------ verification (rollout.verify_refit)
+
+
+class RefitMismatchError(RuntimeError):
+    """The engine's log-probs after a refit differ from the policy's beyond the tolerance."""
+
+
+def completion_logprobs(logprobs_BT: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Per sample, the policy's log-probs of its last ``lengths[b]`` tokens (right-aligned rows, as in a
+    left-padded probe batch; ``logprobs_BT`` as from ``MegatronPolicy.compute_logprobs``)."""
+    if logprobs_BT.shape[0] != len(lengths):
+        raise ValueError(f"lengths: {len(lengths)} values for {logprobs_BT.shape[0]} rows of logprobs_BT")
+    return [logprobs_BT[b, logprobs_BT.shape[1] - n :].float().cpu() for b, n in enumerate(lengths)]
+
+
+def verify_refit(engine: Any, requests: Sequence[Any], completions: Sequence[list[int]],
+                 policy_logprobs: Sequence[torch.Tensor], *, tol: float = 1e-3) -> float:
+    """Score ``completions`` with the engine (``engine.prompt_logprobs``) and compare with the policy's
+    log-probs of the same tokens. Returns the max absolute difference; raises ``RefitMismatchError`` naming
+    the sample, its group and the token if it exceeds ``tol`` (NaN counts as infinitely far)."""
+    if tol <= 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if not (len(requests) == len(completions) == len(policy_logprobs)):
+        raise ValueError(f"requests ({len(requests)}), completions ({len(completions)}) and policy_logprobs "
+                         f"({len(policy_logprobs)}) must have the same length")
+    engine_logprobs = engine.prompt_logprobs(requests, completions)
+    worst = (0.0, -1, -1)
+    for index, (mine, theirs, tokens) in enumerate(zip(engine_logprobs, policy_logprobs, completions, strict=True)):
+        theirs = theirs.detach().float().cpu()
+        if mine.shape != theirs.shape:
+            raise ValueError(f"policy_logprobs[{index}] has shape {tuple(theirs.shape)}, completion has {len(tokens)} tokens")
+        diff = torch.nan_to_num((mine.float() - theirs).abs(), nan=float("inf"))
+        token = int(diff.argmax())
+        if float(diff[token]) > worst[0] or worst[1] < 0:
+            worst = (float(diff[token]), index, token)
+    max_diff, index, token = worst
+    if max_diff > tol:
+        raise RefitMismatchError(
+            f"refit verification failed: max |engine - policy| log-prob = {max_diff:.3g} > tol {tol:g} at sample "
+            f"{index} (group {requests[index].group_id!r}), completion token {token} (id {completions[index][token]}): "
+            f"engine {float(engine_logprobs[index][token]):.6f}, policy {float(policy_logprobs[index][token]):.6f}"
+        )
+    return max_diff
