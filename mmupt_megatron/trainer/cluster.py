@@ -95,6 +95,7 @@ class Cluster:
         )
         self.engine = ray.remote(RolloutWorker).options(**on(world)).remote(model_dir=model_dir, engine_kwargs=engine_kwargs)
         self.tokens = ray.get(self.engine.tokenizer_info.remote())
+        self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
@@ -131,13 +132,11 @@ class Cluster:
         return merged
 
     def refit(self) -> int:
-        """Send the policy's current weights to the engine. Simple path: every stage's weights travel
-        through the object store at once; bounded-memory bucketed streaming replaces it (issue 4)."""
+        """Stream the policy's weights into the engine in buckets of whole layers; returns bytes sent."""
         import ray
 
-        parts = ray.get([w.hf_weights.remote() for w in self.workers])
-        weights = [item for part in parts for item in part]
-        return ray.get(self.engine.load_weights.remote(weights))
+        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes) for w in self.workers])
+        return sum(sent)
 
     def shutdown(self) -> None:
         import ray

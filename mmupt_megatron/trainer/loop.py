@@ -108,7 +108,29 @@ class Trainer:
             train_metrics = self._update(batch, train_rollouts)
         with timer("refit"):
             self.cluster.refit()
+        if cfg.rollout.verify_refit:
+            with timer("verify_refit"):
+                train_metrics["refit_max_diff"] = self._verify_refit(requests, train_rollouts, encoded)
         return self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer)
+
+    def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
+        """Engine log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
+        import ray
+
+        from mmupt_megatron.engines.weight_sync import verify_refit
+
+        probe = [r for r in rollouts if r.response_token_ids][:4]
+        logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
+        policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
+                  for b, r in enumerate(probe)]
+
+        class _Engine:  # verify_refit calls engine.prompt_logprobs
+            @staticmethod
+            def prompt_logprobs(reqs, completions):
+                return ray.get(self.cluster.engine.prompt_logprobs.remote(reqs, completions))
+
+        return verify_refit(_Engine(), [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe],
+                            policy, tol=self.cfg.rollout.verify_refit_tol)
 
     def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
         import ray

@@ -34,6 +34,33 @@ class RankInfo:
         return self.is_last_stage and self.tp_rank == 0
 
 
+class RaySender:
+    """``WeightSender`` into a ``RolloutWorker`` actor: the manifest is checked by the engine before any
+    gather, then each bucket (a safetensors frame) goes through the object store, one at a time."""
+
+    def __init__(self, engine: Any) -> None:
+        from mmupt_megatron.engines.weight_transport import SafetensorsBuckets
+
+        self.engine = engine
+        self.frames = SafetensorsBuckets()
+
+    def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
+        import ray
+
+        return ray.get(self.engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+
+    def buffer(self, layout) -> torch.Tensor:  # noqa: ANN001 - BucketLayout
+        return self.frames.buffer(layout)
+
+    def send(self, layout) -> None:  # noqa: ANN001, ARG002
+        import ray
+
+        ray.get(self.engine.load_bucket.remote(bytes(self.frames.take())))
+
+    def close(self) -> None:
+        pass
+
+
 class PolicyWorker:
     """One Megatron rank: the trained policy and, when KL is on, a frozen reference copy."""
 
@@ -97,12 +124,14 @@ class PolicyWorker:
         for group in self.policy.optimizer.param_groups:
             group["lr"] = lr
 
-    def hf_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """This rank's part of the full HF-named weights (TP rank 0 of each stage; empty elsewhere).
-        Collective: every rank must call it."""
-        from mmupt_megatron.models.weights import iter_hf_files
+    def refit(self, engine: Any, *, bucket_bytes: int) -> int:
+        """Stream this rank's stage into the engine actor (collective over the model's ranks): TP rank 0 of
+        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers."""
+        from mmupt_megatron.engines.weight_sync import send_refit
 
-        return [item for _, tensors in iter_hf_files(self.policy.model) for item in tensors.items()]
+        g = self.groups
+        sender = RaySender(engine) if g.tp_rank == 0 and g.dp_rank == 0 else None
+        return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
 
     def export_hf(self, out_dir: str) -> None:
         from mmupt_megatron.models.weights import export_hf_weights
@@ -126,8 +155,22 @@ class RolloutWorker:
     def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]]) -> list[torch.Tensor]:
         return self.engine.prompt_logprobs(requests, completions)
 
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        return self.engine.load_weights(weights)
+    def check_refit_manifest(self, entries: list[list]) -> str | None:
+        """None if this stage's manifest is loadable, else the reason (names the tensor)."""
+        from mmupt_megatron.engines.weight_sync import check_refit_manifest
+        from mmupt_megatron.engines.weight_transport import ManifestEntry
+
+        try:
+            check_refit_manifest(self.engine, [ManifestEntry.from_json(e) for e in entries], complete=False)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def load_bucket(self, frame: bytes) -> int:
+        from mmupt_megatron.engines.weight_transport import decode_bucket
+
+        entries, tensors = decode_bucket(frame)
+        return self.engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
 
     def tokenizer_info(self) -> dict[str, int | None]:
         tokenizer = self.engine.tokenizer

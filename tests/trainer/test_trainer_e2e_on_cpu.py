@@ -31,6 +31,7 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
         "parallel.tensor_parallel_size=2", "trainer.steps=2", "trainer.prompts_per_step=2",
         "trainer.prompts_per_update=1", "trainer.micro_batch_size=4", "rollout.n=4", "rollout.n_vote=6",
         "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
+        "rollout.verify_refit=true", "rollout.verify_refit_tol=1e-4",
     ])
     trainer = Trainer(cfg)
     history = trainer.fit()
@@ -38,6 +39,8 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
     for m in history:
         assert 0.0 <= m["reward"] <= 1.0 and 0.0 < m["majority_share"] <= 1.0
         assert m["no_answer"] < 0.5 and m["train/num_tokens"] > 0 and m["train/grad_norm"] > 0
+        # the engine serves exactly the trained weights after each bucketed refit
+        assert m["train/refit_max_diff"] < 1e-4
         assert "train/kl_ref" in m and all(m[f"time/{k}"] > 0 for k in ("rollout", "train", "refit"))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]
