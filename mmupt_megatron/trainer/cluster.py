@@ -138,6 +138,21 @@ class Cluster:
         sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes) for w in self.workers])
         return sum(sent)
 
+    def save(self, folder: str) -> None:
+        import ray
+
+        ray.get([w.save.remote(folder) for w in self.workers])
+
+    def load(self, folder: str) -> None:
+        import ray
+
+        ray.get([w.load.remote(folder) for w in self.workers])
+
+    def export_hf(self, out_dir: str) -> None:
+        import ray
+
+        ray.get([w.export_hf.remote(out_dir) for w in self.workers])
+
     def shutdown(self) -> None:
         import ray
 

@@ -29,6 +29,7 @@ from mmupt_megatron.data.images import ImageEncoder
 from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import pack_rollouts
 
 
@@ -173,18 +174,73 @@ class Trainer:
         return out
 
     def fit(self) -> list[dict[str, float]]:
-        history = []
-        with open(self.out_dir / "metrics.jsonl", "a") as log:
-            for step in range(self.cfg.trainer.steps):
+        """Train from the latest checkpoint (``trainer.resume``) to ``trainer.steps``; export the policy."""
+        cfg = self.cfg
+        first = self._resume()
+        metrics_path = self.out_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, before_step=first)
+        history: list[dict[str, float]] = []
+        with open(metrics_path, "a") as log:
+            for step in range(first, cfg.trainer.steps):
                 metrics = self.step(step)
                 history.append(metrics)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-                if self.cfg.logging.progress:
+                if cfg.logging.progress:
                     print(f"step {step}: reward {metrics['reward']:.3f} majority {metrics['majority_share']:.3f} "
                           f"loss {metrics.get('train/loss', float('nan')):.4f} {metrics['tokens_per_s']:.0f} tok/s",
                           flush=True)
+                last = step == cfg.trainer.steps - 1
+                if last or (cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0):
+                    self._save(step)
+        if cfg.checkpoint.export_hf:
+            self.export_hf(self.out_dir / "hf")
         return history
+
+    def _resume(self) -> int:
+        """Load the checkpoint ``trainer.resume`` names (if any); the first step to run."""
+        folder = ckpt.resolve_resume(self.cfg.trainer.resume, self.out_dir)
+        if folder is None:
+            return 0
+        self.cluster.load(str(folder))
+        state = ckpt.read_driver_state(folder)
+        self.sampler.load_state_dict(state["sampler"])
+        self.cluster.refit()  # the engine must serve the restored weights
+        print(f"resumed from {folder} (step {state['step']} done)", flush=True)
+        return int(state["step"]) + 1
+
+    def _save(self, step: int) -> Path:
+        from mmupt_megatron.config_loading import config_to_yaml
+
+        tmp = ckpt.begin(ckpt.checkpoints_root(self.out_dir), step)
+        self.cluster.save(str(tmp))
+        ckpt.write_driver_state(tmp, step=step, sampler_state=self.sampler.state_dict(),
+                                config_yaml=config_to_yaml(self.cfg))
+        return ckpt.commit(tmp, keep_last=self.cfg.checkpoint.keep_last)
+
+    def export_hf(self, out_dir: Path) -> Path:
+        """The current policy as a Hugging Face folder (weights + the base model's config and tokenizer)."""
+        import shutil
+
+        from mmupt_megatron.models.convert import copy_hf_metadata
+
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.cluster.export_hf(str(tmp))
+        copy_hf_metadata(self.cfg.model.path, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return out_dir
+
+
+def _truncate_metrics(path: Path, *, before_step: int) -> None:
+    """Drop logged steps >= ``before_step`` (they are re-run after a resume)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _slice(batch, start: int, stop: int, image_token_id: int | None):

@@ -89,6 +89,7 @@ class PolicyWorker:
         from mmupt_megatron.models.hf_config import load_arch
         from mmupt_megatron.models.weights import load_hf_weights
 
+        self.model_dir = model_dir
         self.groups = init_parallel(dims, seed=seed)
         self.arch = load_arch(model_dir)
         dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
@@ -132,6 +133,25 @@ class PolicyWorker:
         g = self.groups
         sender = RaySender(engine) if g.tp_rank == 0 and g.dp_rank == 0 else None
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
+
+    def save(self, folder: str) -> None:
+        """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
+        from mmupt_megatron.models.convert import save_megatron_checkpoint
+
+        save_megatron_checkpoint(self.policy.model, Path(folder) / "policy", hf_meta_dir=self.model_dir)
+        optim_dir = Path(folder) / "optimizer"
+        optim_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.policy.optimizer.state_dict(), optim_dir / f"rank_{self.groups.rank:05d}.pt")
+
+    def load(self, folder: str) -> None:
+        """Collective: restore what ``save`` wrote (same TP/PP/DP for the optimizer state)."""
+        from mmupt_megatron.models.convert import load_megatron_checkpoint
+
+        load_megatron_checkpoint(self.policy.model, Path(folder) / "policy")
+        optim_file = Path(folder) / "optimizer" / f"rank_{self.groups.rank:05d}.pt"
+        if not optim_file.is_file():
+            raise ValueError(f"{folder}: no optimizer state for rank {self.groups.rank} (saved with another layout?)")
+        self.policy.optimizer.load_state_dict(torch.load(optim_file, weights_only=False))
 
     def export_hf(self, out_dir: str) -> None:
         from mmupt_megatron.models.weights import export_hf_weights
