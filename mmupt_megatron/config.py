@@ -309,6 +309,8 @@ class LoggingConfig:
     """Write TensorBoard event files."""
     progress: bool = True
     """Show a progress bar."""
+    plots: bool = True
+    """Write PNG plots of reward, majority share and accuracies into OUTPUT/plots at the end."""
     collapse_alarm: float = 0.5
     """Alarm when holdout pass@k falls below this fraction of its first value."""
 

@@ -15,7 +15,6 @@ Each step, for a batch of unlabeled (image, question) prompts:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,10 @@ from mmupt_megatron.data.images import ImageEncoder
 from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.evaluation import EvalItem, evaluate
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import pack_rollouts
+from mmupt_megatron.trainer.metrics_log import MetricsLog, plot_metrics
 
 
 @dataclass
@@ -73,6 +74,24 @@ class Trainer:
         self.cluster = cluster
         self.out_dir = Path(cfg.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.eval_items = self._eval_items() if d.eval_files else []
+        self.first_pass_at_k: float | None = None
+
+    def _eval_items(self) -> list[EvalItem]:
+        d = self.cfg.data
+        holdout = ImageQuestionDataset(
+            d.eval_files,
+            cfg=DatasetConfig(problem_key=d.problem_key, image_key=d.image_key, answer_key=d.answer_key,
+                              id_key=d.id_key, on_bad_row=d.on_bad_row, max_decode_pixels=d.max_decode_pixels),
+        )
+        items = []
+        for index in range(len(holdout)):
+            sample, image = holdout[index]
+            if sample.answer is None:
+                raise ValueError(f"{sample.origin}: evaluation rows need an answer ({d.answer_key!r})")
+            items.append(EvalItem(prompt=build_prompt(sample.question, instruction=d.instruction),
+                                  images=[self.images.fit(image)], answer=sample.answer))
+        return items
 
     # -- one step, as the algorithm -------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -177,25 +196,43 @@ class Trainer:
         """Train from the latest checkpoint (``trainer.resume``) to ``trainer.steps``; export the policy."""
         cfg = self.cfg
         first = self._resume()
-        metrics_path = self.out_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, before_step=first)
+        log = MetricsLog(self.out_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                         total_steps=cfg.trainer.steps, first_step=first)
         history: list[dict[str, float]] = []
-        with open(metrics_path, "a") as log:
+        try:
             for step in range(first, cfg.trainer.steps):
                 metrics = self.step(step)
-                history.append(metrics)
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                if cfg.logging.progress:
-                    print(f"step {step}: reward {metrics['reward']:.3f} majority {metrics['majority_share']:.3f} "
-                          f"loss {metrics.get('train/loss', float('nan')):.4f} {metrics['tokens_per_s']:.0f} tok/s",
-                          flush=True)
                 last = step == cfg.trainer.steps - 1
+                if self.eval_items and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
+                    metrics.update(self._evaluate(log))
+                history.append(metrics)
+                log.write(metrics)
                 if last or (cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0):
                     self._save(step)
+        finally:
+            log.close()
+        if cfg.logging.plots:
+            plot_metrics(log.path, self.out_dir / "plots")
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out_dir / "hf")
         return history
+
+    def _evaluate(self, log: MetricsLog) -> dict[str, float]:
+        """Held-out pass@1 / maj@k / pass@k with the current engine; alarm when pass@k collapses."""
+        import ray
+
+        k = self.cfg.trainer.eval_k
+        r = self.cfg.rollout
+        report = evaluate(lambda reqs, spec: ray.get(self.cluster.engine.generate.remote(reqs, spec)), self.eval_items,
+                          k=k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                          seed=r.seed, matcher=self.matcher)
+        out = {f"eval/{key.replace(f'@{k}', '@k')}": value for key, value in report.metrics.items()}
+        self.first_pass_at_k = self.first_pass_at_k if self.first_pass_at_k is not None else out.get("eval/pass@k")
+        if self.first_pass_at_k and out.get("eval/pass@k", 1.0) < self.cfg.logging.collapse_alarm * self.first_pass_at_k:
+            out["alarm/collapse"] = 1.0
+            log.note(f"ALARM: held-out pass@{k} fell to {out['eval/pass@k']:.3f} from {self.first_pass_at_k:.3f} "
+                     "(the majority may be amplifying wrong answers; see reward.min_agreement)")
+        return out
 
     def _resume(self) -> int:
         """Load the checkpoint ``trainer.resume`` names (if any); the first step to run."""
@@ -233,14 +270,6 @@ class Trainer:
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
         return out_dir
-
-
-def _truncate_metrics(path: Path, *, before_step: int) -> None:
-    """Drop logged steps >= ``before_step`` (they are re-run after a resume)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _slice(batch, start: int, stop: int, image_token_id: int | None):

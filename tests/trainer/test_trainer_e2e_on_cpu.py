@@ -31,7 +31,7 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
         "parallel.tensor_parallel_size=2", "trainer.steps=2", "trainer.prompts_per_step=2",
         "trainer.prompts_per_update=1", "trainer.micro_batch_size=4", "rollout.n=4", "rollout.n_vote=6",
         "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
-        "rollout.verify_refit=true", "rollout.verify_refit_tol=1e-4",
+        "rollout.verify_refit=true", f"data.eval_files=[{data['test']}]", "trainer.eval_k=4", "rollout.verify_refit_tol=1e-4",
     ])
     trainer = Trainer(cfg)
     history = trainer.fit()
@@ -44,4 +44,12 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
         assert "train/kl_ref" in m and all(m[f"time/{k}"] > 0 for k in ("rollout", "train", "refit"))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    # held-out evaluation at the first and last step, plots, TensorBoard, an HF export transformers loads
+    assert all(0.0 <= m["eval/maj@k"] <= 1.0 and m["eval/pass@k"] >= m["eval/pass@1"] for m in history)
+    assert (tmp_path / "run" / "plots" / "reward.png").stat().st_size > 1000
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    from transformers import AutoModelForImageTextToText
+
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "hf")
+    assert sum(p.numel() for p in exported.parameters()) > 0
     trainer.cluster.shutdown()
