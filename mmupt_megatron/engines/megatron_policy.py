@@ -193,6 +193,15 @@ class MegatronPolicy:
             **({"p2p_communicator": self.p2p} if self.p2p is not None else {}),
         )
 
+    def _grads_finite(self) -> bool:
+        """Whether every rank's gradients are finite (one all-reduce over the whole world)."""
+        grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+                 for p in self.model.parameters() if p.requires_grad]
+        flag = torch.tensor([0.0 if _all_finite(grads) else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return float(flag) == 0.0
+
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def compute_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
@@ -241,10 +250,15 @@ class MegatronPolicy:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batch, loss_fn, forward_only=False)
+        if not self._grads_finite():
+            # fp32 Megatron optimizers apply NaN/inf gradients as they are: skip the update on every rank
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan")}
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
-            raise RuntimeError("optimizer step skipped (non-finite gradients)")
-        result = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan")}
+        result = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0}
         if outputs:
             weights = [float(out["num_tokens"]) for out in outputs]
             total = max(sum(weights), 1.0)
@@ -256,6 +270,10 @@ class MegatronPolicy:
                 else:
                     result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
         return result
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 def with_loss(cfg: PolicyOptimConfig, **loss_overrides) -> PolicyOptimConfig:

@@ -64,7 +64,10 @@ class Trainer:
             cfg=DatasetConfig(problem_key=d.problem_key, image_key=d.image_key, answer_key=d.answer_key,
                               id_key=d.id_key, on_bad_row=d.on_bad_row, max_decode_pixels=d.max_decode_pixels),
         )
+        if self.dataset.skipped.total:
+            print(f"data: {self.dataset.skipped.summary()}", flush=True)
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.trainer.seed, shuffle=d.shuffle)
+        self.bad_steps = 0
         self.images = ImageEncoder(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
         self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s)
         if cluster is None:
@@ -126,6 +129,14 @@ class Trainer:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
             train_metrics = self._update(batch, train_rollouts)
+        if train_metrics.get("skipped", 0.0) > 0:
+            self.bad_steps += 1
+            print(f"step {step}: non-finite gradients, update skipped ({self.bad_steps} so far)", flush=True)
+            if self.bad_steps > cfg.trainer.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_steps} steps had non-finite (NaN/inf) gradients, more than trainer.max_bad_steps="
+                    f"{cfg.trainer.max_bad_steps}: stopping. Lower trainer.lr, or check the model and data."
+                )
         with timer("refit"):
             self.cluster.refit()
         if cfg.rollout.verify_refit:

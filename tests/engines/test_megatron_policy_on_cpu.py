@@ -114,3 +114,30 @@ def test_one_step_is_layout_invariant(tmp_path, optimizer):
     assert abs(loss_tp2 - loss_dp2) < 1e-6
     grad_norms = {layout: per_rank[-1][layout]["metrics"]["grad_norm"] for layout in LAYOUTS}
     assert max(grad_norms.values()) - min(grad_norms.values()) < 1e-4, grad_norms
+
+
+def nan_worker(hf_dir: str, data: dict) -> dict:
+    from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
+    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
+
+    groups = init_parallel(ParallelDims(tp=2, pp=1, dp=1))
+    model = Qwen2_5_VLModel(load_arch(hf_dir), groups, init_weights=True)
+    policy = MegatronPolicy(model, groups, PolicyOptimConfig(lr=1e-2, micro_batch_size=2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    advantages = data["advantages"].clone()
+    advantages[1] = float("nan")
+    batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"], loss_mask_BT=data["loss_mask"],
+                        advantages_B=advantages, old_logprobs_BT=torch.zeros_like(data["loss_mask"]),
+                        pixel_values=data["pixels"], image_grid_thw=data["grid"])
+    metrics = policy.train_step(batch)
+    unchanged = all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+    return {"skipped": metrics["skipped"], "unchanged": unchanged}
+
+
+@pytest.mark.distributed
+def test_non_finite_gradients_skip_the_update_on_every_rank(tmp_path):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=1)
+    results = run_workers(nan_worker, world_size=2, args=(str(hf_dir), make_batch(hf_dir, tmp_path)))
+    assert results == [{"skipped": 1.0, "unchanged": True}] * 2
