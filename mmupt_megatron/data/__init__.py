@@ -1,7 +1,13 @@
 """Data: image + question datasets (parquet / JSONL), image processing for Qwen2.5-VL, chat prompts, a
 resumable sampler, and the demo's synthetic visual-counting world."""
 
-from mmupt_megatron.data.dataset import DatasetConfig, ImageQuestionDataset, Sample, SkipReport, list_data_files
+from mmupt_megatron.data.dataset import (
+    DatasetConfig,
+    ImageQuestionDataset,
+    Sample,
+    SkipReport,
+    list_data_files,
+)
 from mmupt_megatron.data.images import ImageEncoder, ImageError, fit_image, load_image, patchify, smart_resize
 from mmupt_megatron.data.prompts import DEFAULT_INSTRUCTION, build_prompt, expand_image_pads, num_image_tokens
 from mmupt_megatron.data.sampler import ResumableSampler

@@ -118,7 +118,7 @@ def _read_rows(path: Path, *, columns: Sequence[str], required: Sequence[str]) -
 
         try:
             parquet = pq.ParquetFile(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+        except Exception as e:
             raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
         names = parquet.schema_arrow.names
         missing = [k for k in required if k not in names]

@@ -88,7 +88,7 @@ class WorldConfig:
     @classmethod
     def hard(cls, **overrides: object) -> WorldConfig:
         """The harder split: small, pale shapes, pixel noise and clutter on the same board."""
-        settings: dict[str, object] = dict(shape_px=(7, 11), jitter_px=6, pale=0.55, noise_std=30.0, num_clutter=6)
+        settings: dict[str, object] = {"shape_px": (7, 11), "jitter_px": 6, "pale": 0.55, "noise_std": 30.0, "num_clutter": 6}
         settings.update(overrides)
         return cls(**settings)  # type: ignore[arg-type]
 
@@ -297,7 +297,8 @@ def synthesize(
         "test": write_parquet(out / "test.parquet", generate(num_test, seed=seed + 1_000_003, cfg=cfg, prefix="test")),
     }
     if num_hard_test:
-        hard = WorldConfig.hard(grid=cfg.grid, cell_px=cfg.cell_px, chain_style=cfg.chain_style)
+        hard = WorldConfig.hard(grid=cfg.grid, cell_px=cfg.cell_px, chain_style=cfg.chain_style,
+                                question_weights=cfg.question_weights)
         paths["hard_test"] = write_parquet(
             out / "hard_test.parquet", generate(num_hard_test, seed=seed + 2_000_003, cfg=hard, prefix="hard")
         )

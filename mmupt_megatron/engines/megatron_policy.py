@@ -26,7 +26,7 @@ from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
 from mmupt_megatron.engines.cpu_compat import cuda_type_names
 from mmupt_megatron.engines.parallel import ParallelGroups
-from mmupt_megatron.models.rope_index import _image_runs, causal_attention_mask, mrope_position_ids
+from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -78,7 +78,7 @@ def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None,
     num = batch.input_ids_BT.shape[0]
     pixels_per_sample, grids_per_sample = [], []
     for b in range(num):
-        runs = _image_runs(batch.input_ids_BT[b] == image_token_id) if batch.pixel_values is not None else []
+        runs = image_runs(batch.input_ids_BT[b] == image_token_id) if batch.pixel_values is not None else []
         grids_per_sample.append(len(runs))
         pixels_per_sample.append(sum(end - start for start, end in runs) * merge * merge)
     out, pix, img = [], 0, 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def _image_runs(is_image_T: torch.Tensor) -> list[tuple[int, int]]:
+def image_runs(is_image_T: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each maximal run of image-pad tokens."""
     runs, start = [], None
     for index, flag in enumerate(is_image_T.tolist() + [False]):
@@ -41,7 +41,7 @@ def mrope_position_ids(
         ids_T = input_ids_BT[b][valid_T].cpu()
         is_image = ids_T == image_token_id if image_token_id is not None else torch.zeros_like(ids_T, dtype=torch.bool)
         pieces, cursor, current = [], 0, 0
-        for start, end in _image_runs(is_image):
+        for start, end in image_runs(is_image):
             if start > cursor:
                 pieces.append(torch.arange(start - cursor).expand(3, -1) + current)
                 current += start - cursor

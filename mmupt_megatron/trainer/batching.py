@@ -15,7 +15,7 @@ import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch
 from mmupt_megatron.engines.rollout import Rollout
-from mmupt_megatron.models.rope_index import _image_runs
+from mmupt_megatron.models.rope_index import image_runs
 
 
 def pack_rollouts(
@@ -69,7 +69,7 @@ def shard_for_rank(batch: PolicyBatch, *, dp_rank: int, dp_size: int, image_toke
     }
     if batch.pixel_values is None or image_token_id is None:
         return PolicyBatch(**fields)
-    images_per_sample = [len(_image_runs(batch.input_ids_BT[b] == image_token_id)) for b in range(num)]
+    images_per_sample = [len(image_runs(batch.input_ids_BT[b] == image_token_id)) for b in range(num)]
     patches_per_image = (batch.image_grid_thw.prod(dim=-1)).tolist()
     image_start = sum(images_per_sample[:start])
     image_stop = image_start + sum(images_per_sample[start:stop])

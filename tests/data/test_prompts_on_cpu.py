@@ -5,7 +5,13 @@ import pytest
 from PIL import Image
 
 from mmupt_megatron.data.images import ImageEncoder
-from mmupt_megatron.data.prompts import DEFAULT_INSTRUCTION, IMAGE_PAD, build_prompt, expand_image_pads, num_image_tokens
+from mmupt_megatron.data.prompts import (
+    DEFAULT_INSTRUCTION,
+    IMAGE_PAD,
+    build_prompt,
+    expand_image_pads,
+    num_image_tokens,
+)
 
 
 def test_prompt_is_qwen_chat_template():
