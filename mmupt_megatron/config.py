@@ -208,6 +208,10 @@ class DataConfig:
     """Optional column with a row id (default: file stem and row number)."""
     instruction: str = " Please reason step by step, and put your final answer within \\boxed{}."
     """Appended to every question."""
+    system_prompt: str | None = "You are a helpful assistant."
+    """The chat template's system turn; null leaves it out."""
+    image_first: bool = True
+    """Image placeholder before the question (Qwen's default) or after it."""
     min_pixels: int = 3136
     """Images smaller than this are upscaled (Qwen2.5-VL smart resize)."""
     max_pixels: int = 1003520

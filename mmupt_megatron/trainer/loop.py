@@ -80,6 +80,10 @@ class Trainer:
         self.eval_items = self._eval_items() if d.eval_files else []
         self.first_pass_at_k: float | None = None
 
+    def _prompt(self, question: str) -> str:
+        d = self.cfg.data
+        return build_prompt(question, instruction=d.instruction, system=d.system_prompt, image_first=d.image_first)
+
     def _eval_items(self) -> list[EvalItem]:
         d = self.cfg.data
         holdout = ImageQuestionDataset(
@@ -92,7 +96,7 @@ class Trainer:
             sample, image = holdout[index]
             if sample.answer is None:
                 raise ValueError(f"{sample.origin}: evaluation rows need an answer ({d.answer_key!r})")
-            items.append(EvalItem(prompt=build_prompt(sample.question, instruction=d.instruction),
+            items.append(EvalItem(prompt=self._prompt(sample.question),
                                   images=[self.images.fit(image)], answer=sample.answer))
         return items
 
@@ -100,7 +104,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, StepTimer()
         samples = [self.dataset[i] for i in self.sampler.next_batch(cfg.trainer.prompts_per_step)]
-        prompts = [build_prompt(sample.question, instruction=cfg.data.instruction) for sample, _ in samples]
+        prompts = [self._prompt(sample.question) for sample, _ in samples]
         fitted = [self.images.fit(image) for _, image in samples]
         # group id = position in this step's batch: the same question drawn twice still votes separately
         requests = [RolloutRequest(group_id=i, prompt=p, images=[img]) for i, (p, img) in enumerate(zip(prompts, fitted))]
