@@ -5,6 +5,8 @@
     mmupt train RECIPE [section.key=value ...]        # MM-UPT training (Ray + Megatron + vLLM)
     mmupt convert hf-to-megatron --hf DIR --out DIR --tp N --pp M
     mmupt convert megatron-to-hf --ckpt DIR --out DIR
+    mmupt launch RECIPE --cluster CLUSTER.yaml [--dryrun] [section.key=value ...]   # nemo-run: Slurm + Ray, local
+    mmupt plan RECIPE [--cluster CLUSTER.yaml]        # per-GPU memory, FLOPs, step time on H100s
 
 More subcommands (train, eval, synthesize, convert, launch, plan) are mounted here as they land.
 """
@@ -17,6 +19,7 @@ import sys
 from mmupt_megatron.config_docs import describe_keys
 from mmupt_megatron.models.convert_cli import add_convert_subcommands
 from mmupt_megatron.config_loading import config_to_yaml, load_config
+from mmupt_megatron.launch.cli import add_launch_parser, add_plan_parser
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     add_convert_subcommands(convert.add_subparsers(dest="direction", required=True))
+    add_launch_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 

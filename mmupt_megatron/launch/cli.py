@@ -1,0 +1,112 @@
+"""The ``mmupt launch`` and ``mmupt plan`` subcommands (mounted by ``mmupt_megatron/cli.py``).
+
+    mmupt launch qwen2_5_vl_7b_1n8g_tp2 --cluster configs/clusters/example_slurm.yaml --dryrun trainer.steps=10
+    mmupt launch --sweep configs/sweeps/qwen2_5_vl_7b_lr_temperature.yaml --cluster CLUSTER.yaml --dryrun
+    mmupt plan qwen2_5_vl_72b_8n8g_tp8pp4 [--cluster CLUSTER.yaml] [--mfu 0.16 0.23]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmupt_megatron.config_loading import load_config
+from mmupt_megatron.launch.arch import QWEN2_5_VL, arch_for
+from mmupt_megatron.launch.cluster import load_cluster
+from mmupt_megatron.launch.planner import Plan, PlanAssumptions, check_fits, plan
+
+
+def _split(words: list[str]) -> tuple[list[str], list[str]]:
+    """Positional words -> (recipes, key=value overrides)."""
+    return [w for w in words if "=" not in w], [w for w in words if "=" in w]
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from mmupt_megatron.launch.experiment import launch, launch_sweep
+    from mmupt_megatron.launch.sweep import load_sweep
+
+    recipes, overrides = _split(args.words)
+    cluster = load_cluster(args.cluster, args.cluster_set)
+    if args.sweep:
+        if recipes:
+            raise ValueError(f"--sweep takes its recipe from the sweep file; drop {recipes}")
+        result = launch_sweep(sweep=load_sweep(args.sweep), cluster=cluster, overrides=overrides, dryrun=args.dryrun)
+    else:
+        if len(recipes) != 1:
+            raise ValueError(f"mmupt launch takes one RECIPE (or --sweep FILE), got {recipes or 'none'}")
+        result = launch(recipe=recipes[0], cluster=cluster, overrides=overrides, dryrun=args.dryrun)
+    print(result if args.dryrun else f"submitted experiment {result}")
+    return 0
+
+
+def format_plan(recipe: str, p: Plan, assumptions: PlanAssumptions) -> str:
+    a = p.arch
+    lines = [
+        (f"{recipe}: {a.name} ({a.total_params / 1e9:.2f}B params: LM {a.lm_params / 1e9:.2f}B + ViT "
+         f"{a.vision_params / 1e9:.2f}B) on {p.num_gpus} x H100 {assumptions.gpu_memory_gib:g} GiB"),
+        f"  training phase, per GPU (GiB)          {p.train_total:7.1f}",
+        *(f"    {k:<36}{v:7.1f}" for k, v in p.train_gib.items()),
+        f"  rollout phase, per GPU (GiB)           {p.rollout_total:7.1f}",
+        *(f"    {k:<36}{v:7.1f}" for k, v in p.rollout_gib.items()),
+        f"    KV capacity at full length (seqs)   {p.kv_sequences:7.0f}",
+        f"  refit: {p.refit_gb:.1f} GB of bf16 weights, {p.refit_s[0]:.2f}-{p.refit_s[1]:.2f} s",
+        "  FLOPs per step: " + ", ".join(f"{k} {v / 1e15:,.0f} PF" for k, v in p.flops.items())
+        + f"; total {sum(p.flops.values()) / 1e15:,.0f} PF",
+        (f"  step time {p.step_s[0]:,.0f}-{p.step_s[1]:,.0f} s at MFU {assumptions.mfu[1]:.0%}-{assumptions.mfu[0]:.0%} "
+         f"of {assumptions.peak_tflops:g} TFLOP/s (mean prompt {assumptions.mean_prompt_tokens} / response "
+         f"{assumptions.mean_response_tokens} tokens)"),
+    ]
+    return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    recipes, overrides = _split(args.words)
+    if not recipes:
+        raise ValueError("mmupt plan takes at least one RECIPE")
+    num_gpus = load_cluster(args.cluster, args.cluster_set).num_gpus if args.cluster else 0
+    assumptions = PlanAssumptions(
+        gpu_memory_gib=args.gpu_memory_gib, mfu=(min(args.mfu), max(args.mfu)),
+        mean_prompt_tokens=args.prompt_tokens, mean_response_tokens=args.response_tokens,
+    )
+    refused = []
+    for recipe in recipes:
+        cfg = load_config(recipe, overrides)
+        if num_gpus and cfg.parallel.world_size > num_gpus:
+            raise ValueError(f"{recipe} needs {cfg.parallel.world_size} GPUs (TP x PP x DP), the cluster has {num_gpus}")
+        result = plan(cfg, arch_for(model_path=cfg.model.path, model=args.model), assumptions=assumptions, num_gpus=num_gpus)
+        print(format_plan(Path(recipe).stem, result, assumptions), flush=True)
+        try:
+            check_fits(result, recipe=Path(recipe).stem)
+        except ValueError as error:
+            refused.append(str(error))
+    if refused:
+        raise ValueError("\n".join(refused))
+    return 0
+
+
+def add_launch_parser(commands: argparse._SubParsersAction) -> None:
+    launch = commands.add_parser("launch", help="launch a recipe (or a sweep) on Slurm or locally with nemo-run")
+    launch.add_argument("words", nargs="*", metavar="RECIPE|key=value", help="a recipe, then section.key=value overrides")
+    launch.add_argument("--cluster", required=True, help="cluster YAML (configs/clusters/*.yaml)")
+    launch.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster key")
+    launch.add_argument("--sweep", help="sweep YAML: a grid over config keys, one task per point")
+    launch.add_argument("--dryrun", action="store_true", help="print the rendered sbatch script(s); submit nothing")
+    launch.set_defaults(handler=_launch)
+
+
+def add_plan_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("plan", help="estimate per-GPU memory, refit bytes, FLOPs and step time on H100s")
+    p.add_argument("words", nargs="*", metavar="RECIPE|key=value", help="recipes, then section.key=value overrides")
+    p.add_argument("--cluster", help="cluster YAML: plan for its nodes x gpus_per_node GPUs")
+    p.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster key")
+    p.add_argument("--model", default="", choices=["", *QWEN2_5_VL], help="architecture (default: from model.path)")
+    p.add_argument("--mfu", type=float, nargs=2, default=[0.16, 0.23], help="MFU range (default: EasyR1's 16-23%%)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="mean prompt tokens for FLOPs")
+    p.add_argument("--response-tokens", type=int, default=512, help="mean response tokens for FLOPs")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU")
+    p.set_defaults(handler=_plan)
+
+
+if __name__ == "__main__":
+    sys.exit("run through `mmupt launch` / `mmupt plan`")

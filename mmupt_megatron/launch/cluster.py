@@ -1,0 +1,118 @@
+"""The cluster a recipe is launched on: a small typed config loaded from YAML (configs/clusters/*.yaml).
+
+    from mmupt_megatron.launch.cluster import load_cluster
+    cluster = load_cluster("configs/clusters/example_slurm.yaml", ["nodes=4"])
+
+``kind: slurm`` builds a nemo-run ``SlurmExecutor`` (Ray head + workers inside the job); ``kind: local`` a
+``LocalExecutor`` for a workstation. The tunnel (how we reach Slurm) is ``local`` when launching from a login
+node and ``ssh`` (host + user) from elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass(kw_only=True)
+class TunnelConfig:
+    kind: str = "local"
+    """local (submit from a login node) or ssh."""
+    host: str = ""
+    """SSH host of the login node (kind=ssh)."""
+    user: str = ""
+    """SSH user (kind=ssh)."""
+    identity: str = ""
+    """Optional SSH private key file (kind=ssh); empty uses the agent / password."""
+
+    def problems(self) -> list[str]:
+        if self.kind not in ("local", "ssh"):
+            return [f"tunnel.kind must be local or ssh, got {self.kind!r}"]
+        if self.kind == "ssh":
+            return [f"tunnel.{name} is required when tunnel.kind=ssh" for name in ("host", "user") if not getattr(self, name)]
+        return []
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    kind: str = "slurm"
+    """slurm (sbatch job with a Ray cluster over its nodes) or local (this workstation)."""
+    account: str = ""
+    """Slurm account (kind=slurm)."""
+    partition: str = ""
+    """Slurm partition (kind=slurm)."""
+    nodes: int = 1
+    """Nodes of the job; the recipe's TP x PP x DP must equal nodes x gpus_per_node."""
+    gpus_per_node: int = 8
+    """GPUs per node (8 for a DGX H100)."""
+    cpus_per_node: int = 0
+    """CPUs Ray may use per node; 0 lets Ray detect them."""
+    time: str = "04:00:00"
+    """Slurm time limit (HH:MM:SS or D-HH:MM:SS)."""
+    container_image: str = ""
+    """Container image (pyxis/enroot) with this package and its GPU extra installed; empty runs on the host."""
+    mounts: list[str] = field(default_factory=list)
+    """Container mounts, SRC:DST (checkpoints, data, output)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables exported in the job."""
+    job_dir: str = ""
+    """Where nemo-run keeps job files and logs (on the cluster for ssh tunnels); empty: ~/.nemo_run/experiments."""
+    packager: str = "git"
+    """How the code reaches the job: git (git archive of HEAD, unpacked as the container workdir) or none."""
+    python: str = "python"
+    """Python executable in the job (kind=local: empty means the current interpreter)."""
+    ray_port: int = 6379
+    """Port of the Ray head (GCS)."""
+    ray_wait_s: int = 600
+    """How long the job waits for every node's GPUs to join the Ray cluster before failing."""
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    """How to reach the Slurm login node."""
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in ("slurm", "local"):
+            out.append(f"kind must be slurm or local, got {self.kind!r}")
+        if self.kind == "slurm" and not self.account:
+            out.append("account is required when kind=slurm")
+        for name in ("nodes", "gpus_per_node", "ray_port", "ray_wait_s"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kind == "local" and self.nodes != 1:
+            out.append(f"nodes must be 1 when kind=local, got {self.nodes}")
+        if self.packager not in ("git", "none"):
+            out.append(f"packager must be git or none, got {self.packager!r}")
+        out += [m for m in (f"mounts entry {m!r} must look like SRC:DST" for m in self.mounts if ":" not in m)]
+        out += self.tunnel.problems()
+        return out
+
+
+def load_cluster(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """The validated ``ClusterConfig`` of a YAML file plus ``key=value`` overrides; ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cluster file {str(path)!r} does not exist")
+    try:
+        data: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a cluster file must be a mapping, got {type(data).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), data, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        known = ", ".join(f.name for f in fields(ClusterConfig))
+        raise ValueError(f"{path}: bad cluster key {error.full_key!r}: {str(error).splitlines()[0]} (known: {known})") from None
+    cluster: ClusterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    problems = cluster.problems()
+    if problems:
+        raise ValueError(f"invalid cluster file {path}:\n  - " + "\n  - ".join(problems))
+    return cluster

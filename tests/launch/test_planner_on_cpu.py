@@ -1,0 +1,100 @@
+"""The planner against hand-computed numbers, the model cards' parameter counts, EasyR1's published step time,
+and its refusals of recipes that cannot fit in 80 GiB."""
+
+import pytest
+
+from mmupt_megatron.cli import main
+from mmupt_megatron.config_loading import CONFIG_DIR, load_config
+from mmupt_megatron.launch.arch import QWEN2_5_VL, arch_for
+from mmupt_megatron.launch.planner import GIB, PlanAssumptions, check_fits, plan
+
+SCALING = sorted(p.stem for p in CONFIG_DIR.glob("qwen2_5_vl_*n8g_*.yaml"))
+
+
+def test_parameter_counts_match_the_model_cards():
+    # Hugging Face model cards: 3.75B, 8.29B, 33.5B, 73.4B parameters (7B exactly 8,292,166,656 in safetensors)
+    assert QWEN2_5_VL["qwen2.5-vl-7b"].total_params == 8_292_166_656
+    for key, billions in (("qwen2.5-vl-3b", 3.75), ("qwen2.5-vl-32b", 33.5), ("qwen2.5-vl-72b", 73.4)):
+        assert QWEN2_5_VL[key].total_params / 1e9 == pytest.approx(billions, rel=3e-3)
+    assert arch_for(model_path="/checkpoints/Qwen2.5-VL-32B-Instruct").name == "qwen2.5-vl-32b"
+    with pytest.raises(ValueError, match="--model"):
+        arch_for(model_path="/checkpoints/my-model")
+
+
+def test_seven_b_tp2_dp4_against_hand_computed_values():
+    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2")  # TP2 PP1 DP4, micro-batch 2, recompute on, KL on, FP8 off
+    p = plan(cfg, QWEN2_5_VL["qwen2.5-vl-7b"])
+    # one decoder layer: q/k/v with biases 3584*(3584+2*512) + 4608, o 3584^2, SwiGLU 3*3584*18944, 2 norms
+    layer = 3584 * 4608 + 4608 + 3584 * 3584 + 3 * 3584 * 18944 + 2 * 3584
+    assert layer == 233_057_792
+    vit = 676_550_144
+    per_gpu = 28 * layer / 2 + 2 * 152064 * 3584 / 2 + 3584 + vit  # layers/TP + embedding/TP + lm_head/TP + norm + ViT
+    assert p.train_gib["weights (bf16)"] == pytest.approx(2 * per_gpu / GIB)
+    assert p.train_gib["grads (fp32)"] == pytest.approx(4 * per_gpu / GIB)
+    assert p.train_gib["optimizer (fp32 x3 / DP)"] == pytest.approx(12 * per_gpu / 4 / GIB)
+    assert p.train_gib["reference (bf16)"] == pytest.approx(2 * per_gpu / GIB)
+    tokens = 2 * 4096
+    lm = tokens * (28 * 2 * 3584 / 2 + (12 * 3584 + 4 * 512 + 6 * 18944) / 2)  # saved inputs + one recomputed layer
+    patches = 2 * 1003520 / 14**2
+    vision = patches * (32 * 2 * 1280 + 16 * 1280 + 6 * 3420)
+    logits = tokens * 152064 / 2 * 6
+    assert p.train_gib["activations"] == pytest.approx((lm + vision + logits) / GIB)
+    assert p.train_total == pytest.approx(55.96, abs=0.01)
+    # vLLM TP2: weights 2 bytes x params / 2; KV per token 2 x 28 layers x 2 KV heads x 128 x 2 bytes
+    kv_gib = 0.5 * 80 - 8_292_166_656 / GIB - 2
+    assert p.kv_sequences == pytest.approx(kv_gib * GIB / (2 * 28 * 2 * 128 * 2 * 4096))
+    n, trained = 8_292_166_656, 5120 * (512 + 512)
+    assert p.flops["training"] == 6 * n * trained
+    assert p.flops["log-prob forwards"] == 2 * 2 * n * trained  # old policy + reference
+    assert p.flops["rollout"] == 2 * n * (5120 * 512 + 512 * 512)
+    assert p.refit_gb == pytest.approx(2 * n / 1e9)
+    assert not p.problems
+
+
+def test_easyr1_seven_b_step_time():
+    """EasyR1 (hiyouga/EasyR1) Qwen2.5-VL-7B GRPO on 8xH100: 120-145 s/step at actor MFU 16-23%
+    (/work/shared/STACK.md). Its example recipe: 512 prompts x n=5 on Geometry3K; we assume Geo3K-like mean
+    lengths of 200 prompt tokens (small diagrams, ~80-150 image tokens + the question) and 450 response tokens."""
+    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2", ["rollout.n=5"])
+    p = plan(cfg, QWEN2_5_VL["qwen2.5-vl-7b"],
+             assumptions=PlanAssumptions(mean_prompt_tokens=200, mean_response_tokens=450))
+    low, high = p.step_s
+    assert low < 145 and high > 120, p.step_s  # the ranges overlap
+    assert 100 < (low + high) / 2 < 165
+
+
+@pytest.mark.parametrize("recipe", SCALING)
+def test_every_scaling_recipe_fits(recipe):
+    cfg = load_config(recipe)
+    p = plan(cfg, arch_for(model_path=cfg.model.path))
+    assert not p.problems, p.problems
+    assert p.train_total <= 80 and p.rollout_total <= 80
+
+
+@pytest.mark.parametrize(("recipe", "overrides", "short"), [
+    ("qwen2_5_vl_32b_2n8g_tp8pp2", ["parallel.pipeline_parallel_size=1", "parallel.data_parallel_size=1"], "32b on one node"),
+    ("qwen2_5_vl_72b_4n8g_tp8pp4", ["parallel.pipeline_parallel_size=2", "parallel.data_parallel_size=1"], "72b on two nodes"),
+])
+def test_recipes_that_cannot_fit_are_refused(recipe, overrides, short):
+    cfg = load_config(recipe, overrides)
+    p = plan(cfg, arch_for(model_path=cfg.model.path))
+    with pytest.raises(ValueError) as info:
+        check_fits(p, recipe=recipe)
+    message = str(info.value)
+    assert "training phase needs" in message and "> 80 GiB" in message and "GiB short" in message, short
+    assert "optimizer (fp32 x3 / DP)" in message and "parallel.tensor/pipeline/data_parallel_size" in message
+
+
+def test_rollout_pool_too_large_is_refused():
+    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2", ["rollout.gpu_memory_utilization=0.9"])
+    p = plan(cfg, QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert any("rollout phase needs" in m and "rollout.gpu_memory_utilization=0.9" in m for m in p.problems)
+
+
+def test_cli_prints_the_table_and_refuses_with_exit_code_2(capsys):
+    assert main(["plan", "qwen2_5_vl_7b_1n8g_tp2"]) == 0
+    out = capsys.readouterr().out
+    assert "training phase, per GPU (GiB)" in out and "step time" in out
+    code = main(["plan", "qwen2_5_vl_72b_4n8g_tp8pp4", "parallel.pipeline_parallel_size=2", "parallel.data_parallel_size=1"])
+    assert code == 2
+    assert "cannot run on 16 x qwen2.5-vl-72b" in capsys.readouterr().err
