@@ -37,10 +37,13 @@ def start_ray(cfg: Config) -> None:
     )
 
 
-def _free_port() -> int:
+def _node_address() -> tuple[str, int]:
+    """This node's IP (as Ray sees it) and a free TCP port on it."""
+    import ray
+
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
@@ -76,11 +79,12 @@ class Cluster:
             return {"scheduling_strategy": strategy, "num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
 
         optim = policy_optim_config(cfg)
-        port = _free_port()
+        # torch.distributed rendezvous on rank 0's node (not the driver's: on a cluster they differ)
+        master_addr, port = ray.get(ray.remote(_node_address).options(**on(0)).remote())
         Actor = ray.remote(PolicyWorker)
         self.workers = [
             Actor.options(**on(rank)).remote(
-                rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port, dims=self.dims,
+                rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
                 model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.kl_coef > 0, seed=cfg.trainer.seed,
             )
             for rank in range(world)
