@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from mmupt_megatron.config_docs import describe_keys
+from mmupt_megatron.demo.run import add_demo_subcommand
 from mmupt_megatron.models.convert_cli import add_convert_subcommands
 from mmupt_megatron.config_loading import config_to_yaml, load_config
 from mmupt_megatron.launch.cli import add_launch_parser, add_plan_parser
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_config_show)
     keys = config.add_parser("keys", help="list every config key with its documentation")
     keys.set_defaults(handler=_config_keys)
+    add_demo_subcommand(commands)
     train = commands.add_parser("train", help="train a policy with MM-UPT")
     train.add_argument("recipe", help="a YAML path or a name in configs/")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")

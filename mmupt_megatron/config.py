@@ -31,6 +31,8 @@ class ModelConfig:
     """Transformer Engine FP8 linear layers (Hopper GPUs only; an error elsewhere)."""
     gradient_checkpointing: bool = False
     """Recompute transformer layers in the backward pass to save activation memory."""
+    freeze_vision: bool = False
+    """Keep the vision tower fixed during RL (measured on the demo: training it made GRPO swing wildly)."""
 
     def problems(self) -> list[str]:
         return [] if self.dtype in ("auto", "float32", "bfloat16") else [

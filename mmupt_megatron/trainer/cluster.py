@@ -52,6 +52,7 @@ def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
         weight_decay=cfg.trainer.weight_decay,
         clip_grad=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
+        freeze_vision=cfg.model.freeze_vision,
         loss=cfg.algorithm.policy_loss(default_norm_length=cfg.rollout.max_new_tokens),
     )
 

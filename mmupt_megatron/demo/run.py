@@ -1,0 +1,163 @@
+"""The embedded CPU demo: label-free MM-UPT on the synthetic visual-counting world, with the real stack.
+
+    .venv/bin/mmupt demo [--out runs/demo] [--seed 0] [--steps N] [--quick] [--no-failure-mode] [--no-supervised]
+
+1. Synthesize the world (train / test parquet files with real PNGs; a *hard* train / test pair too).
+2. Warm up a small Qwen2.5-VL-architecture model on labelled chains until it is right more often than not:
+   the demo's stand-in for a pretrained VLM (the only labelled training; cached in OUT/base).
+3. MM-UPT: ``mmupt train demo`` from that base — Megatron policy workers, a vLLM engine, Ray — with the
+   majority-vote reward and **no labels**; the paper's upper reference, supervised GRPO
+   (``reward.kind=label``), from the same base.
+4. The paper's failure mode: on the hard split the base is below 50%; plain voting, then voting with
+   ``reward.min_agreement``.
+5. A table of held-out accuracy (greedy, sampled pass@1, maj@k), majority share and response length, and
+   PNG plots of reward / majority share / pseudo-label accuracy per run (OUT/<run>/plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmupt_megatron.algorithms import AnswerMatcher
+from mmupt_megatron.config_loading import load_config
+from mmupt_megatron.data.dataset import ImageQuestionDataset
+from mmupt_megatron.data.synthetic import WorldConfig, generate, synthesize, write_parquet
+from mmupt_megatron.evaluation import EvalItem, EvalReport, evaluate
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoPlan:
+    out: Path
+    seed: int = 0
+    steps: int | None = None
+    """Training steps per run (None: the recipe's)."""
+    num_eval: int = 128
+    failure_mode: bool = True
+    supervised: bool = True
+    overrides: tuple[str, ...] = ()
+
+
+def _items(path: Path, *, cfg, encoder) -> list[EvalItem]:  # noqa: ANN001
+    from mmupt_megatron.data.prompts import build_prompt
+
+    data = ImageQuestionDataset(path)
+    items = []
+    for index in range(len(data)):
+        sample, image = data[index]
+        prompt = build_prompt(sample.question, instruction=cfg.data.instruction, system=cfg.data.system_prompt,
+                              image_first=cfg.data.image_first)
+        items.append(EvalItem(prompt=prompt, images=[encoder.fit(image)], answer=sample.answer or ""))
+    return items
+
+
+def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) -> EvalReport:  # noqa: ANN001
+    """Greedy + k sampled answers per held-out question from a vLLM engine serving ``model_dir``."""
+    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
+
+    r = cfg.rollout
+    engine = VLLMRolloutEngine(model_dir, max_model_len=r.max_prompt_length + r.max_new_tokens,
+                               cpu_kvcache_gib=r.cpu_kvcache_gib, seed=seed)
+    try:
+        return evaluate(engine.generate, items, k=cfg.trainer.eval_k, temperature=r.temperature, top_p=r.top_p,
+                        max_new_tokens=r.max_new_tokens, seed=seed, matcher=AnswerMatcher())
+    finally:
+        engine.close()
+
+
+def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra: list[str]) -> Path:
+    """``mmupt train demo`` with the given overrides, in-process; returns the exported HF folder."""
+    import ray
+
+    from mmupt_megatron.trainer.loop import Trainer
+
+    out = plan.out / name
+    overrides = [f"model.path={base}", f"data.train_files=[{train_file}]", f"trainer.output_dir={out}",
+                 f"trainer.seed={plan.seed}", f"rollout.seed={plan.seed}", "trainer.resume=never",
+                 *([f"trainer.steps={plan.steps}"] if plan.steps else []), *plan.overrides, *extra]
+    cfg = load_config("demo", overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.cluster.shutdown()
+        ray.shutdown()
+    return out / "hf"
+
+
+def prepare(plan: DemoPlan) -> tuple[Path, dict[str, Path]]:
+    """The world's data files and the warmed-up base model (both cached in ``plan.out``)."""
+    from mmupt_megatron.demo.warmup import DEMO_WORLD, WarmupConfig, warmup
+
+    data_dir = plan.out / "data"
+    files = {k: data_dir / f"{k}.parquet" for k in ("train", "test", "hard_train", "hard_test")}
+    if not all(f.is_file() for f in files.values()):
+        synthesize(data_dir, num_train=2048, num_test=plan.num_eval, num_hard_test=plan.num_eval, seed=plan.seed,
+                   cfg=DEMO_WORLD)
+        hard = WorldConfig.hard(grid=DEMO_WORLD.grid, cell_px=DEMO_WORLD.cell_px, chain_style=DEMO_WORLD.chain_style,
+                                question_weights=DEMO_WORLD.question_weights)
+        write_parquet(files["hard_train"], generate(1024, seed=plan.seed + 3_000_017, cfg=hard, prefix="hardtrain"))
+    base = plan.out / "base"
+    if not (base / "config.json").is_file():
+        print("warming up the base model (supervised, the only labelled training) ...", flush=True)
+        warmup(WarmupConfig(seed=plan.seed, target_sampled=0.8), out_dir=base)
+    return base, files
+
+
+def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
+    from mmupt_megatron.data.images import ImageEncoder
+
+    start = time.time()
+    base, files = prepare(plan)
+    cfg = load_config("demo", list(plan.overrides))
+    encoder = ImageEncoder(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    test = _items(files["test"], cfg=cfg, encoder=encoder)
+    hard_test = _items(files["hard_test"], cfg=cfg, encoder=encoder)
+    rows: list[dict[str, float | str]] = []
+
+    def record(name: str, split: str, model: Path, items: list[EvalItem]) -> None:
+        report = evaluate_model(model, items, cfg=cfg, seed=plan.seed)
+        rows.append({"run": name, "split": split, **report.metrics})
+        print(f"  {name:<28} {split:<5} greedy {report.metrics['greedy']:.3f}  maj@k {report.metrics.get(f'maj@{report.k}', float('nan')):.3f}", flush=True)
+
+    record("base", "test", base, test)
+    record("MM-UPT (no labels)", "test", train_run("mmupt", base=base, train_file=files["train"], plan=plan, extra=[]), test)
+    if plan.supervised:
+        sup = train_run("supervised", base=base, train_file=files["train"], plan=plan, extra=["reward.kind=label"])
+        record("supervised GRPO (labels)", "test", sup, test)
+    if plan.failure_mode:
+        record("base", "hard", base, hard_test)
+        plain = train_run("hard_vote", base=base, train_file=files["hard_train"], plan=plan, extra=[])
+        record("MM-UPT on hard data", "hard", plain, hard_test)
+        guarded = train_run("hard_guarded", base=base, train_file=files["hard_train"], plan=plan,
+                            extra=["reward.min_agreement=0.6"])
+        record("MM-UPT + min_agreement 0.6", "hard", guarded, hard_test)
+    (plan.out / "demo_results.json").write_text(json.dumps(rows, indent=1))
+    print_table(rows, seconds=time.time() - start)
+    return rows
+
+
+def print_table(rows: list[dict[str, float | str]], *, seconds: float) -> None:
+    k = next((key.split("@")[1] for key in rows[0] if key.startswith("maj@")), "k")
+    print(f"\nMM-UPT demo ({seconds / 60:.1f} min). Held-out accuracy:\n")
+    print(f"| run | split | greedy | sampled pass@1 | maj@{k} | majority share | response length |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['split']} | {r['greedy']:.3f} | {r['pass@1']:.3f} | {r.get(f'maj@{k}', float('nan')):.3f} "
+              f"| {r.get('majority_share', float('nan')):.3f} | {r['response_length']:.1f} |")
+
+
+def add_demo_subcommand(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo", help="the embedded CPU demo (synthetic world, warm-up, MM-UPT, table)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (data and base model are cached here)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
+    demo.add_argument("--no-failure-mode", action="store_true", help="skip the hard-split runs")
+    demo.add_argument("--no-supervised", action="store_true", help="skip the supervised GRPO reference")
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo recipe")
+    demo.set_defaults(handler=lambda args: run_demo(DemoPlan(
+        out=Path(args.out), seed=args.seed, steps=args.steps, failure_mode=not args.no_failure_mode,
+        supervised=not args.no_supervised, overrides=tuple(args.overrides))) and 0)
