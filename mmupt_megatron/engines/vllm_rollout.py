@@ -99,6 +99,7 @@ class VLLMRolloutEngine:
         cpu_kvcache_gib: float = 1.0,
         seed: int = 0,
         max_images_per_prompt: int = 1,
+        max_num_seqs: int = 256,
     ):
         self.model_dir = Path(model_dir)
         self.on_cpu = not torch.cuda.is_available()
@@ -119,6 +120,11 @@ class VLLMRolloutEngine:
         )
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            # CPU sampling generators cannot rewind (torch: "CPU Generator does not use offset"), which vLLM
+            # does for a seeded request whose prefill was chunked: schedule whole prompts only.
+            kwargs.update(enable_chunked_prefill=False, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max(max_model_len * max_num_seqs, 2048))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         vocab = self.tokenizer.get_vocab()

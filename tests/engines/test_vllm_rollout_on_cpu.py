@@ -114,3 +114,11 @@ def test_fused_siblings():
         "model.layers.3.self_attn.q_proj.bias", "model.layers.3.self_attn.v_proj.bias"
     ]
     assert fused_siblings("model.layers.0.mlp.down_proj.weight") == []
+
+
+def test_large_seeded_batches_do_not_chunk_prefill(setup):
+    """192 seeded sequences x ~30 prompt tokens exceed vLLM's default token budget per step; a chunked
+    prefill of a seeded request crashed the CPU sampler ("CPU Generator does not use offset")."""
+    engine, requests, _ = setup
+    rollouts = engine.generate(requests[:2] * 6, SamplingSpec(n=16, max_new_tokens=2, seed=1))
+    assert len(rollouts) == 192 and all(r.response_token_ids for r in rollouts)
