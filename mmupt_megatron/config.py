@@ -315,6 +315,8 @@ class LoggingConfig:
     """Write TensorBoard event files."""
     progress: bool = True
     """Show a progress bar."""
+    quiet_engines: bool = False
+    """Keep vLLM / Ray worker logs and progress bars out of the console (they still go to Ray's log files)."""
     plots: bool = True
     """Write PNG plots of reward, majority share and accuracies into OUTPUT/plots at the end."""
     collapse_alarm: float = 0.5

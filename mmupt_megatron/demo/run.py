@@ -79,6 +79,7 @@ def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra:
                  f"trainer.seed={plan.seed}", f"rollout.seed={plan.seed}", "trainer.resume=never",
                  *([f"trainer.steps={plan.steps}"] if plan.steps else []), *plan.overrides, *extra]
     cfg = load_config("demo", overrides)
+    print(f"training '{name}' ({' '.join(extra) or 'majority vote, no labels'}; {cfg.trainer.steps} steps) ...", flush=True)
     trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -102,14 +103,21 @@ def prepare(plan: DemoPlan) -> tuple[Path, dict[str, Path]]:
         write_parquet(files["hard_train"], generate(1024, seed=plan.seed + 3_000_017, cfg=hard, prefix="hardtrain"))
     base = plan.out / "base"
     if not (base / "config.json").is_file():
-        print("warming up the base model (supervised, the only labelled training) ...", flush=True)
+        print("warming up the base model (supervised; the only labelled training) ...", flush=True)
         warmup(WarmupConfig(seed=plan.seed, target_sampled=0.8), out_dir=base)
     return base, files
 
 
 def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
+    import os
+    import warnings
+
     from mmupt_megatron.data.images import ImageEncoder
 
+    # the demo prints its own progress lines; engines log to Ray's files (logging.quiet_engines)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
     start = time.time()
     base, files = prepare(plan)
     cfg = load_config("demo", list(plan.overrides))

@@ -17,16 +17,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from mmupt_megatron.data import synthetic
+from mmupt_megatron.models.tiny import QWEN_SPECIAL_TOKENS
 
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+SPECIAL_TOKENS: tuple[str, ...] = QWEN_SPECIAL_TOKENS
 UNK_TOKEN = "<unk>"
 _TEMPLATE_TEXT = (
     "system You are a helpful assistant . user assistant Please reason step by step , and put your final "

@@ -88,6 +88,7 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     history: list[dict] = []
     start = time.time()
     step = 0
+    previous: tuple[float, dict, int] | None = None
     for step in range(1, cfg.max_steps + 1):
         examples = [make_example(rng, cfg.world, example_id=f"w{step}-{i}") for i in range(cfg.batch_size)]
         batch = encode_batch(tokenizer, questions=[e.question for e in examples], images=[e.image for e in examples],
@@ -109,7 +110,16 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
             if cfg.snapshots and out_dir is not None:
                 save_checkpoint(model, tokenizer, out_dir=Path(out_dir) / f"step{step}", cfg=cfg, history=history)
             if cfg.target_sampled is not None and result.sampled >= cfg.target_sampled:
+                # accuracy jumps during a breakthrough (measured: 0.76 -> 0.95 within 50 steps): keep whichever
+                # of this and the previous evaluation is closer to the target
+                if previous is not None and abs(previous[0] - cfg.target_sampled) < abs(result.sampled - cfg.target_sampled):
+                    model.load_state_dict(previous[1])
+                    history.append({"step": previous[2], "restored": True, "sampled": previous[0]})
+                    if log:
+                        print(f"[warmup seed {cfg.seed}] keeping step {previous[2]} (sampled {previous[0]:.3f}), "
+                              f"closer to the target {cfg.target_sampled}", flush=True)
                 break
+            previous = (result.sampled, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
     if out_dir is not None:
         save_checkpoint(model, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
     return model, history

@@ -28,12 +28,15 @@ def start_ray(cfg: Config) -> None:
     if cfg.trainer.ray_address:
         ray.init(address=cfg.trainer.ray_address, log_to_driver=True)
         return
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.logging.quiet_engines:
+        env.update(VLLM_LOGGING_LEVEL="ERROR", TQDM_DISABLE="1")
     ray.init(
         num_cpus=cfg.trainer.num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=256 * 2**20,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=not cfg.logging.quiet_engines,
+        runtime_env={"env_vars": env},
     )
 
 
