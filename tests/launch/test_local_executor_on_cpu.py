@@ -21,5 +21,8 @@ def test_local_executor_runs_mmupt_for_real(tmp_path):
     logs = list((tmp_path / "exp").rglob("stdout.log"))
     assert len(logs) == 1
     text = logs[0].read_text()
-    assert "'n': 12" in text and "max_new_tokens: 32" in text  # the override and the demo recipe's own value
+    from mmupt_megatron.config_loading import load_config
+
+    recipe_value = load_config("demo").rollout.max_new_tokens
+    assert "'n': 12" in text and f"max_new_tokens: {recipe_value}" in text  # the override and the recipe's own value
     assert list((tmp_path / "exp").rglob("SUCCESS"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.images import ImageEncoder
 from mmupt_megatron.data.prompts import build_prompt, expand_image_pads
 from mmupt_megatron.data.synthetic import generate
@@ -23,11 +24,16 @@ def teach_boxed_answers(model_dir: Path, *, steps: int = 30, seed: int = 0) -> P
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     encoder = ImageEncoder(min_pixels=56 * 56, max_pixels=112 * 112)
     examples = generate(8, seed=seed)
+    style = load_config("demo").data  # the prompt format the end-to-end tests train with
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         example = rng.choice(examples)
         pixels, grid = encoder.encode([example.image])
-        prompt = expand_image_pads(build_prompt(example.question), grid.tolist())
+        prompt = expand_image_pads(
+            build_prompt(example.question, instruction=style.instruction, system=style.system_prompt,
+                         image_first=style.image_first),
+            grid.tolist(),
+        )
         prompt_ids = tokenizer(prompt)["input_ids"]
         answer_ids = tokenizer(f"so \\boxed{{{rng.choice([1, 2, 2, 3])}}}<|im_end|>")["input_ids"]
         ids = torch.tensor([prompt_ids + answer_ids])
