@@ -166,6 +166,10 @@ def add_demo_subcommand(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--no-failure-mode", action="store_true", help="skip the hard-split runs")
     demo.add_argument("--no-supervised", action="store_true", help="skip the supervised GRPO reference")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo recipe")
-    demo.set_defaults(handler=lambda args: run_demo(DemoPlan(
-        out=Path(args.out), seed=args.seed, steps=args.steps, failure_mode=not args.no_failure_mode,
-        supervised=not args.no_supervised, overrides=tuple(args.overrides))) and 0)
+    demo.set_defaults(handler=_demo_command)
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    run_demo(DemoPlan(out=Path(args.out), seed=args.seed, steps=args.steps, failure_mode=not args.no_failure_mode,
+                      supervised=not args.no_supervised, overrides=tuple(args.overrides)))
+    return 0
