@@ -1,6 +1,6 @@
 """The embedded CPU demo: label-free MM-UPT on the synthetic visual-counting world, with the real stack.
 
-    .venv/bin/mmupt demo [--out runs/demo] [--seed 0] [--steps N] [--quick] [--no-failure-mode] [--no-supervised]
+    .venv/bin/mmupt demo [--out runs/demo] [--seed 0] [--steps N] [--no-failure-mode] [--no-supervised] [key=value ...]
 
 1. Synthesize the world (train / test parquet files with real PNGs; a *hard* train / test pair too).
 2. Warm up a small Qwen2.5-VL-architecture model on labelled chains until it is right more often than not:
