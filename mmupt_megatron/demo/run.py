@@ -24,7 +24,6 @@ from pathlib import Path
 
 from mmupt_megatron.algorithms import AnswerMatcher
 from mmupt_megatron.config_loading import load_config
-from mmupt_megatron.data.dataset import ImageQuestionDataset
 from mmupt_megatron.data.synthetic import WorldConfig, generate, synthesize, write_parquet
 from mmupt_megatron.evaluation import EvalItem, EvalReport, evaluate
 
@@ -39,19 +38,6 @@ class DemoPlan:
     failure_mode: bool = True
     supervised: bool = True
     overrides: tuple[str, ...] = ()
-
-
-def _items(path: Path, *, cfg, encoder) -> list[EvalItem]:  # noqa: ANN001
-    from mmupt_megatron.data.prompts import build_prompt
-
-    data = ImageQuestionDataset(path)
-    items = []
-    for index in range(len(data)):
-        sample, image = data[index]
-        prompt = build_prompt(sample.question, instruction=cfg.data.instruction, system=cfg.data.system_prompt,
-                              image_first=cfg.data.image_first)
-        items.append(EvalItem(prompt=prompt, images=[encoder.fit(image)], answer=sample.answer or ""))
-    return items
 
 
 def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) -> EvalReport:  # noqa: ANN001
@@ -112,7 +98,7 @@ def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
     import os
     import warnings
 
-    from mmupt_megatron.data.images import ImageEncoder
+    from mmupt_megatron.data.configured import eval_items
 
     # the demo prints its own progress lines; engines log to Ray's files (logging.quiet_engines)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -121,9 +107,8 @@ def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
     start = time.time()
     base, files = prepare(plan)
     cfg = load_config("demo", list(plan.overrides))
-    encoder = ImageEncoder(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    test = _items(files["test"], cfg=cfg, encoder=encoder)
-    hard_test = _items(files["hard_test"], cfg=cfg, encoder=encoder)
+    test = eval_items([str(files["test"])], cfg.data)
+    hard_test = eval_items([str(files["hard_test"])], cfg.data)
     rows: list[dict[str, float | str]] = []
 
     def record(name: str, split: str, model: Path, items: list[EvalItem]) -> None:

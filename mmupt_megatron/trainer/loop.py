@@ -23,12 +23,10 @@ from typing import Any
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
 from mmupt_megatron.config import Config
-from mmupt_megatron.data.dataset import DatasetConfig, ImageQuestionDataset
-from mmupt_megatron.data.images import ImageEncoder
-from mmupt_megatron.data.prompts import build_prompt
+from mmupt_megatron.data.configured import eval_items, image_encoder, open_dataset, prompt_for
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.evaluation import EvalItem, evaluate
+from mmupt_megatron.evaluation import evaluate
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import pack_rollouts
 from mmupt_megatron.trainer.metrics_log import MetricsLog, plot_metrics
@@ -59,16 +57,12 @@ class Trainer:
             raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")
         self.cfg = cfg
         d = cfg.data
-        self.dataset = ImageQuestionDataset(
-            d.train_files,
-            cfg=DatasetConfig(problem_key=d.problem_key, image_key=d.image_key, answer_key=d.answer_key,
-                              id_key=d.id_key, on_bad_row=d.on_bad_row, max_decode_pixels=d.max_decode_pixels),
-        )
+        self.dataset = open_dataset(d.train_files, d)
         if self.dataset.skipped.total:
             print(f"data: {self.dataset.skipped.summary()}", flush=True)
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.trainer.seed, shuffle=d.shuffle)
         self.bad_steps = 0
-        self.images = ImageEncoder(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+        self.images = image_encoder(d)
         self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s)
         if cluster is None:
             from mmupt_megatron.trainer.cluster import Cluster
@@ -77,34 +71,14 @@ class Trainer:
         self.cluster = cluster
         self.out_dir = Path(cfg.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.eval_items = self._eval_items() if d.eval_files else []
+        self.eval_items = eval_items(d.eval_files, d) if d.eval_files else []
         self.first_pass_at_k: float | None = None
-
-    def _prompt(self, question: str) -> str:
-        d = self.cfg.data
-        return build_prompt(question, instruction=d.instruction, system=d.system_prompt, image_first=d.image_first)
-
-    def _eval_items(self) -> list[EvalItem]:
-        d = self.cfg.data
-        holdout = ImageQuestionDataset(
-            d.eval_files,
-            cfg=DatasetConfig(problem_key=d.problem_key, image_key=d.image_key, answer_key=d.answer_key,
-                              id_key=d.id_key, on_bad_row=d.on_bad_row, max_decode_pixels=d.max_decode_pixels),
-        )
-        items = []
-        for index in range(len(holdout)):
-            sample, image = holdout[index]
-            if sample.answer is None:
-                raise ValueError(f"{sample.origin}: evaluation rows need an answer ({d.answer_key!r})")
-            items.append(EvalItem(prompt=self._prompt(sample.question),
-                                  images=[self.images.fit(image)], answer=sample.answer))
-        return items
 
     # -- one step, as the algorithm -------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, StepTimer()
         samples = [self.dataset[i] for i in self.sampler.next_batch(cfg.trainer.prompts_per_step)]
-        prompts = [self._prompt(sample.question) for sample, _ in samples]
+        prompts = [prompt_for(sample.question, cfg.data) for sample, _ in samples]
         fitted = [self.images.fit(image) for _, image in samples]
         # group id = position in this step's batch: the same question drawn twice still votes separately
         requests = [RolloutRequest(group_id=i, prompt=p, images=[img]) for i, (p, img) in enumerate(zip(prompts, fitted))]

@@ -10,7 +10,8 @@ import torch
 
 from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.images import ImageEncoder
-from mmupt_megatron.data.prompts import build_prompt, expand_image_pads
+from mmupt_megatron.data.configured import prompt_for
+from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.data.synthetic import generate
 
 
@@ -30,8 +31,7 @@ def teach_boxed_answers(model_dir: Path, *, steps: int = 30, seed: int = 0) -> P
         example = rng.choice(examples)
         pixels, grid = encoder.encode([example.image])
         prompt = expand_image_pads(
-            build_prompt(example.question, instruction=style.instruction, system=style.system_prompt,
-                         image_first=style.image_first),
+            prompt_for(example.question, style),
             grid.tolist(),
         )
         prompt_ids = tokenizer(prompt)["input_ids"]

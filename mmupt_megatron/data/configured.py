@@ -1,0 +1,41 @@
+"""The data layer as the ``data.*`` config section describes it: datasets, prompts, held-out items."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mmupt_megatron.config import DataConfig
+from mmupt_megatron.data.dataset import DatasetConfig, ImageQuestionDataset
+from mmupt_megatron.data.images import ImageEncoder
+from mmupt_megatron.data.prompts import build_prompt
+
+
+def open_dataset(files: Sequence[str], data: DataConfig) -> ImageQuestionDataset:
+    return ImageQuestionDataset(
+        list(files),
+        cfg=DatasetConfig(problem_key=data.problem_key, image_key=data.image_key, answer_key=data.answer_key,
+                          id_key=data.id_key, on_bad_row=data.on_bad_row, max_decode_pixels=data.max_decode_pixels),
+    )
+
+
+def prompt_for(question: str, data: DataConfig) -> str:
+    return build_prompt(question, instruction=data.instruction, system=data.system_prompt, image_first=data.image_first)
+
+
+def image_encoder(data: DataConfig) -> ImageEncoder:
+    return ImageEncoder(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
+def eval_items(files: Sequence[str], data: DataConfig) -> list:
+    """Held-out ``EvalItem``s (prompt, fitted image, answer); a row without an answer is an error naming it."""
+    from mmupt_megatron.evaluation import EvalItem
+
+    holdout = open_dataset(files, data)
+    encoder = image_encoder(data)
+    items = []
+    for index in range(len(holdout)):
+        sample, image = holdout[index]
+        if sample.answer is None:
+            raise ValueError(f"{sample.origin}: evaluation rows need an answer ({data.answer_key!r})")
+        items.append(EvalItem(prompt=prompt_for(sample.question, data), images=[encoder.fit(image)], answer=sample.answer))
+    return items
