@@ -195,14 +195,18 @@ class Qwen2_5_VLModel(torch.nn.Module):
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
         features_NH = self.vision_model(pixel_values.to(embeds_TBH.dtype), grid_thw=image_grid_thw).pooler_output
-        mask_TB = (input_ids_BT == self.arch.image_token_id).transpose(0, 1)
-        num_pads = int(mask_TB.sum())
-        if num_pads != features_NH.shape[0]:
+        # Features come image by image, i.e. sample-major; the embeddings are [T, B, H]. Index the pads in
+        # sample-major order (nonzero of a [B, T] mask is row-major) so sample b gets its own image's features
+        # (a masked_scatter over the [T, B] layout would deal them out position-major across the batch).
+        rows_B, cols_T = (input_ids_BT == self.arch.image_token_id).nonzero(as_tuple=True)
+        if rows_B.numel() != features_NH.shape[0]:
             raise ValueError(
-                f"{num_pads} <|image_pad|> tokens but the images give {features_NH.shape[0]} features "
+                f"{rows_B.numel()} <|image_pad|> tokens but the images give {features_NH.shape[0]} features "
                 f"(image_grid_thw={image_grid_thw.tolist()})"
             )
-        return embeds_TBH.masked_scatter(mask_TB[..., None], features_NH.to(embeds_TBH.dtype))
+        merged_TBH = embeds_TBH.clone()
+        merged_TBH[cols_T, rows_B] = features_NH.to(embeds_TBH.dtype)
+        return merged_TBH
 
     def _mask_vocab_padding(self, logits_BTV: torch.Tensor) -> torch.Tensor:
         local = logits_BTV.shape[-1]

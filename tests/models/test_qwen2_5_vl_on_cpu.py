@@ -63,7 +63,7 @@ def logits_worker(cases: list[tuple[str, tuple]]) -> dict:
         for hf_dir, inputs in cases:
             model = Qwen2_5_VLModel(load_arch(hf_dir), groups, init_weights=False)
             load_hf_weights(model, hf_dir)
-            results[(tp, pp, dp, hf_dir, len(inputs))] = pipeline_forward(groups, model, *inputs)
+            results[(tp, pp, dp, hf_dir, len(inputs), inputs[0].shape[0])] = pipeline_forward(groups, model, *inputs)
     return results
 
 
@@ -73,23 +73,32 @@ def test_megatron_logits_match_transformers(tmp_path):
     text_dir = make_tiny_qwen2(tmp_path / "qwen2", seed=2)
     ids_img, pixels, grid = image_prompt_batch(vl_dir, tmp_path / "image.png")
     ids_text = torch.randint(10, 290, (2, 11), generator=torch.Generator().manual_seed(0))
-    cases = [(str(vl_dir), (ids_img, pixels, grid)), (str(vl_dir), (ids_text,)), (str(text_dir), (ids_text,))]
+    # a batch of two samples with different images: each sample must see its own image's features
+    ids_b, pixels_b, grid_b = image_prompt_batch(vl_dir, tmp_path / "image_b.png", seed=5)
+    two = (torch.cat([ids_img, ids_b]), torch.cat([pixels, pixels_b]), torch.cat([grid, grid_b]))
+    cases = [(str(vl_dir), (ids_img, pixels, grid)), (str(vl_dir), (ids_text,)), (str(text_dir), (ids_text,)),
+             (str(vl_dir), two)]
     references = {
-        (hf_dir, len(inputs)): hf_logits(hf_dir, *inputs) for hf_dir, inputs in cases
+        (hf_dir, len(inputs), inputs[0].shape[0]): hf_logits(hf_dir, *inputs) for hf_dir, inputs in cases
     }
+    # the batched reference is the per-sample one (transformers places each image in its own sample)
+    single_b = hf_logits(str(vl_dir), ids_b, pixels_b, grid_b)
+    assert (references[(str(vl_dir), 3, 2)][1:] - single_b).abs().max() < 1e-5
     per_rank = run_workers(logits_worker, world_size=2, args=(cases,))
     checked = 0
     for tp, pp, dp in LAYOUTS:
         for hf_dir, inputs in cases:
-            ref = references[(hf_dir, len(inputs))]
+            key = (hf_dir, len(inputs), inputs[0].shape[0])
+            ref = references[key]
             for rank_results in per_rank:
-                got = rank_results[(tp, pp, dp, hf_dir, len(inputs))]
+                got = rank_results[(tp, pp, dp, *key)]
                 if got is None:
                     continue
                 assert got.shape == ref.shape
                 err = (got - ref).abs().max().item()
                 assert err < 1e-5, f"tp={tp} pp={pp} dp={dp} {hf_dir} inputs={len(inputs)}: max |diff| {err}"
                 checked += 1
-    assert checked == 2 * 3 + 1 * 3 + 2 * 3  # tp2 and dp2: both ranks; pp2: the last stage only
-    # The image really changes the logits (the vision tower is wired in).
-    assert (references[(str(vl_dir), 3)] - hf_logits(str(vl_dir), ids_img)).abs().max() > 1e-3
+    assert checked == 2 * 4 + 1 * 4 + 2 * 4  # tp2 and dp2: both ranks; pp2: the last stage only
+    # The image really changes the logits (the vision tower is wired in), and the two images differ.
+    assert (references[(str(vl_dir), 3, 1)] - hf_logits(str(vl_dir), ids_img)).abs().max() > 1e-3
+    assert (references[(str(vl_dir), 3, 2)][0] - single_b[0]).abs().max() > 1e-3

@@ -18,12 +18,12 @@ def png_image(path: Path, *, height: int = 70, width: int = 90, seed: int = 0):
     return Image.open(path).convert("RGB")
 
 
-def image_prompt_batch(hf_dir: Path, image_path: Path, *, question: str = "What is the answer?"):
+def image_prompt_batch(hf_dir: Path, image_path: Path, *, question: str = "What is the answer?", seed: int = 0):
     """(input_ids [1, T], pixel_values, image_grid_thw) for one image + question, Qwen chat format."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     processor = AutoImageProcessor.from_pretrained(hf_dir)
-    features = processor(images=[png_image(image_path)], return_tensors="pt")
+    features = processor(images=[png_image(image_path, seed=seed)], return_tensors="pt")
     grid = features["image_grid_thw"]
     num_pads = int(grid.prod()) // 4
     text = (
