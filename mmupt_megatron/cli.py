@@ -5,8 +5,10 @@
     mmupt train RECIPE [section.key=value ...]        # MM-UPT training (Ray + Megatron + vLLM)
     mmupt convert hf-to-megatron --hf DIR --out DIR --tp N --pp M
     mmupt convert megatron-to-hf --ckpt DIR --out DIR
+    mmupt eval --model CKPT --data FILE [--benchmark mathvista|wemath|mathverse|mathvision|generic] [--k 8]
     mmupt launch RECIPE --cluster CLUSTER.yaml [--dryrun] [section.key=value ...]   # nemo-run: Slurm + Ray, local
     mmupt plan RECIPE [--cluster CLUSTER.yaml]        # per-GPU memory, FLOPs, step time on H100s
+    mmupt synthesize --mode in-context|direct --input DATA --out DATA --model HF_DIR [--recipe R] [key=value ...]
 
 More subcommands (train, eval, synthesize, convert, launch, plan) are mounted here as they land.
 """
@@ -18,9 +20,11 @@ import sys
 
 from mmupt_megatron.config_docs import describe_keys
 from mmupt_megatron.demo.run import add_demo_subcommand
+from mmupt_megatron.eval.cli import add_eval_subcommand
 from mmupt_megatron.models.convert_cli import add_convert_subcommands
 from mmupt_megatron.config_loading import config_to_yaml, load_config
 from mmupt_megatron.launch.cli import add_launch_parser, add_plan_parser
+from mmupt_megatron.synthesis.cli import add_synthesize_subcommand
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -64,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     add_convert_subcommands(convert.add_subparsers(dest="direction", required=True))
+    add_eval_subcommand(commands)
     add_launch_parser(commands)
     add_plan_parser(commands)
+    add_synthesize_subcommand(commands)
     return parser
 
 

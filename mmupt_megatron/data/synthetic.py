@@ -88,7 +88,17 @@ class WorldConfig:
     @classmethod
     def hard(cls, **overrides: object) -> WorldConfig:
         """The harder split: small, pale shapes, pixel noise and clutter on the same board."""
-        settings: dict[str, object] = {"shape_px": (7, 11), "jitter_px": 6, "pale": 0.55, "noise_std": 30.0, "num_clutter": 6}
+        return cls.shifted(1.0, **overrides)
+
+    @classmethod
+    def shifted(cls, severity: float, **overrides: object) -> WorldConfig:
+        """The same board moved ``severity`` of the way (0 = default world, 1 = ``hard()``) towards small,
+        pale, noisy, cluttered scenes: a domain shift of tunable size."""
+        if not 0.0 <= severity <= 1.0:
+            raise ValueError(f"world: severity must be in [0, 1], got {severity}")
+        t = severity
+        settings: dict[str, object] = {"shape_px": (round(14 - 7 * t), round(22 - 11 * t)), "jitter_px": round(2 + 4 * t),
+                                       "pale": 0.55 * t, "noise_std": 30.0 * t, "num_clutter": round(6 * t)}
         settings.update(overrides)
         return cls(**settings)  # type: ignore[arg-type]
 

@@ -108,13 +108,15 @@ def encode_batch(
     encoder: ImageEncoder,
     style: PromptStyle,
     targets: list[str] | None = None,
+    instructions: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded model inputs. With ``targets`` the assistant turn (target + ``<|im_end|>``) is appended
-    and ``labels`` mark only its tokens (the rest -100)."""
+    and ``labels`` mark only its tokens (the rest -100). ``instructions`` replace the style's per row."""
     pixel_values, grid_thw = encoder.encode(images)
+    instructions = instructions or [style.instruction] * len(questions)
     prompts = [
-        expand_image_pads(build_prompt(q, instruction=style.instruction, system=style.system, image_first=style.image_first), [g])
-        for q, g in zip(questions, grid_thw.tolist(), strict=True)
+        expand_image_pads(build_prompt(q, instruction=i, system=style.system, image_first=style.image_first), [g])
+        for q, i, g in zip(questions, instructions, grid_thw.tolist(), strict=True)
     ]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if targets is None:

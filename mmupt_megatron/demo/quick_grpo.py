@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=0.04)
     parser.add_argument("--reward", default="vote", choices=["vote", "label"])
     parser.add_argument("--hard", action="store_true", help="train and evaluate on the hard world")
+    parser.add_argument("--shift", type=float, default=0.0, help="train and evaluate on WorldConfig.shifted(SHIFT)")
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--num-eval", type=int, default=256)
     parser.add_argument("--out", default=None, help="write results as JSON here")
@@ -221,9 +222,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     style, world = load_style(args.base)
-    if args.hard:
-        world = WorldConfig.hard(grid=world.grid, cell_px=world.cell_px, chain_style=world.chain_style,
-                                 question_weights=world.question_weights)
+    if args.hard or args.shift:
+        world = WorldConfig.shifted(1.0 if args.hard else args.shift, grid=world.grid, cell_px=world.cell_px,
+                                    chain_style=world.chain_style, question_weights=world.question_weights)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32)
     cfg = GRPOConfig(steps=args.steps, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,

@@ -25,13 +25,16 @@ _TEMPLATE_TEXT = (
     "system You are a helpful assistant . user assistant Please reason step by step , and put your final "
     "answer within \\boxed{ } ."
 )
+_SYNTHESIS_TEXT = "Answer . Ask a different question about the image < / >"
+"""The words of the demo's question-writing prompts and the ``<question>...</question>`` tags."""
 _PRE_TOKENIZE = r"\\boxed\{|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
 
 
 def world_words(max_count: int = 16) -> list[str]:
     """Every word the world, its questions, chains and the chat template use, in a fixed order."""
     words: list[str] = []
-    texts = [_TEMPLATE_TEXT, "How many shapes are there ?", synthetic.EMPTY_WORD, synthetic.ALL_WORD]
+    texts = [_TEMPLATE_TEXT, "How many shapes are there ?", synthetic.EMPTY_WORD, synthetic.ALL_WORD,
+             _SYNTHESIS_TEXT]
     texts += list(synthetic.COLOURS) + list(synthetic.SHAPES) + list(synthetic.PLURALS.values())
     texts += [str(n) for n in range(max_count + 1)]
     for text in texts:

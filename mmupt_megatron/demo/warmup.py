@@ -30,13 +30,20 @@ from pathlib import Path
 import torch
 
 from mmupt_megatron.data.images import ImageEncoder
-from mmupt_megatron.data.synthetic import WorldConfig, generate, make_example
+from mmupt_megatron.algorithms.synthesis import CLOSE_TAG, MODES, OPEN_TAG, synthesis_prompt
+from mmupt_megatron.data.synthetic import Example, WorldConfig, generate, make_example, question_text, sample_question
 from mmupt_megatron.demo.model import PromptStyle, TinyModelConfig, build_model, encode_batch
 from mmupt_megatron.demo.rollout import evaluate
 from mmupt_megatron.demo.tokenizer import build_tokenizer
 
 DEMO_STYLE = PromptStyle(system=None, instruction=" Answer in \\boxed{}.", image_first=False)
 """Short prompt, question before the image (the image tokens then see the question; DEMO.md)."""
+DEMO_SYNTHESIS_TEMPLATES: dict[str, str] = {
+    "in-context": "{question} Answer {answer} . Ask a different question .",
+    "direct": "Ask a question about the image .",
+}
+"""The demo's question-writing prompts (``synthesis.in_context_template`` / ``direct_template`` in the demo
+recipes), in the words of its small vocabulary."""
 DEMO_WORLD = WorldConfig(chain_style="tally", question_weights=(0.0, 1.0, 1.0))
 """The demo's world: shape and "how many shapes" questions, tally chains (measured: colour questions need
 the model to pick the asked attribute per cell, and stayed at a constant "green" for 1,100+ steps)."""
@@ -60,14 +67,40 @@ class WarmupConfig:
     max_new_tokens: int = 40
     target_sampled: float | None = None
     """Stop at the first evaluation whose sampled accuracy reaches this (None: run max_steps)."""
+    synthesis_share: float = 0.1
+    """Share of warm-up examples that teach writing a question about the image (in-context or direct, half
+    each; target ``<question> ... </question>``): the base's stand-in for a VLM's ability to ask questions,
+    which MM-UPT's self-synthesized data needs."""
+    cooldown_steps: int = 0
+    """After the stop (target reached, or max_steps), train this many more steps with the lr decaying
+    linearly to 0, so the base is a settled model rather than a snapshot caught mid-oscillation."""
     snapshots: bool = False
     """Also save a checkpoint at every evaluation, to ``{out_dir}/step{N}`` (to pick a base afterwards)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.synthesis_share < 1:
+            raise ValueError(f"warmup: synthesis_share must be in [0, 1), got {self.synthesis_share}")
+        if self.cooldown_steps < 0:
+            raise ValueError(f"warmup: cooldown_steps must be >= 0, got {self.cooldown_steps}")
         if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ValueError("warmup: batch_size, max_steps and eval_every must be >= 1")
         if self.target_sampled is not None and not 0 < self.target_sampled <= 1:
             raise ValueError(f"warmup: target_sampled must be in (0, 1], got {self.target_sampled}")
+
+
+def question_writing(rng: random.Random, example: Example, world: WorldConfig) -> tuple[str, str, str]:
+    """(prompt text, target, instruction) of one question-writing example about ``example``'s image: the
+    prompt ``synthesize`` builds with the demo templates, the target a world question in the tags (for
+    in-context, one different from the seed question)."""
+    mode = rng.choice(MODES)
+    question = question_text(*sample_question(rng, world))
+    for _ in range(20):
+        if mode == "direct" or question != example.question:
+            break
+        question = question_text(*sample_question(rng, world))
+    prompt = synthesis_prompt(mode, seed_question=example.question, seed_answer=example.answer,
+                              template=DEMO_SYNTHESIS_TEMPLATES[mode])
+    return prompt, f"{OPEN_TAG} {question} {CLOSE_TAG}", ""
 
 
 def image_encoder(world: WorldConfig) -> ImageEncoder:
@@ -89,10 +122,13 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     start = time.time()
     step = 0
     previous: tuple[float, dict, int] | None = None
-    for step in range(1, cfg.max_steps + 1):
+    def train_step(step: int) -> float:
         examples = [make_example(rng, cfg.world, example_id=f"w{step}-{i}") for i in range(cfg.batch_size)]
-        batch = encode_batch(tokenizer, questions=[e.question for e in examples], images=[e.image for e in examples],
-                             targets=[e.chain for e in examples], encoder=encoder, style=cfg.style)
+        rows = [question_writing(rng, e, cfg.world) if rng.random() < cfg.synthesis_share
+                else (e.question, e.chain, cfg.style.instruction) for e in examples]
+        batch = encode_batch(tokenizer, questions=[r[0] for r in rows], images=[e.image for e in examples],
+                             targets=[r[1] for r in rows], instructions=[r[2] for r in rows], encoder=encoder,
+                             style=cfg.style)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -101,12 +137,20 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
         schedule.step()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"warm-up loss became {loss.item()} at step {step}")
+        return loss.item()
+
+    def run_eval(step: int, loss: float, tag: str = "") -> dict:
+        result = evaluate(model, tokenizer, dev, encoder=encoder, style=cfg.style, num_samples=cfg.eval_samples,
+                          max_new_tokens=cfg.max_new_tokens)
+        history.append({"step": step, "loss": loss, "seconds": time.time() - start, **dataclasses.asdict(result)})
+        if log:
+            print(f"[warmup seed {cfg.seed}] step {step}{tag} loss {loss:.4f} {time.time() - start:.0f}s {result.row()}", flush=True)
+        return result
+
+    for step in range(1, cfg.max_steps + 1):
+        loss = train_step(step)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            result = evaluate(model, tokenizer, dev, encoder=encoder, style=cfg.style, num_samples=cfg.eval_samples,
-                              max_new_tokens=cfg.max_new_tokens)
-            history.append({"step": step, "loss": loss.item(), "seconds": time.time() - start, **dataclasses.asdict(result)})
-            if log:
-                print(f"[warmup seed {cfg.seed}] step {step} loss {loss.item():.4f} {time.time() - start:.0f}s {result.row()}", flush=True)
+            result = run_eval(step, loss)
             if cfg.snapshots and out_dir is not None:
                 save_checkpoint(model, tokenizer, out_dir=Path(out_dir) / f"step{step}", cfg=cfg, history=history)
             if cfg.target_sampled is not None and result.sampled >= cfg.target_sampled:
@@ -120,6 +164,13 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
                               f"closer to the target {cfg.target_sampled}", flush=True)
                 break
             previous = (result.sampled, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+    if cfg.cooldown_steps:
+        peak = optimizer.param_groups[0]["lr"]
+        for i in range(cfg.cooldown_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = peak * (1 - i / cfg.cooldown_steps)
+            loss = train_step(step + i + 1)
+        run_eval(step + cfg.cooldown_steps, loss, tag=" (after cool-down)")
     if out_dir is not None:
         save_checkpoint(model, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
     return model, history
@@ -155,6 +206,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--chain", default="tally", choices=["named", "tally", "describe"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cooldown", type=int, default=0, help="cool-down steps (lr -> 0) after the stop")
     parser.add_argument("--snapshots", action="store_true", help="save a checkpoint at every evaluation")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--question-weights", type=float, nargs=3, default=(0.0, 1.0, 1.0),
@@ -166,6 +218,7 @@ def main() -> None:
     world = WorldConfig.hard(**world_args) if args.hard else WorldConfig(**world_args)
     cfg = WarmupConfig(world=world, seed=args.seed, lr=args.lr,
                        max_steps=args.max_steps, target_sampled=args.target_sampled, snapshots=args.snapshots,
+                       cooldown_steps=args.cooldown,
                        eval_every=args.eval_every)
     warmup(cfg, out_dir=args.out)
 

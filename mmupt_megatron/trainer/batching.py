@@ -55,6 +55,15 @@ def pack_rollouts(
     )
 
 
+def engine_logprobs(rollouts: Sequence[Rollout], like_BT: torch.Tensor) -> torch.Tensor:
+    """The engine's log-probs of the sampled tokens laid out like the policy's ``[B, T-1]`` log-probs."""
+    out_BT = torch.zeros_like(like_BT)
+    for b, rollout in enumerate(rollouts):
+        start = len(rollout.prompt_token_ids) - 1
+        out_BT[b, start : start + len(rollout.response_logprobs)] = torch.tensor(rollout.response_logprobs)
+    return out_BT
+
+
 def shard_for_rank(batch: PolicyBatch, *, dp_rank: int, dp_size: int, image_token_id: int | None) -> PolicyBatch:
     """The contiguous slice of samples data-parallel rank ``dp_rank`` trains on (images follow)."""
     num = batch.input_ids_BT.shape[0]

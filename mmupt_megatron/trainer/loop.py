@@ -27,8 +27,9 @@ from mmupt_megatron.data.configured import eval_items, image_encoder, open_datas
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.evaluation import evaluate
+from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
-from mmupt_megatron.trainer.batching import pack_rollouts
+from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
 from mmupt_megatron.trainer.metrics_log import MetricsLog, plot_metrics
 
 
@@ -73,6 +74,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.eval_items = eval_items(d.eval_files, d) if d.eval_files else []
         self.first_pass_at_k: float | None = None
+        self.refresher = pool_refresher(cfg, self.dataset.samples, cluster=cluster, out_dir=self.out_dir)
 
     # -- one step, as the algorithm -------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -103,6 +105,11 @@ class Trainer:
 
         with timer("logprobs"):
             batch.old_logprobs_BT = self.cluster.logprobs(batch)
+            # engine vs policy on the sampled tokens: large values mean the two models disagree (refit, prompt
+            # layout or position ids), and the update then trains a different model from the one sampled
+            gap_BT = (batch.old_logprobs_BT - engine_logprobs(train_rollouts, batch.old_logprobs_BT)).abs() * batch.loss_mask_BT
+            engine_gap = {"rollout/logprob_gap_mean": float(gap_BT.sum() / batch.loss_mask_BT.sum().clamp(min=1)),
+                          "rollout/logprob_gap_max": float(gap_BT.max())}
             if cfg.algorithm.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
@@ -120,7 +127,7 @@ class Trainer:
         if cfg.rollout.verify_refit:
             with timer("verify_refit"):
                 train_metrics["refit_max_diff"] = self._verify_refit(requests, train_rollouts, encoded)
-        return self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer)
+        return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap}
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
         """Engine log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
@@ -128,7 +135,13 @@ class Trainer:
 
         from mmupt_megatron.engines.weight_sync import verify_refit
 
-        probe = [r for r in rollouts if r.response_token_ids][:4]
+        # one response from each of the first prompts: different images in one batch (a probe of one
+        # prompt's samples cannot tell whether each sample sees its own image)
+        first: dict[int, Rollout] = {}
+        for r in rollouts:
+            if r.response_token_ids:
+                first.setdefault(r.prompt_index, r)
+        probe = list(first.values())[:4]
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]
@@ -190,7 +203,8 @@ class Trainer:
         history: list[dict[str, float]] = []
         try:
             for step in range(first, cfg.trainer.steps):
-                metrics = self.step(step)
+                refreshed = self.refresher.before_step(step)  # online synthesis (synthesis.refresh_every)
+                metrics = {**self.step(step), **refreshed}
                 last = step == cfg.trainer.steps - 1
                 if self.eval_items and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
                     metrics.update(self._evaluate(log))
@@ -235,6 +249,7 @@ class Trainer:
         self.cluster.load(str(folder))
         state = ckpt.read_driver_state(folder)
         self.sampler.load_state_dict(state["sampler"])
+        self.refresher.restore(int(state["step"]))
         self.cluster.refit()  # the engine must serve the restored weights
         print(f"resumed from {folder} (step {state['step']} done)", flush=True)
         return int(state["step"]) + 1

@@ -95,3 +95,14 @@ def test_synthesize_writes_parquet_with_real_pngs(tmp_path):
     sample, image = train[0]
     assert image.size == (84, 84) and sample.answer is not None and sample.question.startswith("How many")
     assert {s.id for s in train.samples}.isdisjoint({s.id for s in test.samples})
+
+
+def test_shifted_world_interpolates_from_default_to_hard():
+    base, hard = WorldConfig(), WorldConfig.hard()
+    zero, half = WorldConfig.shifted(0.0), WorldConfig.shifted(0.5)
+    fields = ("shape_px", "jitter_px", "pale", "noise_std", "num_clutter")
+    assert all(getattr(zero, f) == getattr(base, f) for f in fields)
+    assert WorldConfig.shifted(1.0) == hard
+    assert hard.shape_px < half.shape_px < base.shape_px and base.pale < half.pale < hard.pale
+    with pytest.raises(ValueError, match="severity"):
+        WorldConfig.shifted(1.5)

@@ -67,3 +67,36 @@ def test_training_step_lowers_loss_and_checkpoint_round_trips(tmp_path):
         assert torch.allclose(model.eval()(**batch).logits, reloaded.eval()(**batch).logits, atol=1e-5)
     assert load_style(tmp_path) == (style, cfg.world)
     assert (tmp_path / "preprocessor_config.json").exists()
+
+
+def test_question_writing_examples_match_what_synthesize_parses():
+    """The warm-up's question-writing rows use the prompt ``mmupt synthesize`` builds with the demo templates,
+    tokenise without unknown words, and their targets parse back to a world question (in-context: a
+    different one from the seed)."""
+    import random
+
+    from mmupt_megatron.algorithms.synthesis import parse_question, synthesis_prompt
+    from mmupt_megatron.config_loading import load_config
+    from mmupt_megatron.demo.warmup import DEMO_SYNTHESIS_TEMPLATES, DEMO_WORLD, question_writing
+
+    cfg = load_config("demo_synthetic").synthesis
+    assert DEMO_SYNTHESIS_TEMPLATES == {"in-context": cfg.in_context_template, "direct": cfg.direct_template}
+    tokenizer = build_tokenizer()
+    rng = random.Random(0)
+    world_questions = {e.question for e in generate(200, seed=1, cfg=DEMO_WORLD)}
+    modes = set()
+    for example in generate(40, seed=2, cfg=DEMO_WORLD):
+        prompt, target, instruction = question_writing(rng, example, DEMO_WORLD)
+        assert instruction == ""
+        mode = "direct" if prompt == DEMO_SYNTHESIS_TEMPLATES["direct"] else "in-context"
+        modes.add(mode)
+        assert prompt == synthesis_prompt(mode, seed_question=example.question, seed_answer=example.answer,
+                                          template=DEMO_SYNTHESIS_TEMPLATES[mode])
+        ids = tokenizer(prompt + " " + target)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        question, reason = parse_question(tokenizer.decode(ids))  # decoded as the engine would return it
+        assert reason is None and question is not None
+        assert question.replace(" ?", "?") in world_questions
+        if mode == "in-context":
+            assert question.replace(" ?", "?") != example.question
+    assert modes == {"in-context", "direct"}

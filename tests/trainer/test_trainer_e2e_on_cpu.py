@@ -41,6 +41,8 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
         assert m["no_answer"] < 0.5 and m["train/num_tokens"] > 0 and m["train/grad_norm"] > 0
         # the engine serves exactly the trained weights after each bucketed refit
         assert m["train/refit_max_diff"] < 1e-4
+        # the policy scores the engine's samples as the engine did (fp32): same model, same inputs
+        assert m["rollout/logprob_gap_mean"] < 1e-4 and m["rollout/logprob_gap_max"] < 1e-3
         assert "train/kl_ref" in m and all(m[f"time/{k}"] > 0 for k in ("rollout", "train", "refit"))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]

@@ -1,0 +1,116 @@
+"""Bad benchmark files: every error names the file, the row and the field, and says what was expected."""
+
+import json
+
+import pytest
+
+from mmupt_megatron.cli import main
+from mmupt_megatron.config import DataConfig
+from mmupt_megatron.eval import detect_benchmark, load_questions
+from tests.eval import fixtures as fx
+
+DATA = DataConfig()
+
+
+def test_missing_image_names_the_row_the_id_and_the_path(tmp_path):
+    path = fx.write_wemath(tmp_path)
+    (tmp_path / "1step" / "image" / "7.png").unlink()
+    with pytest.raises(ValueError) as error:
+        load_questions(path, "wemath", DATA)
+    message = str(error.value)
+    assert f"{path} row 1 (id '1step_7'), field 'image_path': image file not found" in message
+    assert str(tmp_path / "1step" / "image" / "7.png") in message
+
+
+def test_corrupt_image_names_the_row(tmp_path):
+    path = fx.write_mathvision(tmp_path)
+    (tmp_path / "images" / "2.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"row 1 \(id '2'\), field 'image': cannot decode image"):
+        load_questions(path, "mathvision", DATA)
+
+
+def test_missing_required_field_names_the_row_and_the_fields(tmp_path):
+    rows = fx.mathverse_rows()
+    del rows[2]["question_type"]
+    path = fx.write_mathverse(tmp_path, rows)
+    with pytest.raises(ValueError) as error:
+        load_questions(path, "mathverse", DATA)
+    message = str(error.value)
+    assert f"{path} row 2: not a mathverse row: missing ['question_type']" in message
+    assert "'sample_index'" in message and "this one has ['answer', 'image'" in message
+
+
+def test_a_file_of_another_benchmark_says_which_one_it_looks_like(tmp_path):
+    path = fx.write_wemath(tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_questions(path, "mathvista", DATA)
+    message = str(error.value)
+    assert "row 0: not a mathvista row: missing ['pid', 'question_type', 'choices', 'decoded_image or image']" in message
+    assert "it looks like a wemath row (--benchmark wemath)" in message
+
+
+def test_unknown_format_lists_the_expected_fields(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"query": "q", "picture": "a.png", "label": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"odd.jsonl row 0: cannot tell the benchmark from the fields "
+                                         r"\['label', 'picture', 'query'\]; expected the fields of mathvista \['pid'"):
+        detect_benchmark(path, DATA)
+
+
+@pytest.mark.parametrize(
+    ("pid", "change", "match"),
+    [
+        ("1", {"answer": "maybe"}, (r"field 'answer': 'maybe' is neither an option's letter nor an option's "
+                                    r"text \(options: A. yes; B. no\)")),
+        ("4", {"answer": ["90"]}, r"field 'answer': expected a string, got list"),
+        ("3", {"answer": None}, r"field 'answer': expected a string, got null"),
+        ("1", {"choices": None}, r"field 'choices': a multi_choice question needs a non-empty list"),
+        ("2", {"question_type": "multiple"}, r"field 'question_type': 'multiple' is neither multi_choice nor free_form"),
+        ("3", {"answer_type": "complex"}, r"field 'answer_type': 'complex' is not one of integer, float, text, list"),
+    ],
+)
+def test_unsupported_answer_shapes_name_the_row_and_field(tmp_path, pid, change, match):
+    rows = fx.mathvista_rows()
+    rows[pid].update(change)
+    path = fx.write_mathvista(tmp_path, rows)
+    with pytest.raises(ValueError, match=rf"row {int(pid) - 1} \(key '{pid}'\), {match}"):
+        load_questions(path, "mathvista", DATA)
+
+
+def test_wemath_options_out_of_order(tmp_path):
+    rows = fx.wemath_rows()
+    rows[0]["option"] = "A. 1;C. 2"
+    with pytest.raises(ValueError, match=r"row 0 \(id '2steps_1'\), field 'option': option 2 is 'C. 2'; expected it to "
+                                         r"start with 'B.'"):
+        load_questions(fx.write_wemath(tmp_path, rows), "wemath", DATA)
+
+
+def test_empty_and_duplicate(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty benchmark file"):
+        load_questions(empty, "mathvision", DATA)
+    with pytest.raises(ValueError, match="empty benchmark file"):
+        load_questions(empty, "auto", DATA)
+    rows = fx.mathvision_rows()
+    rows[1]["id"] = "1"
+    with pytest.raises(ValueError, match=r"row 1 \(id '1'\), field 'id': duplicate id '1' \(first at row 0\)"):
+        load_questions(fx.write_mathvision(tmp_path / "dup", rows), "mathvision", DATA)
+
+
+def test_generic_rows_need_answers(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    fx.write_png(tmp_path / "a.png", 1)
+    path.write_text(json.dumps({"problem": "How many?", "images": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl row 0, field 'answer': evaluation rows need an answer"):
+        load_questions(path, "generic", DATA)
+
+
+def test_the_command_reports_a_bad_row_without_a_traceback(tmp_path, capsys):
+    path = fx.write_wemath(tmp_path)
+    (tmp_path / "2steps" / "image" / "1.png").unlink()
+    (tmp_path / "model").mkdir()
+    code = main(["eval", "--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "mmupt: error:" in err and "row 0 (id '2steps_1'), field 'image_path'" in err
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()
