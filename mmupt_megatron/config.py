@@ -275,6 +275,10 @@ class TrainerConfig:
     """Ray cluster to attach to; empty starts a local one."""
     num_cpus: int = 0
     """CPUs for a local Ray cluster; 0 = all."""
+    colocate: bool = True
+    """The rollout engine shares the first policy rank's device (GPU: half of it each; CPU: its bundle) and
+    sleeps (releases weights and KV cache) while the policy trains, where the backend supports it (vLLM on
+    GPU; on CPU sleep is a no-op). false: the engine gets a device of its own."""
 
     def problems(self) -> list[str]:
         out = [

@@ -1,7 +1,9 @@
 """Ray set-up and fan-out: the Megatron workers as one ``PolicyGroup``, the engine as one actor.
 
-Placement: one placement group with a bundle per Megatron rank and one for the engine (PACK strategy, so
-a single node is used when it fits; on GPU clusters each bundle also takes its GPUs). Locally Ray starts
+Placement: one placement group with a bundle per Megatron rank (PACK strategy, so a single node is used
+when it fits; on GPU clusters each bundle also takes its GPU). Colocated (``trainer.colocate``, the
+default) the engine shares rank 0's bundle and sleeps while the policy trains; otherwise it gets one more
+bundle of its own. Locally Ray starts
 with ``ray.init(num_cpus=...)``; with ``trainer.ray_address`` set it attaches to that cluster.
 """
 
@@ -73,21 +75,32 @@ class Cluster:
         self.dims = ParallelDims(tp=p.tensor_parallel_size, pp=p.pipeline_parallel_size, dp=p.data_parallel_size)
         world = self.dims.tp * self.dims.pp * self.dims.dp
         on_gpu = torch.cuda.is_available()
-        share = 1.0 if on_gpu else max(0.01, (cfg.trainer.num_cpus or os.cpu_count() or 1) / (world + 1))
+        self.colocated = cfg.trainer.colocate
+        if self.colocated and cfg.rollout.tensor_parallel_size > 1:
+            raise ValueError("trainer.colocate=true places the engine on rank 0's device, so it needs "
+                             f"rollout.tensor_parallel_size=1 (got {cfg.rollout.tensor_parallel_size}); "
+                             "set trainer.colocate=false to give a tensor-parallel engine devices of its own")
+        bundles = world if self.colocated else world + 1
+        share = 1.0 if on_gpu else max(0.02, (cfg.trainer.num_cpus or os.cpu_count() or 1) / bundles)
         bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": share}
-        self.placement = placement_group([bundle] * (world + 1), strategy="PACK")
+        self.placement = placement_group([bundle] * bundles, strategy="PACK")
         ray.get(self.placement.ready())
 
-        def on(index: int) -> dict[str, Any]:
+        def on(index: int, fraction: float = 1.0) -> dict[str, Any]:
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=index)
-            return {"scheduling_strategy": strategy, "num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
+            return {"scheduling_strategy": strategy, "num_cpus": bundle["CPU"] * fraction,
+                    "num_gpus": bundle.get("GPU", 0) * fraction}
+
+        # colocated: rank 0 and the engine split bundle 0 (the same GPU, or the same CPUs); else the engine
+        # takes the extra last bundle
+        engine_slot = (0, 0.5) if self.colocated else (world, 1.0)
 
         optim = policy_optim_config(cfg)
         # torch.distributed rendezvous on rank 0's node (not the driver's: on a cluster they differ)
         master_addr, port = ray.get(ray.remote(_node_address).options(**on(0)).remote())
         Actor = ray.remote(PolicyWorker)
         self.workers = [
-            Actor.options(**on(rank)).remote(
+            Actor.options(**on(rank, 0.5 if self.colocated and rank == 0 else 1.0)).remote(
                 rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
                 model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.kl_coef > 0, seed=cfg.trainer.seed,
             )
@@ -101,7 +114,8 @@ class Cluster:
             cpu_kvcache_gib=cfg.rollout.cpu_kvcache_gib,
             seed=cfg.rollout.seed,
         )
-        self.engine = ray.remote(RolloutWorker).options(**on(world)).remote(model_dir=model_dir, engine_kwargs=engine_kwargs)
+        self.engine = ray.remote(RolloutWorker).options(**on(*engine_slot)).remote(model_dir=model_dir,
+                                                                                engine_kwargs=engine_kwargs)
         self.tokens = ray.get(self.engine.tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
@@ -139,10 +153,20 @@ class Cluster:
         merged["loss"] = sum(r["loss"] for r in per_dp)
         return merged
 
-    def refit(self) -> int:
-        """Stream the policy's weights into the engine in buckets of whole layers; returns bytes sent."""
+    def release_engine(self) -> None:
+        """Colocated: put the engine to sleep (weights and KV cache off the device) while the policy trains."""
         import ray
 
+        if self.colocated:
+            ray.get(self.engine.sleep.remote())
+
+    def refit(self) -> int:
+        """Stream the policy's weights into the engine in buckets of whole layers; returns bytes sent.
+        Colocated: wakes the engine first."""
+        import ray
+
+        if self.colocated:
+            ray.get(self.engine.wake_up.remote())
         sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes) for w in self.workers])
         return sum(sent)
 

@@ -88,6 +88,7 @@ class Trainer:
 
         with timer("rollout"):
             rollouts = self._generate(requests, step)
+            self.cluster.release_engine()  # colocated: the engine sleeps until the refit wakes it
         with timer("reward"):
             answers = extract_answers([r.text for r in rollouts])
             group_ids = [r.group_id for r in rollouts]

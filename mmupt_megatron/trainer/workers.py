@@ -192,6 +192,12 @@ class RolloutWorker:
         entries, tensors = decode_bucket(frame)
         return self.engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
 
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
     def tokenizer_info(self) -> dict[str, int | None]:
         tokenizer = self.engine.tokenizer
         return {"pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}

@@ -54,4 +54,9 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
 
     exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "hf")
     assert sum(p.numel() for p in exported.parameters()) > 0
+    # colocated (the default): one bundle per policy rank, the engine shares rank 0's
+    import ray
+
+    assert trainer.cluster.colocated
+    assert len(ray.util.placement_group_table(trainer.cluster.placement)["bundles"]) == 2
     trainer.cluster.shutdown()
