@@ -160,8 +160,9 @@ def _read_rows(path: Path, *, columns: Sequence[str], required: Sequence[str]) -
         yield row, record
 
 
-def _image_source(value: Any, *, base_dir: Path) -> bytes | Path:
-    """Normalise the image field to bytes or a resolved path (raises ImageError)."""
+def image_source(value: Any, *, base_dir: Path) -> bytes | Path:
+    """Normalise an image field (bytes, a path, a ``{bytes, path}`` dict, a one-element list of those) to bytes
+    or a path resolved against ``base_dir`` (raises ImageError)."""
     if isinstance(value, list | tuple):
         if len(value) != 1:
             raise ImageError(f"expected exactly one image, got {len(value)}")
@@ -216,8 +217,8 @@ class ImageQuestionDataset:
         if not isinstance(question, str) or not question.strip():
             raise BadRowError(f"{origin}: empty or missing question ({self.cfg.problem_key!r} = {question!r})", "empty question")
         try:
-            image_source = _image_source(record.get(self.cfg.image_key), base_dir=path.parent)
-            load_image(image_source, max_decode_pixels=self.cfg.max_decode_pixels)
+            source = image_source(record.get(self.cfg.image_key), base_dir=path.parent)
+            load_image(source, max_decode_pixels=self.cfg.max_decode_pixels)
         except ImageError as e:
             reason = "image over pixel cap" if "hard cap" in str(e) else "missing image" if "not found" in str(e) else "bad image"
             raise BadRowError(f"{origin}: {e}", reason) from e
@@ -226,7 +227,7 @@ class ImageQuestionDataset:
         return Sample(
             id=str(sample_id) if sample_id not in (None, "") else f"{path.stem}:{row}",
             question=question.strip(),
-            image_source=image_source,
+            image_source=source,
             answer=None if answer is None else str(answer),
             origin=origin,
         )

@@ -11,8 +11,6 @@ the reference answer is always the letter, also when a file gives the option's t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmupt_megatron.data.dataset import image_source as dataset_image_source
 from mmupt_megatron.data.images import DEFAULT_MAX_DECODE_PIXELS, ImageError, load_image
 
 LETTERS = "ABCDEFGHIJ"
@@ -140,26 +139,12 @@ def image_source(row: Row, names: Sequence[str]) -> tuple[str, bytes | Path]:
         raise row.fail(names[0], f"no image (looked for {list(names)})")
     name = present[0]
     value = row.record[name]
-    if isinstance(value, list | tuple):
-        if len(value) != 1:
-            raise row.fail(name, f"expected one image, got {len(value)}")
-        value = value[0]
-    if isinstance(value, dict):
-        raw, path = value.get("bytes"), value.get("path")
-        if raw:
-            if isinstance(raw, str):
-                try:
-                    return name, base64.b64decode(raw, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise row.fail(name, f"image bytes are a string that is not base64 ({e})") from e
-            return name, bytes(raw)
-        value = path
-    if isinstance(value, bytes | bytearray) and value:
-        return name, bytes(value)
-    if isinstance(value, str) and value.strip():
-        resolved = Path(value.strip())
-        return name, resolved if resolved.is_absolute() else row.path.parent / resolved
-    raise row.fail(name, f"no usable image (got {type(value).__name__})")
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        return name, dataset_image_source(value, base_dir=row.path.parent)
+    except ImageError as e:
+        raise row.fail(name, str(e)) from e
 
 
 def checked_image(row: Row, names: Sequence[str], *, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> tuple[bytes | Path, tuple[int, int]]:
