@@ -5,17 +5,21 @@
 Writes a random Qwen2-0.5B-shaped HF checkpoint (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864,
 vocab 151936, tied embeddings; bf16, one safetensors file per layer), converts it to a Megatron
 dist-checkpoint and back with tp*pp gloo workers, checks the round trip is bit-exact, and prints per-rank
-time and memory. Memory is each worker's peak RSS above its RSS after imports (torch, megatron,
-transformers), compared with the full model, one rank's shard and one decoder layer. Target: peak extra
-memory per rank about one shard plus one layer, not the whole model. The baseline row is a naive
-single-process load of every tensor into memory (what a non-streaming converter holds at least).
+time and memory, in total and per phase (the steps of ``convert._hf_to_megatron_worker`` /
+``_megatron_to_hf_worker``: build + load the HF weights, save the dist-checkpoint; build + load the
+dist-checkpoint, export HF safetensors). Memory is each worker's RSS high-water mark (VmHWM, reset through
+/proc/self/clear_refs before the conversion) above its RSS after imports (torch, megatron, transformers),
+compared with the full model, one rank's shard and one decoder layer; a phase's peak is the high-water
+mark reached during it. Target: peak extra memory per rank about one shard plus one layer, not the whole
+model. The baseline row is a naive single-process load of every tensor into memory (what a
+non-streaming converter holds at least).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -26,14 +30,24 @@ import torch
 GiB = 2**30
 
 
-def _rss_bytes() -> int:
-    import psutil
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
 
-    return psutil.Process().memory_info().rss
 
+class PeakMeter:
+    """RSS high-water above the RSS at construction (Linux: writing 5 to clear_refs resets VmHWM), read at
+    each ``mark``."""
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def __init__(self) -> None:
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")
+        self.base = _status_kib("VmRSS") * 1024
+
+    def peak_extra(self) -> int:
+        return _status_kib("VmHWM") * 1024 - self.base
 
 
 def make_random_qwen2(out: Path, *, layers: int, dtype: torch.dtype) -> int:
@@ -82,39 +96,70 @@ def make_random_qwen2(out: Path, *, layers: int, dtype: torch.dtype) -> int:
     return total
 
 
-def _measured(worker, *args) -> dict:
-    """Run a conversion worker; report time and peak RSS above the post-import RSS."""
+def _imports() -> None:
     import megatron.core.models.gpt  # noqa: F401 - imports counted in the baseline, not the conversion
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
 
-    base = _rss_bytes()
-    start = time.perf_counter()
-    worker(*args)
-    return {"seconds": time.perf_counter() - start, "peak_extra": _peak_bytes() - base, "base": base}
-
 
 def bench_to_megatron(hf_dir: str, out: str, tp: int, pp: int) -> dict:
-    from mmupt_megatron.models.convert import _hf_to_megatron_worker
+    """``convert._hf_to_megatron_worker``, step by step."""
+    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.models.convert import build_model, hf_dtype, save_megatron_checkpoint
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.weights import load_hf_weights
 
-    return _measured(_hf_to_megatron_worker, hf_dir, out, tp, pp)
+    _imports()
+    meter, start = PeakMeter(), time.perf_counter()
+    arch = load_arch(hf_dir)
+    groups = init_parallel(ParallelDims(tp=tp, pp=pp))
+    model = build_model(arch, groups, dtype=hf_dtype(hf_dir))
+    load_hf_weights(model, hf_dir)
+    phases = {"load HF": meter.peak_extra()}
+    save_megatron_checkpoint(model, out, hf_meta_dir=hf_dir)
+    phases["save dist-ckpt"] = meter.peak_extra()
+    return {"seconds": time.perf_counter() - start, "peak_extra": meter.peak_extra(), "phases": phases}
 
 
 def bench_to_hf(ckpt: str, out: str, tp: int, pp: int) -> dict:
-    from mmupt_megatron.models.convert import _megatron_to_hf_worker
+    """``convert._megatron_to_hf_worker``, step by step."""
+    import torch.distributed as dist
 
-    return _measured(_megatron_to_hf_worker, ckpt, out, tp, pp)
+    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.models.convert import (
+        HF_SUBDIR,
+        build_model,
+        checkpoint_arch,
+        copy_hf_metadata,
+        load_megatron_checkpoint,
+        read_checkpoint_meta,
+    )
+    from mmupt_megatron.models.weights import export_hf_weights
+
+    _imports()
+    meter, start = PeakMeter(), time.perf_counter()
+    arch, meta = checkpoint_arch(ckpt), read_checkpoint_meta(ckpt)
+    groups = init_parallel(ParallelDims(tp=tp, pp=pp))
+    model = build_model(arch, groups, dtype=getattr(torch, meta["dtype"]))
+    load_megatron_checkpoint(model, ckpt)
+    phases = {"load dist-ckpt": meter.peak_extra()}
+    export_hf_weights(model, out)
+    if groups.rank == 0:
+        copy_hf_metadata(Path(ckpt) / HF_SUBDIR, out)
+    dist.barrier()
+    phases["export HF"] = meter.peak_extra()
+    return {"seconds": time.perf_counter() - start, "peak_extra": meter.peak_extra(), "phases": phases}
 
 
 def naive_full_load(hf_dir: str) -> dict:
     from mmupt_megatron.models.weights import HFWeights
 
-    base = _rss_bytes()
-    start = time.perf_counter()
+    _imports()
+    meter, start = PeakMeter(), time.perf_counter()
     with HFWeights(hf_dir) as hf:
-        state = {name: hf.get(name).clone() for name in hf.names()}
+        state = {name: hf.get(name) for name in hf.names()}
     seconds = time.perf_counter() - start
     del state
-    return {"seconds": seconds, "peak_extra": _peak_bytes() - base, "base": base}
+    return {"seconds": seconds, "peak_extra": meter.peak_extra(), "phases": {}}
 
 
 def main() -> None:
@@ -150,14 +195,17 @@ def main() -> None:
     print(f"\nrandom Qwen2-shaped model: {model_bytes / GiB:.2f} GiB {args.dtype} ({args.layers} layers), "
           f"TP={args.tp} PP={args.pp}; shard {shard_bytes / GiB:.2f} GiB, layer {layer_bytes / GiB:.3f} GiB; "
           f"round trip bit-exact: {exact}")
-    print(f"{'step':<26}{'rank':>5}{'time s':>9}{'peak extra GiB':>16}{'/ model':>9}{'/ (shard+layer)':>17}")
+    print(f"{'step':<38}{'rank':>5}{'time s':>9}{'peak extra GiB':>16}{'/ model':>9}{'/ (shard+layer)':>17}")
     rows = [("naive full load (baseline)", 0, naive)]
     rows += [("hf -> megatron", rank, r) for rank, r in enumerate(to_meg)]
     rows += [("megatron -> hf", rank, r) for rank, r in enumerate(to_hf)]
     for name, rank, r in rows:
-        extra = r["peak_extra"]
-        print(f"{name:<26}{rank:>5}{r['seconds']:>9.1f}{extra / GiB:>16.2f}{extra / model_bytes:>9.2f}"
-              f"{extra / (shard_bytes + layer_bytes):>17.2f}")
+        entries = [(name, r["seconds"], r["peak_extra"])]
+        entries += [(f"  {phase} (high-water so far)", None, peak) for phase, peak in r["phases"].items()]
+        for label, seconds, extra in entries:
+            time_s = f"{seconds:9.1f}" if seconds is not None else f"{'':9}"
+            print(f"{label:<38}{rank:>5}{time_s}{extra / GiB:>16.3f}{extra / model_bytes:>9.2f}"
+                  f"{extra / (shard_bytes + layer_bytes):>17.2f}")
 
 
 if __name__ == "__main__":  # required: workers are spawned and dist-checkpoint saving starts a process

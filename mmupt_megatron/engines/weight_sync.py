@@ -2,14 +2,15 @@
 the rollout engine in buckets of whole layers; verify the refit against the policy's own log-probs.
 
     # every Megatron rank (collective within its TP group); sender on TP rank 0 / DP rank 0 of each stage
-    send_refit(model, PipeSender(conn) if sends else None, bucket_bytes=256 << 20)
+    send_refit(model, ShmSender(conn) if sends else None, bucket_bytes=256 << 20)
     # next to the engine, one receiver per pipeline stage, first stage first
-    load_refit(engine, [PipeReceiver(c) for c in stage_conns])
+    load_refit(engine, [PipeReceiver(c, reuse_buffers=True) for c in stage_conns])
     verify_refit(engine, requests, completions, policy_logprobs, tol=cfg.rollout.verify_refit_tol)
 
-- **Manifest first.** ``refit_manifest`` runs the same per-layer generator as the export
-  (``models.weights.iter_hf_groups``, the pure mappings of ``models.mapping``) on meta tensors: every
-  (name, shape, dtype) that will be sent, per layer, with no gather and no memory. The sender offers it;
+- **Manifest first.** ``refit_manifest`` runs the reference mappings (``models.mapping``, via
+  ``models.hf_gather.iter_hf_groups(shapes_only=True)``) on meta tensors: every (name, shape, dtype) that
+  will be sent, per layer, with no gather and no memory; the data is placed by the slicing pieces,
+  checked against this manifest before any gather. The sender offers it;
   the receiver checks the whole model's manifest against the engine (names, shapes, fused siblings,
   completeness, duplicates) and answers before any weight moves — a bad name from a mapping is a
   ValueError naming it, and the engine is untouched.
@@ -17,14 +18,19 @@ the rollout engine in buckets of whole layers; verify the refit against the poli
   ``bucket_bytes``; a layer larger than that travels alone. A serving engine fuses q/k/v and gate/up, and
   loading part of a fused layer leaves the rest undefined, so a bucket is loadable on its own: one
   ``engine.load_weights(bucket, manifest=bucket_manifest)`` call per bucket.
-- **Memory.** The sender fills one preallocated bucket buffer layer by layer (TP gather -> un-fuse ->
-  copy in -> free), so a rank's extra memory is one bucket plus one layer's gather transients, never the
-  model. DP replicas other than DP rank 0 do nothing.
+- **Memory and copies.** Every piece goes straight to its place in the bucket buffer the transport hands
+  out (QKV / gate-up un-fused by the slicing itself, ``mapping.layer_pieces``). If that buffer is host
+  shared memory (``ShmSender``) all TP ranks of the stage map it and write their own pieces in parallel
+  — no TP gather at all; otherwise TP rank 0 receives its peers' pieces in place over the process group
+  (``models.hf_gather.gather_group``) while copying its own. A rank's extra memory is one bucket plus a
+  small staging buffer for row-parallel column blocks, never the model. DP replicas other than DP rank 0
+  do nothing.
 - **Transport** (``weight_transport``): the packing writes into whatever buffer the sender hands out.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +38,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmupt_megatron.engines.weight_transport import BucketLayout, ManifestEntry, WeightReceiver, WeightSender
+from mmupt_megatron.engines.weight_transport import (
+    BucketLayout,
+    ManifestEntry,
+    WeightReceiver,
+    WeightSender,
+    map_shared_segment,
+)
+from mmupt_megatron.models.safetensors_io import TORCH_DTYPES
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 GroupManifest = list[tuple[str, list[ManifestEntry]]]
 """(layer group key, its tensors) in send order."""
@@ -42,7 +56,7 @@ GroupManifest = list[tuple[str, list[ManifestEntry]]]
 
 def refit_manifest(model: torch.nn.Module) -> GroupManifest:
     """What this pipeline stage will send, per whole layer; pure (meta tensors), identical on every rank."""
-    from mmupt_megatron.models.weights import iter_hf_groups
+    from mmupt_megatron.models.hf_gather import iter_hf_groups
 
     return [
         (key, [ManifestEntry.of(name, tensor) for name, tensor in tensors.items()])
@@ -100,45 +114,134 @@ class SendStats:
     num_buckets: int = 0
     num_tensors: int = 0
     num_bytes: int = 0
+    num_shared_buckets: int = 0
+    """Buckets every TP rank wrote its pieces into (host shared memory) instead of a TP gather."""
     plan: list[BucketLayout] = field(default_factory=list)
 
 
-def pack_buckets(model: torch.nn.Module, plan: Sequence[BucketLayout], *, sender: WeightSender | None) -> Iterator[BucketLayout]:
-    """Fill each planned bucket in the buffer ``sender.buffer`` hands out and yield its layout (TP rank 0).
-    Other TP ranks pass ``sender=None``: they take part in the gathers and yield nothing. Every streamed
-    tensor is checked against the plan (ValueError naming it)."""
-    from mmupt_megatron.models.weights import iter_hf_groups
+def _check_against_plan(plan: Sequence[BucketLayout], groups: dict) -> None:
+    """ValueError naming the first layer group or tensor where the bucket plan (from the manifest) and the
+    placement plan (``models.hf_gather.plan_hf_groups``) disagree. Pure, so every TP rank raises alike."""
+    from mmupt_megatron.models.safetensors_io import ST_DTYPES
 
-    stream = iter_hf_groups(model)
-    if sender is None:
-        for _ in stream:
-            raise AssertionError("iter_hf_groups yielded on a TP rank other than 0")
-        return
+    order = list(groups)
+    position = 0
     for layout in plan:
-        data = sender.buffer(layout)
         cursor = 0
         for key in layout.groups:
-            got, tensors = next(stream, (None, {}))
+            got = order[position] if position < len(order) else None
             if got != key:
                 raise ValueError(f"refit: expected layer group {key!r} next, the model produced {got!r}")
-            for name, tensor in tensors.items():
-                entry = layout.entries[cursor] if cursor < len(layout.entries) else None
-                if entry is None or ManifestEntry.of(name, tensor) != entry:
-                    raise ValueError(f"refit: streamed {name!r} {tuple(tensor.shape)} {tensor.dtype} differs from "
-                                     f"the manifest entry {entry}")
-                start = layout.offsets[cursor]
-                data[start : start + entry.nbytes].copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
-                tensors[name] = None  # free each un-fused tensor once packed
-                cursor += 1
-            del tensors
-        del data  # the transport may unmap the buffer once sent
+            position += 1
+            tensors = groups[key].tensors
+            announced = {entry.name: entry for entry in layout.entries[cursor : cursor + len(tensors)]}
+            for name, shape, dtype in tensors:  # the same tensors, in the manifest's order
+                entry = announced.get(name)
+                if entry is None or ManifestEntry(name, tuple(shape), ST_DTYPES[dtype]) != entry:
+                    raise ValueError(f"refit: streamed {name!r} {tuple(shape)} {dtype} differs from the manifest entry "
+                                     f"{entry or sorted(announced)}")
+            cursor += len(tensors)
         if cursor != len(layout.entries):
             raise ValueError(f"refit: bucket {layout.index} filled {cursor} of {len(layout.entries)} tensors; "
                              f"missing {layout.entries[cursor].name!r}")
-        yield layout
-    extra = next(stream, None)
-    if extra is not None:
-        raise ValueError(f"refit: layer group {extra[0]!r} is not in the manifest")
+    if position != len(order):
+        raise ValueError(f"refit: layer group {order[position]!r} is not in the manifest")
+
+
+def _bucket_views(data: torch.Tensor, layout: BucketLayout, group) -> tuple[dict[str, torch.Tensor], list]:
+    """Typed views of ``group``'s tensors in the bucket buffer; a tensor whose offset is not aligned to its
+    dtype gets a temporary, copied in afterwards (returned as (temporary, byte range) pairs)."""
+    out, unaligned = {}, []
+    index = {entry.name: i for i, entry in enumerate(layout.entries)}
+    for name, shape, dtype in group.tensors:
+        i = index[name]
+        start, nbytes = layout.offsets[i], layout.entries[i].nbytes
+        if start % dtype.itemsize == 0:
+            out[name] = data[start : start + nbytes].view(dtype).reshape(shape)
+        else:
+            out[name] = torch.empty(shape, dtype=dtype)
+            unaligned.append((out[name], data[start : start + nbytes]))
+    return out, unaligned
+
+
+_PEER_MAPPINGS: dict[str, torch.Tensor] = {}
+"""Shared-memory buckets this TP peer has mapped (by segment name; the sender reuses its segments)."""
+
+
+def release_peer_mappings() -> None:
+    """Unmap the shared buckets this process mapped as a TP peer. Segments a sender has released stay
+    allocated while mapped; such stale mappings are otherwise dropped at this rank's next refit."""
+    _PEER_MAPPINGS.clear()
+
+
+def _map_segment(name: str) -> torch.Tensor:
+    mapped = _PEER_MAPPINGS.get(name)
+    if mapped is None:
+        map_shared_segment(name, _PEER_MAPPINGS)
+        mapped = _PEER_MAPPINGS[name]
+    return mapped
+
+
+def _shared_bucket(sender: WeightSender | None, layout: BucketLayout, groups: Any) -> tuple[str, int] | None:
+    """Collective over the TP group: (segment, data offset) of the bucket buffer TP rank 0 was just handed,
+    if its transport shares it on this host and every TP rank can map it; else None (gather instead)."""
+    share = getattr(sender, "share", None)
+    box = [share() if share is not None else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(groups.tp_group, 0), group=groups.tp_group)
+    target = box[0]
+    usable = torch.tensor([int(target is not None and os.path.exists(f"/dev/shm/{target[0]}"))])
+    dist.all_reduce(usable, op=dist.ReduceOp.MIN, group=groups.tp_group)
+    return target if usable.item() else None
+
+
+def pack_buckets(model: torch.nn.Module, plan: Sequence[BucketLayout], *, sender: WeightSender | None,
+                 stats: SendStats | None = None) -> Iterator[BucketLayout]:
+    """Fill each planned bucket in the buffer ``sender.buffer`` hands out and yield its layout (TP rank 0).
+    Other TP ranks pass ``sender=None``: they contribute their pieces and yield nothing. Before any data
+    moves, every rank checks the plan against the placement plan (ValueError naming the tensor).
+
+    Each piece goes straight to its place in the bucket, un-fused by the slicing itself:
+    - if the bucket is host shared memory every TP rank can map (``ShmSender.share``), each TP rank copies
+      its own pieces into it, in parallel, and a TP barrier ends the bucket — no gather at all;
+    - else ``models.hf_gather.gather_group``: the peers' pieces are received into the bucket over the
+      process group, TP rank 0 copies its own there once; only column blocks of row-parallel matrices
+      pass through a small reused staging buffer."""
+    from mmupt_megatron.models.hf_gather import gather_group, place_own_pieces, plan_hf_groups, staging_bytes
+    from mmupt_megatron.models.safetensors_io import Staging
+
+    groups = {group.key: group for group in plan_hf_groups(model)}
+    _check_against_plan(plan, groups)
+    params = dict(model.named_parameters())
+    staging = Staging(staging_bytes(list(groups.values()), params))
+    tp_group = model.groups
+    for layout in plan:
+        data = sender.buffer(layout) if sender is not None else None
+        aligned = all(offset % _ITEMSIZE[entry.dtype] == 0 for entry, offset in zip(layout.entries, layout.offsets, strict=True))
+        shared = _shared_bucket(sender, layout, tp_group) if tp_group.dims.tp > 1 and aligned else None
+        if shared is not None:
+            if data is None:
+                name, offset = shared
+                data = _map_segment(name)[offset : offset + layout.nbytes]
+            for key in layout.groups:
+                out, _ = _bucket_views(data, layout, groups[key])
+                place_own_pieces(model, groups[key], out, params=params)
+                del out
+            del data
+            dist.barrier(group=tp_group.tp_group)  # every piece is in place
+            if stats is not None:
+                stats.num_shared_buckets += 1
+            if sender is not None:
+                yield layout
+            continue
+        for key in layout.groups:
+            out, unaligned = _bucket_views(data, layout, groups[key]) if data is not None else (None, [])
+            gather_group(model, groups[key], out, params=params, staging=staging)
+            for tensor, target in unaligned:
+                target.copy_(tensor.reshape(-1).view(torch.uint8))
+            del out, unaligned
+        if sender is not None:
+            del data  # the transport may unmap the buffer once sent
+            yield layout
 
 
 def send_refit(model: torch.nn.Module, sender: WeightSender | None, *,
@@ -158,7 +261,7 @@ def send_refit(model: torch.nn.Module, sender: WeightSender | None, *,
     if refusal is not None:
         raise ValueError(f"refit refused by the receiver: {refusal}")
     stats = SendStats(plan=plan)
-    for layout in pack_buckets(model, plan, sender=sender if is_sender else None):
+    for layout in pack_buckets(model, plan, sender=sender if is_sender else None, stats=stats):
         sender.send(layout)
         stats.num_buckets += 1
         stats.num_tensors += len(layout.entries)

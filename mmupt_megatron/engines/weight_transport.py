@@ -16,18 +16,23 @@ frame (header from the layout, then the data section the packer fills), so the s
 one bucket and no tensor is ever pickled; ``decode_bucket`` reads a frame back as views (any safetensors
 reader, e.g. ``safetensors.torch.load``, reads the same bytes). ``PipeSender`` sends the frame through
 the connection; ``ShmSender`` writes it into shared memory and sends only its name (the CPU analogue of
-CUDA IPC; ~6x faster here). The same frames can ride the Ray object store (``SafetensorsBuckets.take``
-on the sender, ``decode_bucket`` on the engine actor). Control messages (manifest, answer, end) are JSON.
+CUDA IPC). Both reuse their buffers from bucket to bucket and refit to refit (fresh memory costs page
+faults that take longer than the copy itself); a receiver with ``reuse_buffers`` hands the engine views
+of the segment itself, so a bucket is copied once on each side — into the frame, into the engine. The
+same frames can ride the Ray object store (``SafetensorsBuckets.take`` on the sender, ``decode_bucket``
+on the engine actor). Control messages (manifest, answer, done, end) are JSON.
 
 Pipes rather than ``multiprocessing.Queue``: a queue pickles every message into a second copy before
-writing it; ``Connection.send_bytes`` writes from the buffer itself and ``recv_bytes_into`` reads
-straight into the frame.
+writing it. Frames travel as raw bytes on the connection's socket after a JSON message with their size,
+read straight into the receive buffer (``Connection.recv_bytes_into`` would read into a BytesIO and copy).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -35,10 +40,8 @@ from typing import Any, Protocol
 
 import torch
 
-_ST_DTYPES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
-}
+from mmupt_megatron.models.safetensors_io import ST_DTYPES as _ST_DTYPES
+from mmupt_megatron.models.safetensors_io import TORCH_DTYPES as _TORCH_DTYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,7 @@ class ManifestEntry:
         return cls(name, tuple(tensor.shape), _ST_DTYPES[tensor.dtype])
 
 
-_ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+_ITEM_SIZE = {name: dtype.itemsize for name, dtype in _TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,10 @@ class WeightSender(Protocol):
         """Ship the buffer filled since the last ``buffer`` call."""
 
     def close(self) -> None: ...
+
+    # Optional: ``share() -> (name, offset) | None`` — a host shared-memory name under which the TP peers of
+    # the sender can map the buffer ``buffer`` just handed out (``ShmSender``). ``weight_sync`` then lets
+    # every TP rank write its own pieces into it instead of gathering them over the process group.
 
 
 class WeightReceiver(Protocol):
@@ -141,18 +148,21 @@ class SafetensorsBuckets:
         return blob
 
 
-_TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
-
-
 def decode_bucket(blob: Any, *, copy: bool = False) -> tuple[list[ManifestEntry], list[tuple[str, torch.Tensor]]]:
-    """(bucket manifest, (name, tensor) pairs) of a safetensors frame (any buffer: bytes, bytearray,
-    memoryview), in the sender's order. The tensors are views into ``blob`` (kept alive by them) unless
-    ``copy`` — needed when the buffer is unmapped afterwards (shared memory). Any safetensors reader
-    (``safetensors.torch.load``) reads the same frames; this one avoids its two extra copies."""
-    view = memoryview(blob)
+    """(bucket manifest, (name, tensor) pairs) of a safetensors frame (any buffer — bytes, bytearray,
+    memoryview — or a flat uint8 tensor), in the sender's order. The tensors are views into ``blob`` (kept
+    alive by them) unless ``copy`` — needed when the buffer is unmapped or reused afterwards. Any
+    safetensors reader (``safetensors.torch.load``) reads the same frames; this one avoids its two extra
+    copies."""
+    flat = blob if isinstance(blob, torch.Tensor) else None
+    view = memoryview(flat[:8].numpy()) if flat is not None else memoryview(blob)
     (length,) = struct.unpack("<Q", view[:8])
-    header = json.loads(bytes(view[8 : 8 + length]))
+    raw = bytes(flat[8 : 8 + length].numpy()) if flat is not None else bytes(view[8 : 8 + length])
+    header = json.loads(raw)
     header.pop("__metadata__", None)
+    total = flat.numel() if flat is not None else len(view)
+    if flat is None:
+        flat = torch.frombuffer(blob, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     order = sorted(header, key=lambda name: header[name]["data_offsets"][0])
     start, end = 8 + length, 0
     entries, tensors = [], []
@@ -160,17 +170,39 @@ def decode_bucket(blob: Any, *, copy: bool = False) -> tuple[list[ManifestEntry]
         info = header[name]
         entry = ManifestEntry(name, tuple(info["shape"]), info["dtype"])
         begin, stop = info["data_offsets"]
-        if begin != end or stop - begin != entry.nbytes or start + stop > len(view):
+        if begin != end or stop - begin != entry.nbytes or start + stop > total:
             raise ValueError(f"refit: bucket frame is corrupt at {name!r} (offsets {info['data_offsets']})")
         end = stop
-        flat = torch.frombuffer(blob, dtype=torch.uint8, offset=start + begin, count=entry.nbytes) if entry.nbytes else torch.empty(0, dtype=torch.uint8)
-        tensor = flat.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+        data = flat[start + begin : start + stop]
+        dtype = _TORCH_DTYPES[entry.dtype]
+        if copy or (start + begin) % dtype.itemsize:  # an unaligned tensor cannot be a typed view
+            tensor = data.clone().view(dtype).reshape(entry.shape)
+        else:
+            tensor = data.view(dtype).reshape(entry.shape)
         entries.append(entry)
-        tensors.append((name, tensor.clone() if copy else tensor))
+        tensors.append((name, tensor))
     return entries, tensors
 
 
 # ------------------------------------------------------------------ over a multiprocessing Connection
+
+
+def _write_all(conn: Any, data: memoryview) -> None:
+    """Raw bytes on the connection's socket, after a JSON message announcing their size: no framing copy
+    (``Connection.send_bytes`` writes from the buffer too, but ``recv_bytes_into`` reads the whole message
+    into a BytesIO first and copies it out again — about 5x slower here)."""
+    fd, done = conn.fileno(), 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+def _read_into(conn: Any, data: memoryview) -> None:
+    fd, done = conn.fileno(), 0
+    while done < len(data):
+        got = os.readv(fd, [data[done:]])
+        if not got:
+            raise EOFError("refit: the sender closed the connection inside a bucket")
+        done += got
 
 
 def _send_json(conn: Any, kind: str, **payload: Any) -> None:
@@ -184,24 +216,35 @@ def _recv_json(conn: Any, *expected: str) -> dict:
     return message
 
 
+def _frame_prefix(layout: BucketLayout) -> bytes:
+    header = _header(layout)
+    return struct.pack("<Q", len(header)) + header
+
+
 class PipeSender:
-    """The sending end on a ``multiprocessing`` ``Connection`` (duplex: the receiver answers the offer)."""
+    """The sending end on a ``multiprocessing`` ``Connection`` (duplex: the receiver answers the offer).
+    One frame buffer, grown to the largest bucket and reused for every bucket (and refit) it sends."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self._frames = SafetensorsBuckets()
+        self._frame = bytearray()
+        self._size = 0
 
     def offer(self, manifest: Sequence[ManifestEntry]) -> str | None:
         _send_json(self.conn, "manifest", entries=[entry.to_json() for entry in manifest])
         return _recv_json(self.conn, "answer")["refusal"]
 
     def buffer(self, layout: BucketLayout) -> torch.Tensor:
-        return self._frames.buffer(layout)
+        prefix = _frame_prefix(layout)
+        self._size = len(prefix) + layout.nbytes
+        if len(self._frame) < self._size:
+            self._frame = bytearray(self._size)  # grown once per larger bucket; then reused
+        self._frame[: len(prefix)] = prefix
+        return torch.frombuffer(self._frame, dtype=torch.uint8, offset=len(prefix), count=layout.nbytes)
 
     def send(self, layout: BucketLayout) -> None:
-        frame = self._frames.take()
-        _send_json(self.conn, "bucket", index=layout.index, size=len(frame))
-        self.conn.send_bytes(frame)
+        _send_json(self.conn, "bucket", index=layout.index, size=self._size)
+        _write_all(self.conn, memoryview(self._frame)[: self._size])  # once written, the buffer is reusable
 
     def close(self) -> None:
         _send_json(self.conn, "end")
@@ -209,11 +252,20 @@ class PipeSender:
 
 class PipeReceiver:
     """The receiving end for one pipeline stage's sender. ``timeout_s``: longest wait for any message
-    (TimeoutError) — a sender that died would otherwise hang the engine."""
+    (TimeoutError) — a sender that died would otherwise hang the engine.
 
-    def __init__(self, conn: Any, *, timeout_s: float | None = None) -> None:
+    ``reuse_buffers``: a bucket's tensors are views of a buffer that the next bucket overwrites (the
+    shared-memory segment itself, or one receive buffer) — no copy and no new memory per bucket, but
+    they are only valid until the next bucket is requested (clone to keep; ``load_refit`` and the engines
+    copy them into their parameters). Otherwise each bucket's tensors are its own (a fresh receive
+    buffer, or a copy out of shared memory)."""
+
+    def __init__(self, conn: Any, *, timeout_s: float | None = None, reuse_buffers: bool = False) -> None:
         self.conn = conn
         self.timeout_s = timeout_s
+        self.reuse_buffers = reuse_buffers
+        self._frame = torch.empty(0, dtype=torch.uint8)
+        self._mapped: dict[str, torch.Tensor] = {}
 
     def _wait(self) -> None:
         if self.timeout_s is not None and not self.conn.poll(self.timeout_s):
@@ -233,45 +285,142 @@ class PipeReceiver:
             if message["kind"] == "end":
                 return
             if message["kind"] == "shm":
-                yield self._from_shm(message)
+                bucket, mapped = self._from_shm(message)
+                if not mapped:
+                    _send_json(self.conn, "done")  # copied out: the sender may reuse the segment now
+                yield bucket
+                if mapped:
+                    _send_json(self.conn, "done")  # the consumer is done with the views
                 continue
             self._wait()
-            frame = bytearray(message["size"])
-            self.conn.recv_bytes_into(frame)  # straight into the frame: no intermediate copy
-            yield decode_bucket(frame)
+            if not self.reuse_buffers:
+                frame = bytearray(message["size"])
+                _read_into(self.conn, memoryview(frame))  # straight into the frame: no intermediate copy
+                yield decode_bucket(frame)
+                continue
+            if self._frame.numel() < message["size"]:
+                self._frame = torch.empty(message["size"], dtype=torch.uint8)
+            _read_into(self.conn, memoryview(self._frame.numpy())[: message["size"]])
+            yield decode_bucket(self._frame[: message["size"]])
 
-    def _from_shm(self, message: dict) -> tuple[list[ManifestEntry], list[tuple[str, torch.Tensor]]]:
-        shm = SharedMemory(name=message["name"])
-        try:
-            return decode_bucket(shm.buf[: message["size"]], copy=True)
-        finally:
-            shm.close()
-            _send_json(self.conn, "done")
+    def _from_shm(self, message: dict) -> tuple[tuple[list[ManifestEntry], list[tuple[str, torch.Tensor]]], bool]:
+        """(the bucket, whether its tensors are views of the segment)."""
+        name, size = message["name"], message["size"]
+        path = f"/dev/shm/{name}"
+        if not self.reuse_buffers or not os.path.exists(path):  # copy out (also where /dev/shm is not the store)
+            shm = SharedMemory(name=name)
+            try:
+                return decode_bucket(shm.buf[:size], copy=True), False
+            finally:
+                shm.close()
+        mapped = self._mapped.get(name)
+        if mapped is None or mapped.numel() < size:
+            mapped = map_shared_segment(name, self._mapped)
+        return decode_bucket(mapped[:size]), True
+
+
+def map_shared_segment(name: str, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Map the shared-memory segment ``name`` (``/dev/shm/<name>``) as a flat uint8 tensor and keep it in
+    ``cache``, dropping the mappings of segments that are gone (a sender replaced or released them: a
+    mapping would keep their memory alive). The mapping is owned by its tensors: unmapped when the last
+    view is gone, whatever a consumer keeps."""
+    for stale in [key for key in cache if not os.path.exists(f"/dev/shm/{key}")]:
+        del cache[stale]
+    path = f"/dev/shm/{name}"
+    storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=os.path.getsize(path))
+    cache[name] = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return cache[name]
+
+
+_SEGMENT_ALIGN = 1 << 20
+"""Shared-memory segments are sized in multiples of this (fewer regrowths when later buckets are larger)."""
 
 
 class ShmSender(PipeSender):
     """Each bucket frame is written into POSIX shared memory (``/dev/shm``); the connection carries only
-    its name, and the receiver copies the tensors out before acknowledging. The CPU counterpart of CUDA
-    IPC: one copy on each side instead of a pipe's kernel round trip. Sequential: the sender waits for
-    the acknowledgement, so one bucket exists at a time."""
+    its name, and the receiver acknowledges once it is done with it (after copying the tensors out, or —
+    ``reuse_buffers`` — after the consumer loaded them from the segment itself). The CPU counterpart of
+    CUDA IPC.
 
-    def __init__(self, conn: Any) -> None:
+    The segments are a ring of ``num_buffers``, each grown to the largest bucket it carries and reused
+    for later buckets and later refits through the same sender (``release`` unlinks them; so does garbage
+    collection). With one buffer, the packer waits for the acknowledgement of bucket k before filling
+    k + 1 (extra memory: one bucket); with two, it gathers bucket k + 1 while the engine loads k."""
+
+    def __init__(self, conn: Any, *, num_buffers: int = 1) -> None:
         super().__init__(conn)
-        self._shm: SharedMemory | None = None
+        if num_buffers < 1:
+            raise ValueError(f"num_buffers must be >= 1, got {num_buffers}")
+        self._ring: list[SharedMemory | None] = [None] * num_buffers
+        self._awaiting = [False] * num_buffers
+        self._next = 0
+        self._current: int | None = None
+        self._layout_nbytes = 0
+        self._finalizer = weakref.finalize(self, _unlink_all, self._ring)
+
+    def offer(self, manifest: Sequence[ManifestEntry]) -> str | None:
+        self._next = 0  # every refit fills the slots in the same order (slot 0 took the largest bucket)
+        return super().offer(manifest)
+
+    def share(self) -> tuple[str, int] | None:
+        """(segment name, offset of the data section) of the buffer just handed out: TP peers on this host
+        map it (``/dev/shm/<name>``) and write their pieces into it themselves (``weight_sync``)."""
+        if self._current is None:
+            return None
+        shm = self._ring[self._current]
+        return shm.name, self._size - self._layout_nbytes
+
+    def _settle(self, slot: int) -> None:
+        if self._awaiting[slot]:
+            _recv_json(self.conn, "done")
+            self._awaiting[slot] = False
 
     def buffer(self, layout: BucketLayout) -> torch.Tensor:
-        header = _header(layout)
-        start = 8 + len(header)
-        self._shm = SharedMemory(create=True, size=start + layout.nbytes)
-        self._shm.buf[:start] = struct.pack("<Q", len(header)) + header
-        return torch.frombuffer(self._shm.buf, dtype=torch.uint8, offset=start, count=layout.nbytes)
+        slot = self._next
+        self._next = (slot + 1) % len(self._ring)
+        self._settle(slot)  # the receiver is done with what this segment carried last
+        prefix = _frame_prefix(layout)
+        size = len(prefix) + layout.nbytes
+        shm = self._ring[slot]
+        if shm is None or shm.size < size:
+            if shm is not None:
+                _unlink_all([shm])
+            shm = self._ring[slot] = SharedMemory(create=True, size=-(-size // _SEGMENT_ALIGN) * _SEGMENT_ALIGN)
+        shm.buf[: len(prefix)] = prefix
+        self._current, self._size, self._layout_nbytes = slot, size, layout.nbytes
+        return torch.frombuffer(shm.buf, dtype=torch.uint8, offset=len(prefix), count=layout.nbytes)
 
     def send(self, layout: BucketLayout) -> None:
-        shm, self._shm = self._shm, None
-        assert shm is not None, "send() without buffer()"
+        slot, self._current = self._current, None
+        assert slot is not None, "send() without buffer()"
+        shm = self._ring[slot]
+        _send_json(self.conn, "shm", index=layout.index, name=shm.name, size=self._size)
+        self._awaiting[slot] = True
+
+    def close(self) -> None:
+        """End this refit (after the receiver acknowledged every bucket); the segments stay for the next."""
+        for slot in range(len(self._ring)):
+            self._settle(slot)
+        _send_json(self.conn, "end")
+
+    @property
+    def segments(self) -> list[str]:
+        """Names of the shared-memory segments this sender holds (``/dev/shm/<name>`` on Linux)."""
+        return [shm.name for shm in self._ring if shm is not None]
+
+    def release(self) -> None:
+        """Unlink the shared-memory segments (once no refit is in flight); a later refit makes new ones."""
+        self._finalizer()
+        self._finalizer = weakref.finalize(self, _unlink_all, self._ring)
+
+
+def _unlink_all(ring: list[SharedMemory | None]) -> None:
+    for index, shm in enumerate(ring):
+        if shm is None:
+            continue
         try:
-            _send_json(self.conn, "shm", index=layout.index, name=shm.name, size=shm.size)
-            _recv_json(self.conn, "done")
-        finally:
             shm.close()
-            shm.unlink()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with it
+            pass
+        shm.unlink()
+        ring[index] = None

@@ -6,8 +6,9 @@ A Megatron checkpoint folder made here holds:
     mmupt_checkpoint.json     the TP/PP/dtype it was written with
 ``hf_to_megatron`` / ``megatron_to_hf`` spawn tp*pp gloo workers on CPU (``convert_on_cpu_workers``);
 inside an already-initialised job use ``save_megatron_checkpoint`` / ``load_megatron_checkpoint`` /
-``load_hf_weights`` / ``export_hf_weights`` directly. Each worker streams one layer at a time, so its peak
-memory is about its model shard plus one layer. Entry scripts need a ``__main__`` guard (workers are
+``load_hf_weights`` / ``export_hf_weights`` directly. Each worker streams one layer at a time, and the
+dist-checkpoint is written from and read into the parameters' own memory (``checkpoint_state``), so its
+peak memory is about its model shard plus one layer. Entry scripts need a ``__main__`` guard (workers are
 spawned, and dist-checkpoint saving starts a process).
 """
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from mmupt_megatron.engines.parallel import ParallelDims, init_parallel, run_workers
 from mmupt_megatron.models.hf_config import LMArch, load_arch, read_hf_config
+from mmupt_megatron.models.safetensors_io import tensor_bytes
 from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
 
 META_FILE = "mmupt_checkpoint.json"
@@ -69,6 +71,65 @@ def checkpoint_arch(ckpt_dir: str | Path) -> LMArch:
     return load_arch(Path(ckpt_dir) / HF_SUBDIR, require_weights=False)
 
 
+CHECKPOINT_BLOCK_BYTES = 32 << 20
+"""Tensors larger than this are saved as row blocks of about this size (items the reader loads one by one)."""
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s memory as a tensor whose storage is exactly those bytes. Checkpoint writers clone every
+    view of a larger storage before writing (megatron-core clones all of them up front: every SwiGLU
+    gate/up half, or a whole shard whose parameters live in one buffer); an alias is written as it is,
+    and a load into it fills the parameter in place."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    assert tensor.is_contiguous(), "checkpoint tensors are contiguous slices of parameters"
+    return torch.frombuffer(tensor_bytes(tensor), dtype=tensor.dtype).view(tensor.shape)
+
+
+def _blocks(sh_ten, block_bytes: int) -> list:
+    """A ShardedTensor as equal row blocks of at most ``block_bytes`` (the same global tensor, a finer grid),
+    each an alias of its rows; unchanged (but aliased) if it is small or its rows do not split evenly."""
+    from dataclasses import replace
+
+    data = sh_ten.data
+    if data is None or sh_ten.flattened_range is not None:
+        return [sh_ten]
+    axis, rows = sh_ten.prepend_axis_num, (sh_ten.local_shape[0] if sh_ten.local_shape else 0)
+    parts = 1
+    while data.nbytes // parts > block_bytes and rows % (2 * parts) == 0 and sh_ten.global_offset[axis] % rows == 0:
+        parts *= 2
+    if parts == 1:
+        return [replace(sh_ten, data=_alias(data))]
+    size = rows // parts
+    blocks = []
+    for index in range(parts):
+        offset, grid = list(sh_ten.global_offset), list(sh_ten.axis_fragmentations)
+        offset[axis] += index * size
+        grid[axis] *= parts
+        blocks.append(replace(sh_ten, data=_alias(data[index * size : (index + 1) * size]),
+                              local_shape=(size, *sh_ten.local_shape[1:]), global_offset=tuple(offset),
+                              axis_fragmentations=tuple(grid)))
+    return blocks
+
+
+def checkpoint_state(model: torch.nn.Module, *, block_bytes: int | None = None) -> dict:
+    """``model.sharded_state_dict()`` ready to save or load with no copy of the model: factories applied
+    (the SwiGLU gate/up split), every tensor an alias of its parameter's memory, large ones in row blocks
+    (a reader holds one saved item at a time, so the largest item bounds its extra memory). A key whose
+    value became a list of blocks is loaded in place."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    block_bytes = CHECKPOINT_BLOCK_BYTES if block_bytes is None else block_bytes
+    state = model.sharded_state_dict()
+    apply_factories(state)
+    for key, value in state.items():
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(item, ShardedTensor) for item in items):
+            blocks = [block for item in items for block in _blocks(item, block_bytes)]
+            state[key] = blocks if isinstance(value, list) or len(blocks) > 1 else blocks[0]
+    return state
+
+
 def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, *, hf_meta_dir: str | Path | None) -> None:
     """Collective: save ``model`` (all ranks) into ``ckpt_dir``, which rank 0 has prepared."""
     from megatron.core import dist_checkpointing
@@ -84,18 +145,28 @@ def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, *, hf
                 "model_type": model.arch.model_type, "format": "megatron-core dist-checkpoint (torch_dist)"}
         (ckpt / META_FILE).write_text(json.dumps(meta, indent=2))
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt / MEGATRON_SUBDIR))
+    dist_checkpointing.save(checkpoint_state(model), str(ckpt / MEGATRON_SUBDIR))
     dist.barrier()
 
 
 def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Collective: fill ``model`` (any TP/PP) from the dist-checkpoint in ``ckpt_dir``."""
+    """Collective: fill ``model`` (any TP/PP) from the dist-checkpoint in ``ckpt_dir``. Tensors are read
+    straight into the parameters (``checkpoint_state``); only non-tensor state goes through
+    ``load_state_dict``."""
     from megatron.core import dist_checkpointing
 
     read_checkpoint_meta(ckpt_dir)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / MEGATRON_SUBDIR))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.endswith("_extra_state")]
+    requested = checkpoint_state(model)
+    targets = {key: [item.data for item in value] for key, value in requested.items() if isinstance(value, list)}
+    state = dist_checkpointing.load(requested, str(Path(ckpt_dir) / MEGATRON_SUBDIR))
+    in_place = {key for key, value in state.items() if isinstance(value, list)}
+    for key in in_place:  # blocks are loaded into the parameters' memory; copy any the loader did not
+        for loaded, target in zip(state[key], targets[key], strict=True):
+            if loaded.data_ptr() != target.data_ptr():
+                target.copy_(loaded)
+    rest = {key: value for key, value in state.items() if key not in in_place}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state") and key not in in_place]
     if missing or unexpected:
         raise ValueError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
 

@@ -60,6 +60,12 @@ class AttentionDims:
         return cls(arch.num_attention_heads, arch.num_kv_heads, arch.head_dim)
 
 
+def stage_layers(arch: LMArch, *, pp: int, pp_rank: int) -> range:
+    """Global indices of the decoder layers held by pipeline stage ``pp_rank``."""
+    per_stage = arch.num_layers // pp
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
 def hf_layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
@@ -190,6 +196,90 @@ def megatron_layer_to_hf(
         out[f"self_attn.{proj}.weight"] = merge_tp([parts[index] for parts in qkv_w], dim=0)
         out[f"self_attn.{proj}.bias"] = merge_tp([parts[index] for parts in qkv_b], dim=0)
     return out
+
+
+# ---------------------------------------------------------------- placement pieces (views, no copies)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One block that is a plain slice in both layouts: indices [hf_start, hf_start + size) of HF tensor
+    ``hf_key`` along ``dim`` are indices [meg_start, meg_start + size) of one TP rank's Megatron tensor
+    ``meg_key`` along the same dim (all other dims whole). ``replicated``: every TP rank holds the same
+    values (norms); a gather takes TP rank 0's. A rank's Megatron view is always contiguous (dim 0, or
+    dim 1 over the whole shard), so it can be sent or read as it is; the HF view is contiguous unless it
+    is a column block (``dim == 1`` and not every column)."""
+
+    hf_key: str
+    meg_key: str
+    dim: int
+    hf_start: int
+    meg_start: int
+    size: int
+    replicated: bool = False
+
+    def hf_view(self, tensor: Tensor) -> Tensor:
+        return tensor.narrow(self.dim, self.hf_start, self.size)
+
+    def meg_view(self, tensor: Tensor) -> Tensor:
+        return tensor.narrow(self.dim, self.meg_start, self.size)
+
+
+def hf_layer_shapes(dims: AttentionDims, *, hidden_size: int, ffn_hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the HF tensors of one decoder layer, in ``HF_LAYER_KEYS`` order."""
+    q_rows, kv_rows = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    shapes = {
+        "input_layernorm.weight": (hidden_size,), "post_attention_layernorm.weight": (hidden_size,),
+        "self_attn.q_proj.weight": (q_rows, hidden_size), "self_attn.k_proj.weight": (kv_rows, hidden_size),
+        "self_attn.v_proj.weight": (kv_rows, hidden_size), "self_attn.q_proj.bias": (q_rows,),
+        "self_attn.k_proj.bias": (kv_rows,), "self_attn.v_proj.bias": (kv_rows,),
+        "self_attn.o_proj.weight": (hidden_size, q_rows), "mlp.gate_proj.weight": (ffn_hidden_size, hidden_size),
+        "mlp.up_proj.weight": (ffn_hidden_size, hidden_size), "mlp.down_proj.weight": (hidden_size, ffn_hidden_size),
+    }
+    return {key: shapes[key] for key in HF_LAYER_KEYS}
+
+
+def layer_pieces(dims: AttentionDims, *, ffn_hidden_size: int, hidden_size: int, tp: int, tp_rank: int,
+                 te_spec: bool = False) -> list[Piece]:
+    """Where every element of TP rank ``tp_rank``'s shard of one decoder layer sits in the HF layer: the
+    same layout as ``hf_layer_to_megatron`` / ``megatron_layer_to_hf``, as slices instead of copies (a
+    test checks they agree). Ordered by HF tensor (``HF_LAYER_KEYS``), then by ``hf_start``."""
+    if dims.num_kv_heads % tp or ffn_hidden_size % tp or dims.num_heads % dims.num_kv_heads:
+        raise ValueError(f"tp={tp} must divide num_kv_heads={dims.num_kv_heads} and ffn={ffn_hidden_size}")
+    names = megatron_layer_names(te_spec=te_spec)
+    hd = dims.head_dim
+    q_rows = (dims.num_heads // dims.num_kv_heads) * hd
+    block = q_rows + 2 * hd
+    local_groups = dims.num_kv_heads // tp
+    ffn = ffn_hidden_size // tp
+    width = dims.num_heads * hd // tp
+    pieces = [
+        Piece("input_layernorm.weight", names["input_norm"], 0, 0, 0, hidden_size, replicated=True),
+        Piece("post_attention_layernorm.weight", names["pre_mlp_norm"], 0, 0, 0, hidden_size, replicated=True),
+    ]
+    for kind, slot in (("weight", "qkv_weight"), ("bias", "qkv_bias")):
+        for part, rows, offset in (("q", q_rows, 0), ("k", hd, q_rows), ("v", hd, q_rows + hd)):
+            for local in range(local_groups):
+                group = tp_rank * local_groups + local
+                pieces.append(Piece(f"self_attn.{part}_proj.{kind}", names[slot], 0, group * rows,
+                                    local * block + offset, rows))
+    pieces += [
+        Piece("self_attn.o_proj.weight", names["proj"], 1, tp_rank * width, 0, width),
+        Piece("mlp.gate_proj.weight", names["fc1"], 0, tp_rank * ffn, 0, ffn),
+        Piece("mlp.up_proj.weight", names["fc1"], 0, tp_rank * ffn, ffn, ffn),
+        Piece("mlp.down_proj.weight", names["fc2"], 1, tp_rank * ffn, 0, ffn),
+    ]
+    order = {key: index for index, key in enumerate(HF_LAYER_KEYS)}
+    return sorted(pieces, key=lambda p: (order[p.hf_key], p.hf_start))
+
+
+def vocab_piece(hf_key: str, meg_key: str, *, vocab_size: int, padded_vocab: int, tp: int, tp_rank: int) -> Piece | None:
+    """TP rank ``tp_rank``'s real rows of a vocabulary-parallel tensor (None if its rows are all padding):
+    the same layout as ``split_vocab`` / ``merge_vocab``."""
+    rows = padded_vocab // tp
+    start = tp_rank * rows
+    size = min(rows, vocab_size - start)
+    return Piece(hf_key, meg_key, 0, start, 0, size) if size > 0 else None
 
 
 # ---------------------------------------------------------------- non-layer tensors

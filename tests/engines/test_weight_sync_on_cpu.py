@@ -1,7 +1,8 @@
 """Refit Megatron -> vLLM on CPU: 2 gloo workers (TP=2, then PP=2) take a GRPO step on a tiny Qwen2.5-VL
-and stream their weights in buckets through pipes into a vLLM engine running in this (pytest) process;
-vLLM's log-probs then equal the policy's. Also: tiny buckets, manifest == stream, bad mappings refused
-before the engine is touched, verify_refit."""
+and stream their weights in buckets through pipes (TP=2) or shared memory (PP=2) into a vLLM engine
+running in this (pytest) process, which loads views of the reused transport buffers; vLLM's log-probs
+then equal the policy's. Also: tiny buckets, manifest == stream, bad mappings refused before the engine
+is touched, verify_refit, transports reusing their buffers."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ SMALL = 4096  # smaller than most tensors here (the largest, lm_head / embedding
 SESSIONS = (
     ("tp2", (2, 1, 1), "sgd", 256 << 20),
     ("tp2-small", (2, 1, 1), "sgd", SMALL),
+    ("tp2-shm", (2, 1, 1), "sgd", 64 << 10),
     ("bad-name", (2, 1, 1), "sgd", "name"),
     ("bad-shape", (2, 1, 1), "sgd", "shape"),
     ("dropped", (2, 1, 1), "sgd", "drop"),
@@ -64,7 +66,7 @@ def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
     from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
     from mmupt_megatron.engines.weight_sync import send_refit
-    from mmupt_megatron.engines.weight_transport import PipeSender
+    from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender
     from mmupt_megatron.models import mapping as M
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
@@ -89,10 +91,12 @@ def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
             batch.old_logprobs_BT = before - 0.05 if before is not None else torch.zeros_like(data["loss_mask"])
             policy.train_step(batch)
             results[layout] = {"logprobs": policy.compute_logprobs(batch)}
-        sender = PipeSender(conn) if groups.tp_rank == 0 else None
+        # shared memory: at TP=2 both ranks write their pieces into the bucket (no gather); pipes: TP gather
+        transport = ShmSender if name in ("tp2-shm", "pp2") else PipeSender
+        sender = transport(conn) if groups.tp_rank == 0 else None
         if isinstance(how, int):
             stats = send_refit(model, sender, bucket_bytes=how)
-            results[name] = {"plan": stats.plan, "bytes": stats.num_bytes}
+            results[name] = {"plan": stats.plan, "bytes": stats.num_bytes, "shared": stats.num_shared_buckets}
             continue
         original = M.megatron_layer_to_hf
         M.megatron_layer_to_hf = bad_mapping(how)
@@ -172,7 +176,7 @@ def refits(tmp_path_factory):
     received: dict = {}
     for name, layout, _, how in SESSIONS:
         engine = RecordingEngine(raw)
-        receivers = [PipeReceiver(pipes[rank][0], timeout_s=240) for rank in STAGE_RANKS[layout]]
+        receivers = [PipeReceiver(pipes[rank][0], timeout_s=240, reuse_buffers=True) for rank in STAGE_RANKS[layout]]
         try:
             stats = load_refit(engine, receivers)
             received[name] = {"stats": stats, "logprobs": raw.prompt_logprobs(requests, COMPLETIONS),
@@ -198,7 +202,8 @@ def policy_logprobs(refits, layout) -> list[torch.Tensor]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("session", "layout"), [("tp2", (2, 1, 1)), ("tp2-small", (2, 1, 1)), ("pp2", (1, 2, 1))])
+@pytest.mark.parametrize(("session", "layout"), [("tp2", (2, 1, 1)), ("tp2-small", (2, 1, 1)), ("tp2-shm", (2, 1, 1)),
+                                                 ("pp2", (1, 2, 1))])
 def test_refit_makes_vllm_match_the_stepped_policy(refits, session, layout):
     policy = policy_logprobs(refits, layout)
     engine = refits["received"][session]["logprobs"]
@@ -213,7 +218,7 @@ def test_refit_makes_vllm_match_the_stepped_policy(refits, session, layout):
 def test_buckets_whole_layers_and_manifest_equals_stream(refits):
     received, ranks = refits["received"], refits["ranks"]
     shapes = refits["engine"].expected_shapes
-    for session, layout in (("tp2", (2, 1, 1)), ("tp2-small", (2, 1, 1)), ("pp2", (1, 2, 1))):
+    for session, layout in (("tp2", (2, 1, 1)), ("tp2-small", (2, 1, 1)), ("tp2-shm", (2, 1, 1)), ("pp2", (1, 2, 1))):
         stats = received[session]["stats"]
         plans = [ranks[rank][session]["plan"] for rank in STAGE_RANKS[layout]]
         planned = [[e.name for e in bucket.entries] for plan in plans for bucket in plan]
@@ -234,6 +239,9 @@ def test_buckets_whole_layers_and_manifest_equals_stream(refits):
     assert len(small) == 9 and max(b.nbytes for b in small) > 100 * SMALL
     assert all(b.nbytes <= SMALL or len(b.groups) == 1 for b in small)
     assert ranks[1]["tp2"]["plan"] == [] or ranks[1]["tp2"]["bytes"] == 0  # TP rank 1 sends nothing
+    # shared memory at TP=2: every bucket filled in place by both ranks; pipes: gathered over gloo
+    assert all(r["tp2-shm"]["shared"] == len(r["tp2-shm"]["plan"]) > 1 for r in ranks)
+    assert all(r["tp2"]["shared"] == 0 for r in ranks)
 
 
 def test_plan_buckets_is_greedy_and_keeps_groups_whole():
@@ -273,18 +281,32 @@ def test_verify_refit_passes_on_exact_refit_and_names_the_stale_sample(refits):
         verify_refit(engine, requests, COMPLETIONS, policy, tol=0)
 
 
-def _transport_sender(kind: str, conn, grouped, tensors) -> None:
+def _transport_sender(kind: str, conn, grouped, tensors, *, refits: int = 1, num_buffers: int = 1,
+                      seen: list | None = None) -> None:
     from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender
 
-    sender = (ShmSender if kind == "shm" else PipeSender)(conn)
-    assert sender.offer([e for _, group in grouped for e in group]) is None
-    for layout in plan_buckets(grouped, bucket_bytes=64):
-        data = sender.buffer(layout)
-        for entry, offset in zip(layout.entries, layout.offsets):
-            data[offset : offset + entry.nbytes].copy_(tensors[entry.name].reshape(-1).view(torch.uint8))
-        del data
-        sender.send(layout)
-    sender.close()
+    sender = ShmSender(conn, num_buffers=num_buffers) if kind == "shm" else PipeSender(conn)
+    for refit in range(refits):
+        assert sender.offer([e for _, group in grouped for e in group]) is None
+        for layout in plan_buckets(grouped, bucket_bytes=64):
+            data = sender.buffer(layout)
+            for entry, offset in zip(layout.entries, layout.offsets):
+                data[offset : offset + entry.nbytes].copy_((tensors[entry.name] + refit).reshape(-1).view(torch.uint8))
+            del data
+            sender.send(layout)
+            if seen is not None and kind == "shm":
+                seen.append(tuple(sender.segments))
+        sender.close()
+    if kind == "shm":
+        names = sender.segments
+        sender.release()
+        assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
+def _transport_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"z.w": torch.randn(3, 5, generator=gen), "a.b": torch.randn(7, generator=gen),
+            "m.bf": torch.randn(4, 2, generator=gen).bfloat16(), "q.big": torch.randn(40, generator=gen)}
 
 
 @pytest.mark.parametrize("kind", ["pipe", "shm"])
@@ -295,9 +317,7 @@ def test_transports_carry_safetensors_frames_in_order(kind):
 
     from mmupt_megatron.engines.weight_transport import SafetensorsBuckets, decode_bucket
 
-    gen = torch.Generator().manual_seed(0)
-    tensors = {"z.w": torch.randn(3, 5, generator=gen), "a.b": torch.randn(7, generator=gen),
-               "m.bf": torch.randn(4, 2, generator=gen).bfloat16(), "q.big": torch.randn(40, generator=gen)}
+    tensors = _transport_tensors()
     grouped = [(name, [ManifestEntry.of(name, t)]) for name, t in tensors.items()]
     # a frame is valid safetensors and decodes to the same tensors, in the sender's order
     frames = SafetensorsBuckets()
@@ -316,7 +336,37 @@ def test_transports_carry_safetensors_frames_in_order(kind):
     receiver = PipeReceiver(ours, timeout_s=30)
     assert [e.name for e in receiver.manifest()] == list(tensors)
     receiver.answer(None)
-    got = list(receiver.buckets())
+    got = list(receiver.buckets())  # without reuse_buffers, every bucket's tensors are its own
     thread.join(timeout=30)
     assert [[e.name for e in entries] for entries, _ in got] == [["z.w"], ["a.b", "m.bf"], ["q.big"]]
     assert all(torch.equal(tensors[n], t) for _, pairs in got for n, t in pairs)
+
+
+@pytest.mark.parametrize(("kind", "num_buffers"), [("pipe", 1), ("shm", 1), ("shm", 2)])
+def test_reused_buffers_across_buckets_and_refits(kind, num_buffers):
+    """Senders reuse their buffers (one shared-memory segment per ring slot, grown to the largest bucket,
+    kept from one refit to the next); a ``reuse_buffers`` receiver hands out views that stay valid until
+    the next bucket is requested."""
+    from multiprocessing import Pipe
+
+    tensors = _transport_tensors()
+    grouped = [(name, [ManifestEntry.of(name, t)]) for name, t in tensors.items()]
+    ours, theirs = Pipe(duplex=True)
+    seen: list = []
+    thread = threading.Thread(target=_transport_sender, args=(kind, theirs, grouped, tensors),
+                              kwargs={"refits": 2, "num_buffers": num_buffers, "seen": seen})
+    thread.start()
+    receiver = PipeReceiver(ours, timeout_s=30, reuse_buffers=True)
+    for refit in range(2):
+        receiver.manifest()
+        receiver.answer(None)
+        names = []
+        for entries, pairs in receiver.buckets():
+            for name, tensor in pairs:  # checked before asking for the next bucket
+                assert torch.equal(tensor, tensors[name] + refit), (refit, name)
+            names.append([e.name for e in entries])
+        assert names == [["z.w"], ["a.b", "m.bf"], ["q.big"]]
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    if kind == "shm":  # slots grow (to 1 MiB multiples) in the first refit; the second reuses them all
+        assert len(seen[2]) == num_buffers and all(names == seen[2] for names in seen[3:])

@@ -1,6 +1,6 @@
-"""HF -> Megatron dist-checkpoint -> HF is bit-exact at TP=1/2 and PP=1/2; a checkpoint saved at TP=2
-loads at TP=1 and at PP=2 with identical logits; the public conversion API gives a folder transformers
-loads."""
+"""HF -> Megatron dist-checkpoint -> HF is bit-exact at TP=1/2 and PP=1/2 and at TP=2 x PP=2 together
+(4 workers); a checkpoint saved at TP=2 loads at TP=1 and at PP=2, and one saved at TP=2 x PP=2 at TP=1
+and TP=2 x DP=2, with identical logits; the public conversion API gives a folder transformers loads."""
 
 from __future__ import annotations
 
@@ -81,6 +81,51 @@ def test_round_trip_bit_exact_and_tp2_checkpoint_loads_elsewhere(tmp_path, kind)
                 assert torch.allclose(got, reference, atol=1e-5, rtol=0), key
                 compared += 1
     assert compared == 3  # tp1 x dp2: both ranks; pp2: the last stage
+
+
+def tp2_pp2_worker(hf_dir: str, work: str, ids: torch.Tensor) -> dict:
+    import torch.distributed as dist
+
+    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.models import convert
+    from mmupt_megatron.models.convert import build_model, load_megatron_checkpoint, save_megatron_checkpoint
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
+
+    # tiny row blocks, as the 32 MiB default makes of a real vocabulary: saved on a finer grid, resharded on load
+    convert.CHECKPOINT_BLOCK_BYTES = 4096
+    arch = load_arch(hf_dir)
+    groups = init_parallel(ParallelDims(tp=2, pp=2))
+    model = build_model(arch, groups, dtype=torch.float32)
+    load_hf_weights(model, hf_dir)
+    assert any(isinstance(value, list) and len(value) > 2 for value in convert.checkpoint_state(model).values())
+    save_megatron_checkpoint(model, Path(work) / "ckpt", hf_meta_dir=hf_dir)
+    del model
+    fresh = build_model(arch, groups, dtype=torch.float32, init_weights=True)
+    load_megatron_checkpoint(fresh, Path(work) / "ckpt")
+    (Path(work) / "back").mkdir(exist_ok=True)
+    dist.barrier()
+    export_hf_weights(fresh, Path(work) / "back")
+    dist.barrier()
+    logits = {"tp2pp2": pipeline_forward(groups, fresh, ids)}
+    for tp, pp, dp in ((1, 1, 4), (2, 1, 2)):
+        groups = init_parallel(ParallelDims(tp=tp, pp=pp, dp=dp))
+        model = build_model(arch, groups, dtype=torch.float32, init_weights=True)
+        load_megatron_checkpoint(model, Path(work) / "ckpt")
+        logits[f"tp{tp}pp{pp}dp{dp}"] = pipeline_forward(groups, model, ids)
+    return logits
+
+
+@pytest.mark.distributed
+def test_round_trip_bit_exact_at_tp2_pp2(tmp_path):
+    hf_dir = make_tiny_qwen2(tmp_path / "hf", seed=6)  # tied embeddings: the last stage holds a copy
+    ids = torch.randint(10, 290, (2, 9), generator=torch.Generator().manual_seed(3))
+    per_rank = run_workers(tp2_pp2_worker, world_size=4, args=(str(hf_dir), str(tmp_path), ids))
+    assert_same_hf_weights(hf_dir, tmp_path / "back")
+    reference = hf_logits(hf_dir, ids)
+    got = [(key, value) for rank_logits in per_rank for key, value in rank_logits.items() if value is not None]
+    assert sorted({key for key, _ in got}) == ["tp1pp1dp4", "tp2pp1dp2", "tp2pp2"]
+    assert all((value - reference).abs().max() < 1e-5 for _, value in got)
 
 
 def test_public_api_single_process(tmp_path):
