@@ -9,9 +9,9 @@ a base that is good but not perfect: ~0.75-0.85 sampled, DEMO.md), or after ``ma
 Output: an HF checkpoint folder (``config.json`` + weights, tokenizer, ``preprocessor_config.json``) and
 ``demo_meta.json`` (world, prompt style, the accuracy at the stop).
 
-Measured (tally chains, shape + "all" questions, lr 3e-3, batch 64, 1 thread on a shared 2-core box):
-"all" is solved by ~400 steps, shape questions break through between ~500 and ~1,200 steps depending on
-the seed (dev sampled accuracy 0.78-0.87 at the stop); 0.3-0.6 s per step under contention, 0.16 s alone.
+Measured (tally chains, shape + "all" questions, 10% question-writing rows, lr 3e-3, batch 64, 1 thread on
+a shared 2-core box, seeds 0-2): "all" is solved by ~300 steps, shape questions break through between ~500
+and ~700 steps; the stop kept steps 550 / 500 / 700 (dev sampled accuracy 0.81 / 0.81 / 0.73), in 4-7 min.
 
 Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.8
 """
@@ -71,17 +71,12 @@ class WarmupConfig:
     """Share of warm-up examples that teach writing a question about the image (in-context or direct, half
     each; target ``<question> ... </question>``): the base's stand-in for a VLM's ability to ask questions,
     which MM-UPT's self-synthesized data needs."""
-    cooldown_steps: int = 0
-    """After the stop (target reached, or max_steps), train this many more steps with the lr decaying
-    linearly to 0, so the base is a settled model rather than a snapshot caught mid-oscillation."""
     snapshots: bool = False
     """Also save a checkpoint at every evaluation, to ``{out_dir}/step{N}`` (to pick a base afterwards)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.synthesis_share < 1:
             raise ValueError(f"warmup: synthesis_share must be in [0, 1), got {self.synthesis_share}")
-        if self.cooldown_steps < 0:
-            raise ValueError(f"warmup: cooldown_steps must be >= 0, got {self.cooldown_steps}")
         if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ValueError("warmup: batch_size, max_steps and eval_every must be >= 1")
         if self.target_sampled is not None and not 0 < self.target_sampled <= 1:
@@ -122,6 +117,7 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     start = time.time()
     step = 0
     previous: tuple[float, dict, int] | None = None
+
     def train_step(step: int) -> float:
         examples = [make_example(rng, cfg.world, example_id=f"w{step}-{i}") for i in range(cfg.batch_size)]
         rows = [question_writing(rng, e, cfg.world) if rng.random() < cfg.synthesis_share
@@ -139,12 +135,12 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
             raise RuntimeError(f"warm-up loss became {loss.item()} at step {step}")
         return loss.item()
 
-    def run_eval(step: int, loss: float, tag: str = "") -> dict:
+    def run_eval(step: int, loss: float) -> dict:
         result = evaluate(model, tokenizer, dev, encoder=encoder, style=cfg.style, num_samples=cfg.eval_samples,
                           max_new_tokens=cfg.max_new_tokens)
         history.append({"step": step, "loss": loss, "seconds": time.time() - start, **dataclasses.asdict(result)})
         if log:
-            print(f"[warmup seed {cfg.seed}] step {step}{tag} loss {loss:.4f} {time.time() - start:.0f}s {result.row()}", flush=True)
+            print(f"[warmup seed {cfg.seed}] step {step} loss {loss:.4f} {time.time() - start:.0f}s {result.row()}", flush=True)
         return result
 
     for step in range(1, cfg.max_steps + 1):
@@ -164,13 +160,6 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
                               f"closer to the target {cfg.target_sampled}", flush=True)
                 break
             previous = (result.sampled, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
-    if cfg.cooldown_steps:
-        peak = optimizer.param_groups[0]["lr"]
-        for i in range(cfg.cooldown_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = peak * (1 - i / cfg.cooldown_steps)
-            loss = train_step(step + i + 1)
-        run_eval(step + cfg.cooldown_steps, loss, tag=" (after cool-down)")
     if out_dir is not None:
         save_checkpoint(model, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
     return model, history
@@ -206,7 +195,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--chain", default="tally", choices=["named", "tally", "describe"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cooldown", type=int, default=0, help="cool-down steps (lr -> 0) after the stop")
     parser.add_argument("--snapshots", action="store_true", help="save a checkpoint at every evaluation")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--question-weights", type=float, nargs=3, default=(0.0, 1.0, 1.0),
@@ -218,7 +206,6 @@ def main() -> None:
     world = WorldConfig.hard(**world_args) if args.hard else WorldConfig(**world_args)
     cfg = WarmupConfig(world=world, seed=args.seed, lr=args.lr,
                        max_steps=args.max_steps, target_sampled=args.target_sampled, snapshots=args.snapshots,
-                       cooldown_steps=args.cooldown,
                        eval_every=args.eval_every)
     warmup(cfg, out_dir=args.out)
 
