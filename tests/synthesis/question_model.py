@@ -14,9 +14,10 @@ from mmupt_megatron.algorithms.synthesis import DIRECT_TEMPLATE, IN_CONTEXT_TEMP
 from mmupt_megatron.config import DataConfig
 from mmupt_megatron.data.configured import prompt_for
 from mmupt_megatron.data.images import ImageEncoder
-from mmupt_megatron.data.prompts import build_prompt, expand_image_pads
+from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.synthetic import generate
 from mmupt_megatron.models.tiny import DEFAULT_CORPUS, make_tiny_qwen2_5_vl
+from tests.trainer.boxed_model import teach_step
 
 NEW_QUESTIONS = (
     "How many red circles are there?",
@@ -44,7 +45,6 @@ def make_question_model(out_dir: Path, *, data: DataConfig, steps: int = 250, lr
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     encoder = ImageEncoder(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
     examples = generate(8, seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -60,15 +60,6 @@ def make_question_model(out_dir: Path, *, data: DataConfig, steps: int = 250, lr
                                 instruction="", system=data.system_prompt, image_first=data.image_first)
             target = _targets(rng)
         pixels, grid = encoder.encode([example.image])
-        prompt_ids = tokenizer(expand_image_pads(text, grid.tolist()))["input_ids"]
-        answer_ids = tokenizer(target + "<|im_end|>")["input_ids"]
-        ids = torch.tensor([prompt_ids + answer_ids])
-        labels = ids.clone()
-        labels[0, : len(prompt_ids)] = -100
-        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=labels,
-                    mm_token_type_ids=(ids == image_id).int())
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+        teach_step(model, optimizer, tokenizer, text, target, pixels, grid)
     model.save_pretrained(model_dir)
     return model_dir
