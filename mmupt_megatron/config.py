@@ -96,6 +96,9 @@ class RolloutConfig:
     """Sampling seed (combined with the step so every step differs but runs reproduce)."""
     refit_bucket_mib: int = 256
     """Size of the buckets in which trained weights stream to the engine."""
+    refit_transport: str = "auto"
+    """How buckets reach the engine: shm (host shared memory the engine maps; the TP ranks write their pieces
+    into it, no gather), ray (through Ray's object store), auto (shm when the engine runs on rank 0's host)."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3
@@ -113,6 +116,8 @@ class RolloutConfig:
             out.append(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             out.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.refit_transport not in ("auto", "shm", "ray"):
+            out.append(f"rollout.refit_transport must be auto, shm or ray, got {self.refit_transport!r}")
         for name in ("max_new_tokens", "max_prompt_length", "tensor_parallel_size", "refit_bucket_mib"):
             if getattr(self, name) < 1:
                 out.append(f"rollout.{name} must be >= 1, got {getattr(self, name)}")

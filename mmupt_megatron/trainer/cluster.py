@@ -118,6 +118,7 @@ class Cluster:
                                                                                 engine_kwargs=engine_kwargs)
         self.tokens = ray.get(self.engine.tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
+        self.refit_transport = cfg.rollout.refit_transport
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
@@ -167,7 +168,8 @@ class Cluster:
 
         if self.colocated:
             ray.get(self.engine.wake_up.remote())
-        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes) for w in self.workers])
+        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes, transport=self.refit_transport)
+                        for w in self.workers])
         return sum(sent)
 
     def save(self, folder: str) -> None:

@@ -61,6 +61,32 @@ class RaySender:
         pass
 
 
+def ray_shm_sender(engine: Any) -> Any:
+    """A ``ShmSender`` whose notifications go to a ``RolloutWorker`` actor on this host: each bucket is
+    written into a reused host shared-memory segment (by every TP rank, ``weight_sync``), and the engine
+    maps the segment by name and loads from it; the call returns once the engine is done with it."""
+    import ray
+
+    from mmupt_megatron.engines.weight_transport import ShmSender
+
+    class RayShmSender(ShmSender):
+        def __init__(self) -> None:
+            super().__init__(conn=None)
+
+        def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
+            self._next = 0
+            return ray.get(engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+
+        def send(self, layout) -> None:  # noqa: ANN001, ARG002 - BucketLayout
+            slot, self._current = self._current, None
+            ray.get(engine.load_shm_bucket.remote(self._ring[slot].name, self._size))
+
+        def close(self) -> None:
+            pass
+
+    return RayShmSender()
+
+
 class PolicyWorker:
     """One Megatron rank: the trained policy and, when KL is on, a frozen reference copy."""
 
@@ -90,6 +116,7 @@ class PolicyWorker:
         from mmupt_megatron.models.weights import load_hf_weights
 
         self.model_dir = model_dir
+        self._sender: Any = None  # the refit sender (TP rank 0 of DP rank 0), created at the first refit
         self.groups = init_parallel(dims, seed=seed)
         self.arch = load_arch(model_dir)
         dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
@@ -125,14 +152,33 @@ class PolicyWorker:
         for group in self.policy.optimizer.param_groups:
             group["lr"] = lr
 
-    def refit(self, engine: Any, *, bucket_bytes: int) -> int:
+    def refit(self, engine: Any, *, bucket_bytes: int, transport: str = "auto") -> int:
         """Stream this rank's stage into the engine actor (collective over the model's ranks): TP rank 0 of
         DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         g = self.groups
-        sender = RaySender(engine) if g.tp_rank == 0 and g.dp_rank == 0 else None
+        sender = None
+        if g.tp_rank == 0 and g.dp_rank == 0:
+            if self._sender is None:  # kept across refits: its shared-memory buffer is reused
+                self._sender = ray_shm_sender(engine) if self._use_shm(engine, transport) else RaySender(engine)
+            sender = self._sender
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
+
+    def refit_transport(self) -> str | None:
+        """shm or ray once this rank has sent a refit; None on ranks that do not send."""
+        from mmupt_megatron.engines.weight_transport import ShmSender
+
+        return None if self._sender is None else "shm" if isinstance(self._sender, ShmSender) else "ray"
+
+    @staticmethod
+    def _use_shm(engine: Any, transport: str) -> bool:
+        import ray
+
+        if transport != "auto":
+            return transport == "shm"
+        same_host = ray.get(engine.node_id.remote()) == ray.get_runtime_context().get_node_id()
+        return same_host and os.path.isdir("/dev/shm")
 
     def save(self, folder: str) -> None:
         """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
@@ -168,6 +214,7 @@ class RolloutWorker:
         from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
 
         self.engine = VLLMRolloutEngine(model_dir, **engine_kwargs)
+        self._mapped: dict[str, torch.Tensor] = {}  # shared-memory refit segments, mapped once
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
         return self.engine.generate(requests, sampling)
@@ -185,6 +232,21 @@ class RolloutWorker:
         except ValueError as error:
             return str(error)
         return None
+
+    def load_shm_bucket(self, name: str, size: int) -> int:
+        """Load the bucket frame in the first ``size`` bytes of host shared-memory segment ``name``."""
+        from mmupt_megatron.engines.weight_transport import decode_bucket, map_shared_segment
+
+        mapped = self._mapped.get(name)
+        if mapped is None or mapped.numel() < size:
+            mapped = map_shared_segment(name, self._mapped)
+        entries, tensors = decode_bucket(mapped[:size])  # views: load_weights copies them into the model
+        return self.engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def load_bucket(self, frame: bytes) -> int:
         from mmupt_megatron.engines.weight_transport import decode_bucket

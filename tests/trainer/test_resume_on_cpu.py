@@ -26,7 +26,9 @@ def overrides(model, data, out):
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=2", "trainer.micro_batch_size=8", "rollout.n=4",
         "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
         "checkpoint.save_every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=false", "logging.progress=true",
-        "trainer.colocate=false",  # the engine on a bundle of its own (the e2e test covers colocated)
+        # the engine on a bundle of its own, buckets through Ray's object store (the e2e test covers the
+        # colocated engine and the shared-memory refit)
+        "trainer.colocate=false", "rollout.refit_transport=ray",
     ]
 
 
@@ -39,6 +41,7 @@ def run_in_process(args):
     try:
         trainer = Trainer(load_config("demo", args))
         history = trainer.fit()
+        assert ray.get(trainer.cluster.workers[0].refit_transport.remote()) == "ray"  # rollout.refit_transport=ray
         trainer.cluster.shutdown()
     finally:
         ray.shutdown()

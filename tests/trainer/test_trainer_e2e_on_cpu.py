@@ -59,4 +59,6 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
 
     assert trainer.cluster.colocated
     assert len(ray.util.placement_group_table(trainer.cluster.placement)["bundles"]) == 2
+    # same host: buckets went through shared memory (the TP ranks wrote their pieces into it)
+    assert ray.get([w.refit_transport.remote() for w in trainer.cluster.workers]) == ["shm", None]
     trainer.cluster.shutdown()
