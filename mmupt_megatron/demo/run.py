@@ -53,11 +53,10 @@ class DemoPlan:
 
 def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) -> EvalReport:  # noqa: ANN001
     """Greedy + k sampled answers per held-out question from a vLLM engine serving ``model_dir``."""
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
+    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs
 
     r = cfg.rollout
-    engine = VLLMRolloutEngine(model_dir, max_model_len=r.max_prompt_length + r.max_new_tokens,
-                               cpu_kvcache_gib=r.cpu_kvcache_gib, seed=seed)
+    engine = VLLMRolloutEngine(model_dir, **engine_kwargs(r, seed=seed))
     try:
         return evaluate(engine.generate, items, k=cfg.trainer.eval_k, temperature=r.temperature, top_p=r.top_p,
                         max_new_tokens=r.max_new_tokens, seed=seed, matcher=AnswerMatcher())

@@ -58,6 +58,18 @@ if not torch.cuda.is_available():
     install_cpu_shims()
 
 
+def engine_kwargs(rollout: Any, *, max_model_len: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """``VLLMRolloutEngine`` keyword arguments from a ``rollout.*`` config section (context length: prompt +
+    new tokens unless ``max_model_len`` says more; seed: ``rollout.seed`` unless given)."""
+    return dict(
+        max_model_len=max_model_len or rollout.max_prompt_length + rollout.max_new_tokens,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        cpu_kvcache_gib=rollout.cpu_kvcache_gib,
+        seed=rollout.seed if seed is None else seed,
+    )
+
+
 def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor in a HF folder's safetensors files (headers only, no data)."""
     shapes: dict[str, tuple[int, ...]] = {}

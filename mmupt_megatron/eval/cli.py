@@ -66,7 +66,7 @@ class Progress:
 def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.algorithms import AnswerMatcher
     from mmupt_megatron.config_loading import load_config
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine  # installs vLLM's CPU shims
+    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs  # installs vLLM's CPU shims
     from mmupt_megatron.eval.benchmarks import detect_benchmark, load_questions
     from mmupt_megatron.eval.model import detect_model_format, served_model
     from mmupt_megatron.eval.prompts import check_prompt_lengths, eval_items, prompt_lengths
@@ -95,9 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_prompt_lengths(questions, lengths, max_prompt_length=r.max_prompt_length)
         timings["convert"] = served.convert_s
         tick = time.perf_counter()
-        engine = VLLMRolloutEngine(served.path, max_model_len=r.max_prompt_length + r.max_new_tokens,
-                                   tensor_parallel_size=r.tensor_parallel_size, cpu_kvcache_gib=r.cpu_kvcache_gib,
-                                   gpu_memory_utilization=r.gpu_memory_utilization, seed=r.seed)
+        engine = VLLMRolloutEngine(served.path, **engine_kwargs(r))
         timings["engine_start"] = time.perf_counter() - tick
         progress = Progress(len(items))
         tick = time.perf_counter()

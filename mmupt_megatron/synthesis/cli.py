@@ -39,16 +39,13 @@ DEFAULT_RECIPE = "mmupt_paper"
 
 def open_engine(model_dir: str | Path, cfg: Config):
     """A vLLM engine serving ``model_dir``, long enough for synthesis prompts and for answers."""
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
+    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs
 
     if cfg.logging.quiet_engines:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     r, s = cfg.rollout, cfg.synthesis
-    return VLLMRolloutEngine(
-        model_dir, max_model_len=max(r.max_prompt_length + r.max_new_tokens, s.max_prompt_length + s.max_new_tokens),
-        tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-        cpu_kvcache_gib=r.cpu_kvcache_gib, seed=s.seed,
-    )
+    max_model_len = max(r.max_prompt_length + r.max_new_tokens, s.max_prompt_length + s.max_new_tokens)
+    return VLLMRolloutEngine(model_dir, **engine_kwargs(r, max_model_len=max_model_len, seed=s.seed))
 
 
 def _check_unique_ids(samples: Sequence) -> None:

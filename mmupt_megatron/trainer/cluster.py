@@ -107,15 +107,10 @@ class Cluster:
             for rank in range(world)
         ]
         self.infos: list[RankInfo] = ray.get([w.info.remote() for w in self.workers])
-        engine_kwargs = dict(
-            max_model_len=cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            cpu_kvcache_gib=cfg.rollout.cpu_kvcache_gib,
-            seed=cfg.rollout.seed,
-        )
-        self.engine = ray.remote(RolloutWorker).options(**on(*engine_slot)).remote(model_dir=model_dir,
-                                                                                engine_kwargs=engine_kwargs)
+        from mmupt_megatron.engines.vllm_rollout import engine_kwargs  # here: importing it installs CPU shims
+
+        self.engine = ray.remote(RolloutWorker).options(**on(*engine_slot)).remote(
+            model_dir=model_dir, engine_kwargs=engine_kwargs(cfg.rollout))
         self.tokens = ray.get(self.engine.tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_transport = cfg.rollout.refit_transport

@@ -34,6 +34,13 @@ class RankInfo:
         return self.is_last_stage and self.tp_rank == 0
 
 
+def offer_manifest(engine: Any, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
+    """The engine actor's verdict on a refit manifest: None to go ahead, else its reason."""
+    import ray
+
+    return ray.get(engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+
+
 class RaySender:
     """``WeightSender`` into a ``RolloutWorker`` actor: the manifest is checked by the engine before any
     gather, then each bucket (a safetensors frame) goes through the object store, one at a time."""
@@ -45,9 +52,7 @@ class RaySender:
         self.frames = SafetensorsBuckets()
 
     def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
-        import ray
-
-        return ray.get(self.engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+        return offer_manifest(self.engine, manifest)
 
     def buffer(self, layout) -> torch.Tensor:  # noqa: ANN001 - BucketLayout
         return self.frames.buffer(layout)
@@ -74,8 +79,8 @@ def ray_shm_sender(engine: Any) -> Any:
             super().__init__(conn=None)
 
         def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
-            self._next = 0
-            return ray.get(engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+            self._next = 0  # as ShmSender.offer: every refit fills the ring from its first slot
+            return offer_manifest(engine, manifest)
 
         def send(self, layout) -> None:  # noqa: ANN001, ARG002 - BucketLayout
             slot, self._current = self._current, None
