@@ -332,3 +332,28 @@ def _parquet_rows(path: Path, *, columns: Sequence[str], required: Sequence[str]
         for record in batch.to_pylist():
             yield row, record
             row += 1
+
+
+# -- writing a dataset folder ---------------------------------------------------------------------------
+def write_dataset_folder(table, out: Path, *, image_key: str) -> Path:
+    """Save an arrow table of rows as a ``save_to_disk`` folder (images as ``datasets.Image`` features), written
+    beside ``out`` and renamed into place; an existing ``out`` is replaced only if it is such a folder."""
+    import os
+    import shutil
+    import tempfile
+
+    datasets = _datasets()
+    if out.exists() and hf_folder_kind(out) != "saved":
+        raise ValueError(f"{out} exists and is not a save_to_disk dataset folder; refusing to replace it")
+    dataset = datasets.Dataset(table, split=datasets.Split.TRAIN)
+    dataset = dataset.cast_column(image_key, datasets.List(datasets.Image()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        dataset.save_to_disk(str(tmp / "dataset"))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "dataset", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
