@@ -251,7 +251,7 @@ def _hub_dataset(name: str, split: str | None) -> HFSource:
     wanted = split or DEFAULT_SPLIT
     try:
         builder = datasets.load_dataset_builder(name)
-    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+    except Exception as e:  # noqa: BLE001 - ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
         arrow_cache, hub_cache = hub_cache_dirs()
         mode = "offline (HF_DATASETS_OFFLINE=1): only the local cache was read" if offline else \
             "the hub did not answer and the local cache does not have it"

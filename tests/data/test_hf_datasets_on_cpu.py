@@ -191,7 +191,7 @@ def test_bad_rows_and_column_keys_work_as_for_parquet(tmp_path):
             {"q": "Thin?", "pic": _png(3, 600, 2), "a": "3"}, {"q": "Broken?", "pic": b"not an image", "a": "4"}]
     features = datasets.Features({"q": datasets.Value("string"), "pic": datasets.Value("binary"), "a": datasets.Value("string")})
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "bad"))
-    keys = dict(problem_key="q", image_key="pic", answer_key="a")
+    keys = {"problem_key": "q", "image_key": "pic", "answer_key": "a"}
     with pytest.raises(ValueError, match=r"bad row 1: empty or missing question"):
         open_dataset([str(tmp_path / "bad")], DataConfig(**keys))
     skipping = open_dataset([str(tmp_path / "bad")], DataConfig(**keys, on_bad_row="skip"))
