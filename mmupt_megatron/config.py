@@ -204,9 +204,11 @@ class AlgorithmConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Parquet/JSONL files or folders of unlabeled questions (EasyR1 / MM-UPT row format)."""
+    """Unlabeled questions (EasyR1 / MM-UPT row format): parquet/JSONL files or folders, or Hugging Face datasets:
+    NAME[@SPLIT] (a hub id; HF_DATASETS_OFFLINE=1 reads only the local cache), a save_to_disk folder or a dataset
+    repository folder (data files + README.md card), FOLDER@SPLIT to pick a split (default: train)."""
     eval_files: list[str] = field(default_factory=list)
-    """Held-out files for evaluation (their answers are used for metrics only)."""
+    """Held-out rows for evaluation, in any form train_files takes (answers are used for metrics only)."""
     problem_key: str = "problem"
     """Column holding the question text."""
     image_key: str = "images"
@@ -332,11 +334,31 @@ class LoggingConfig:
     """Write PNG plots of reward, majority share and accuracies into OUTPUT/plots at the end."""
     collapse_alarm: float = 0.5
     """Alarm when holdout pass@k falls below this fraction of its first value."""
+    wandb: bool = False
+    """Also log to Weights & Biases (the hub extra): every metric of metrics.jsonl, the resolved config, the plots
+    and the held-out eval table; a resumed run continues the same W&B run (its id is kept in the checkpoint).
+    WANDB_MODE=offline writes the run under OUTPUT/wandb/ without a network (upload later with wandb sync)."""
+    wandb_project: str = "mmupt-megatron"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty: your default entity."""
+    wandb_group: str = ""
+    """W&B run group; empty: the recipe name. The W&B run name is logging.run_name (empty: W&B picks one)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
 
     def problems(self) -> list[str]:
-        return [] if 0 <= self.collapse_alarm <= 1 else [
+        out = [] if 0 <= self.collapse_alarm <= 1 else [
             f"logging.collapse_alarm must be in [0, 1], got {self.collapse_alarm}"
         ]
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                out.append("logging.wandb=true needs the 'wandb' package: pip install 'mmupt-megatron[hub]'")
+            if not self.wandb_project.strip():
+                out.append("logging.wandb_project must not be empty when logging.wandb=true")
+        return out
 
 
 @dataclass(kw_only=True)

@@ -103,6 +103,8 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
             message = str(error).splitlines()[0]
             raise ValueError(f"{source}: bad value for {error.full_key!r}: {message}") from None
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if not config.logging.wandb_group:
+        config.logging.wandb_group = resolve_recipe(recipe).stem
     problems = config.problems()
     if problems:
         raise ValueError(f"invalid config from {layers[-2][0]}:\n  - " + "\n  - ".join(problems))

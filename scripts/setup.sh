@@ -23,7 +23,7 @@ fi
 
 echo "setup: installing into .venv (first run downloads ~1 GB; later runs reuse pip's cache)"
 "${PIP[@]}" install -q torch==2.13.0
-"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[cpu,bench,plots,dev]"
+"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[cpu,bench,plots,hub,dev]"
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" install -q -c constraints/cpu.txt --no-deps nemo-run==0.11.1 leptonai==0.27.3
 "${PIP[@]}" install -q -c constraints/cpu.txt inquirerpy catalogue fabric fiddle torchx typer rich jinja2 \
@@ -33,7 +33,7 @@ echo "setup: installing into .venv (first run downloads ~1 GB; later runs reuse 
 import importlib.util, torch
 assert torch.__version__.startswith("2.13.0"), f"torch was replaced: {torch.__version__}"
 assert importlib.util.find_spec("torchvision") is None, "torchvision must not be installed (breaks transformers)"
-import transformers, vllm, megatron.core, ray, nemo_run, math_verify  # noqa: F401
+import transformers, vllm, megatron.core, ray, nemo_run, math_verify, datasets, wandb  # noqa: F401
 print(f"setup: ok (torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__})")
 PY
 echo "$want" > "$stamp"

@@ -1,7 +1,9 @@
-"""Image + question datasets in the EasyR1 / MM-UPT row format, from parquet or JSONL.
+"""Image + question datasets in the EasyR1 / MM-UPT row format, from parquet, JSONL or Hugging Face datasets.
 
-A source is a file, a list of files, or a folder (its ``*.parquet``, ``*.jsonl`` and ``*.json`` files,
-sorted by name). Each row has (key names configurable):
+A source is a file, a folder (its ``*.parquet``, ``*.jsonl`` and ``*.json`` files, sorted by name), a Hugging
+Face dataset (``NAME[@SPLIT]``, a ``save_to_disk`` folder, a dataset repository folder: see
+``mmupt_megatron.data.sources``), or a list of those; all of them are checked by the same code here.
+Each row has (key names configurable):
 - ``problem``: the question text (non-empty);
 - ``images``: one image, as a ``{"bytes": ..., "path": ...}`` dict (parquet), a path string, raw bytes, or
   a one-element list of those. JSONL may give ``bytes`` base64-encoded. Relative paths resolve against
@@ -19,18 +21,28 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from mmupt_megatron.data.images import DEFAULT_MAX_DECODE_PIXELS, ImageError, load_image
+from mmupt_megatron.data.images import (
+    DEFAULT_MAX_DECODE_PIXELS,
+    ImageError,
+    ImageMissing,
+    ImageShapeError,
+    ImageTooLarge,
+    check_aspect_ratio,
+    load_image,
+)
+from mmupt_megatron.data.sources import DATA_SUFFIXES, RowSource, list_data_files, open_sources
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+__all__ = ["DATA_SUFFIXES", "BadRowError", "DatasetConfig", "ImageQuestionDataset", "Sample", "SkipReport",
+           "image_source", "list_data_files"]
+
 BAD_ROW_POLICIES = ("error", "skip")
 
 
@@ -89,77 +101,6 @@ class Sample:
     """``file:row`` for error messages."""
 
 
-def list_data_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The data files of a file, a list of files, or a folder; ValueError for anything else."""
-    items = [source] if isinstance(source, str | Path) else list(source)
-    if not items:
-        raise ValueError("no data files given")
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
-            if not found:
-                raise ValueError(f"data folder {path} has no {'/'.join(DATA_SUFFIXES)} files")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix not in DATA_SUFFIXES:
-                raise ValueError(f"unknown data format {path.suffix!r} of {path}; expected one of {DATA_SUFFIXES}")
-            files.append(path)
-        else:
-            raise ValueError(f"data path not found: {path}")
-    return files
-
-
-def _read_rows(path: Path, *, columns: Sequence[str], required: Sequence[str]) -> Iterator[tuple[int, dict | str]]:
-    """(row index, row dict) pairs; a row that does not parse comes back as an error string."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
-        names = parquet.schema_arrow.names
-        missing = [k for k in required if k not in names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {names}")
-        row = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=[c for c in columns if c in names]):
-            for record in batch.to_pylist():
-                yield row, record
-                row += 1
-        return
-    with path.open(encoding="utf-8") as handle:
-        text = handle.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from e
-        lines: list[Any] = records
-    else:
-        lines = text.splitlines()
-    for row, line in enumerate(lines):
-        if isinstance(line, str):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield row, f"invalid JSON: {e}"
-                continue
-        else:
-            record = line
-        if not isinstance(record, dict):
-            yield row, f"expected a JSON object, got {type(record).__name__}"
-            continue
-        missing = [k for k in required if k not in record]
-        if missing:
-            raise ValueError(f"{path} row {row}: missing key(s) {missing}; keys are {sorted(record)}")
-        yield row, record
-
-
 def image_source(value: Any, *, base_dir: Path) -> bytes | Path:
     """Normalise an image field (bytes, a path, a ``{bytes, path}`` dict, a one-element list of those) to bytes
     or a path resolved against ``base_dir`` (raises ImageError)."""
@@ -188,44 +129,54 @@ def image_source(value: Any, *, base_dir: Path) -> bytes | Path:
     raise ImageError(f"no usable image (got {type(value).__name__})")
 
 
+_IMAGE_REASONS = {ImageTooLarge: "image over pixel cap", ImageMissing: "missing image",
+                  ImageShapeError: "extreme aspect ratio"}
+
+
 class ImageQuestionDataset:
     """Validated samples; ``dataset[i]`` returns (Sample, RGB image decoded on demand)."""
 
     def __init__(self, source: str | Path | Sequence[str | Path], *, cfg: DatasetConfig | None = None):
         self.cfg = cfg or DatasetConfig()
-        self.files = list_data_files(source)
+        self.sources: list[RowSource] = open_sources(source)
+        self.files = [s.label for s in self.sources]
+        """What was read, for messages: file paths, ``NAME@SPLIT`` / ``FOLDER@SPLIT`` of Hugging Face datasets."""
         self.skipped = SkipReport()
         self.samples: list[Sample] = []
         columns = [self.cfg.problem_key, self.cfg.image_key, self.cfg.answer_key, self.cfg.id_key]
-        for path in self.files:
-            for row, record in _read_rows(path, columns=columns, required=[self.cfg.problem_key, self.cfg.image_key]):
+        for src in self.sources:
+            for row, record in src.rows(columns=columns, required=[self.cfg.problem_key, self.cfg.image_key]):
                 try:
-                    self.samples.append(self._check(path, row, record))
+                    self.samples.append(self._check(src, row, record))
                 except BadRowError as e:
                     if self.cfg.on_bad_row == "error":
                         raise
                     self.skipped.add(e.args[1], e.args[0])
         if not self.samples:
             detail = f" ({self.skipped.summary()})" if self.skipped.total else ""
-            raise ValueError(f"no usable rows in {', '.join(str(f) for f in self.files)}{detail}")
+            raise ValueError(f"no usable rows in {', '.join(self.files)}{detail}")
 
-    def _check(self, path: Path, row: int, record: dict | str) -> Sample:
-        origin = f"{path} row {row}"
+    def _check(self, src: RowSource, row: int, record: dict | str) -> Sample:
+        origin = f"{src.label} row {row}"
         if isinstance(record, str):
             raise BadRowError(f"{origin}: {record}", "unparseable row")
-        question = record.get(self.cfg.problem_key)
-        if not isinstance(question, str) or not question.strip():
-            raise BadRowError(f"{origin}: empty or missing question ({self.cfg.problem_key!r} = {question!r})", "empty question")
+        key = self.cfg.problem_key
+        question = record.get(key)
+        if question is not None and not isinstance(question, str):
+            shown = f"{len(question)} bytes" if isinstance(question, bytes | bytearray) else type(question).__name__
+            raise BadRowError(f"{origin}: the question ({key!r}) is {shown}, not text: {question!r:.80}", "question not text")
+        if not question or not question.strip():
+            raise BadRowError(f"{origin}: empty or missing question ({key!r} = {question!r})", "empty question")
         try:
-            source = image_source(record.get(self.cfg.image_key), base_dir=path.parent)
-            load_image(source, max_decode_pixels=self.cfg.max_decode_pixels)
+            source = image_source(record.get(self.cfg.image_key), base_dir=src.base_dir or Path.cwd())
+            image = load_image(source, max_decode_pixels=self.cfg.max_decode_pixels)
+            check_aspect_ratio(*image.size)  # what the resize at training time would refuse
         except ImageError as e:
-            reason = "image over pixel cap" if "hard cap" in str(e) else "missing image" if "not found" in str(e) else "bad image"
-            raise BadRowError(f"{origin}: {e}", reason) from e
+            raise BadRowError(f"{origin}: {e}", _IMAGE_REASONS.get(type(e), "bad image")) from e
         answer = record.get(self.cfg.answer_key)
         sample_id = record.get(self.cfg.id_key)
         return Sample(
-            id=str(sample_id) if sample_id not in (None, "") else f"{path.stem}:{row}",
+            id=str(sample_id) if sample_id not in (None, "") else f"{src.stem}:{row}",
             question=question.strip(),
             image_source=source,
             answer=None if answer is None else str(answer),

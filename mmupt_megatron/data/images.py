@@ -34,8 +34,32 @@ DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 DEFAULT_MAX_DECODE_PIXELS = 64_000_000
 
 
+MAX_ASPECT_RATIO = 200
+"""Qwen2-VL's limit on the long side / short side of an image."""
+
+
 class ImageError(ValueError):
     """An image that cannot be used (missing, corrupt, too large); the message says why."""
+
+
+class ImageMissing(ImageError):
+    """The image file does not exist."""
+
+
+class ImageTooLarge(ImageError):
+    """Over the hard decoded-pixel cap, or refused by PIL's decompression-bomb guard."""
+
+
+class ImageShapeError(ImageError):
+    """An aspect ratio the model cannot take (over ``MAX_ASPECT_RATIO``)."""
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """ImageError for an image without pixels, ImageShapeError for one longer than 200:1."""
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageShapeError(f"aspect ratio of a {width}x{height} image exceeds {MAX_ASPECT_RATIO}")
 
 
 def smart_resize(
@@ -43,10 +67,7 @@ def smart_resize(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[int, int]:
     """Qwen2-VL's resize target: multiples of ``factor`` with area within [min_pixels, max_pixels]."""
-    if height <= 0 or width <= 0:
-        raise ImageError(f"image has no pixels ({width}x{height})")
-    if max(height, width) / min(height, width) > 200:
-        raise ImageError(f"aspect ratio of a {width}x{height} image exceeds 200")
+    check_aspect_ratio(width, height)
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
     h_bar = max(factor, round(height / factor) * factor)
@@ -82,7 +103,7 @@ def load_image(
             if not path.is_absolute() and base_dir is not None:
                 path = Path(base_dir) / path
             if not path.is_file():
-                raise ImageError(f"image file not found: {path}")
+                raise ImageMissing(f"image file not found: {path}")
             handle, where = path, str(path)
         else:
             raise ImageError(f"unsupported image source of type {type(source).__name__}")
@@ -92,18 +113,20 @@ def load_image(
                 image = Image.open(handle)
                 width, height = image.size
                 if width * height > max_decode_pixels:
-                    raise ImageError(
+                    raise ImageTooLarge(
                         f"image ({where}) is {width}x{height} = {width * height} pixels, over the hard cap "
                         f"max_decode_pixels={max_decode_pixels}"
                     )
                 image.load()
         except ImageError:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLarge(f"image ({where}) refused by the decompression-bomb guard: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"cannot decode image ({where}): {type(e).__name__}: {e}") from e
     width, height = image.size
     if width * height > max_decode_pixels:
-        raise ImageError(f"image is {width}x{height}, over the hard cap max_decode_pixels={max_decode_pixels}")
+        raise ImageTooLarge(f"image is {width}x{height}, over the hard cap max_decode_pixels={max_decode_pixels}")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

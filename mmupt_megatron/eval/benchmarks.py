@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmupt_megatron.config import DataConfig
+from mmupt_megatron.data.sources import hf_folder_kind
 from mmupt_megatron.eval.generic import generic_questions
 from mmupt_megatron.eval.rows import Question, Row, checked_image, choice_answer, lettered_options, read_rows
 
@@ -202,7 +203,7 @@ def _mismatch(row: Row, fmt: BenchmarkFormat, data: DataConfig) -> ValueError:
 
 def detect_benchmark(path: Path, data: DataConfig) -> str:
     """The benchmark whose fields the file's first row has; ValueError naming the fields otherwise."""
-    if path.is_dir():
+    if path.is_dir() and hf_folder_kind(path) is None:
         return "generic"
     first = next(iter(read_rows(path)), None)
     if first is None:

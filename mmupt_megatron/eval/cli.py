@@ -32,7 +32,8 @@ DEFAULT_RECIPE = "mmupt_paper"
 def add_eval_subcommand(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("eval", help="evaluate a checkpoint on a benchmark file (pass@1, maj@k, pass@k)")
     p.add_argument("--model", required=True, help="HF folder, or a Megatron / training checkpoint (converted)")
-    p.add_argument("--data", required=True, help="benchmark file (.json/.jsonl/.parquet; generic: also a folder)")
+    p.add_argument("--data", required=True, help="benchmark file (.json/.jsonl/.parquet; generic: also a folder), or a Hugging Face "
+                                                      "dataset: NAME[@SPLIT] or a dataset folder")
     p.add_argument("--benchmark", default="auto", choices=("auto", *BENCHMARKS), help="format (default: detect)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"sampling / prompt / image settings ({DEFAULT_RECIPE})")
     p.add_argument("--k", type=int, default=None, help="samples per question (default: the recipe's trainer.eval_k)")

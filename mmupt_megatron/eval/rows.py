@@ -20,6 +20,7 @@ from typing import Any
 
 from mmupt_megatron.data.dataset import image_source as dataset_image_source
 from mmupt_megatron.data.images import DEFAULT_MAX_DECODE_PIXELS, ImageError, load_image
+from mmupt_megatron.data.sources import hf_source
 
 LETTERS = "ABCDEFGHIJ"
 BENCHMARK_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -84,7 +85,13 @@ class Row:
 
 
 def read_rows(path: Path) -> Iterator[Row]:
-    """The rows of a benchmark file in order (lazily for JSONL and parquet); ValueError for an unreadable file."""
+    """The rows of a benchmark file in order (lazily for JSONL and parquet); ValueError for an unreadable file.
+    A Hugging Face dataset (``NAME[@SPLIT]`` or a dataset folder; see ``mmupt_megatron.data.sources``) is read
+    through the data layer's sources."""
+    hf = None if path.is_file() else hf_source(path)
+    if hf is not None:
+        yield from (Row(hf.row_path, i, record) for i, record in hf.rows(columns=(), required=()))
+        return
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the benchmark's .json / .jsonl / .parquet file "
                          "(only --benchmark generic reads folders)")

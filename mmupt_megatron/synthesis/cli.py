@@ -9,7 +9,9 @@ sampled (``rollout.*``) and the synthesis settings (``synthesis.*``); ``--mode``
 ``--model`` is a Hugging Face folder (an exported run: ``OUTPUT/hf``). The model step written with each row
 is read from the run's checkpoint when there is one, else ``synthesis.model_step``.
 
-Writes OUT (parquet or JSONL, the input's row format plus provenance columns; see ``synthesis.rows``) and
+``--input`` is anything ``data.train_files`` takes (a file, a folder, a Hugging Face dataset ``NAME[@SPLIT]`` or
+dataset folder). Writes OUT (parquet, JSONL, or, for an OUT without a suffix, a Hugging Face dataset folder
+to share with ``push_to_hub``: the input's row format plus provenance columns; see ``synthesis.rows``) and
 ``OUT_STEM.summary.json`` with the count of every rejection reason. An existing output is kept unless
 ``--force``; a bad input row is an error naming the file and row (or, with ``data.on_bad_row=skip``, counted).
 """
@@ -103,8 +105,10 @@ def _synthesize_command(args: argparse.Namespace) -> int:
 def add_synthesize_subcommand(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("synthesize", help="write new questions about a data file's images with a policy")
     parser.add_argument("--mode", required=True, choices=MODES, help="in-context (seed question shown) or direct")
-    parser.add_argument("--input", required=True, help="seed rows: a parquet / JSONL file or folder")
-    parser.add_argument("--out", required=True, help="output file (.parquet or .jsonl)")
+    parser.add_argument("--input", required=True, help="seed rows: a parquet / JSONL file or folder, or a Hugging Face "
+                                                         "dataset (NAME[@SPLIT] or a dataset folder)")
+    parser.add_argument("--out", required=True, help="output file (.parquet or .jsonl), or a folder "
+                                                       "(no suffix) written as a Hugging Face dataset")
     parser.add_argument("--model", required=True, help="Hugging Face folder of the policy (e.g. a run's OUTPUT/hf)")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe for data/rollout/synthesis settings "
                                                                  f"(default {DEFAULT_RECIPE})")

@@ -10,8 +10,10 @@ does not depend on the input's folder), the new question, a null answer (the pol
 - ``majority_share`` / ``majority_answer``: the policy's agreement on the new question (null without
   answering); ``seed_answer_source``: data, majority or none (in-context) — what the prompt showed.
 
-Parquet (``.parquet``) or JSON lines (``.jsonl``, image bytes base64), chosen by the output's suffix; files
-are written to a temporary name and renamed. The summary goes next to the output: ``NAME.summary.json``.
+Parquet (``.parquet``), JSON lines (``.jsonl``, image bytes base64) or, for an output without a suffix, a
+Hugging Face dataset folder (``save_to_disk``; images as ``datasets.Image``) that ``datasets.load_from_disk``,
+``push_to_hub`` and our loader read; chosen by the output's suffix. Outputs are written to a temporary name and
+renamed. The summary goes next to the output: ``NAME.summary.json``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 
 from mmupt_megatron.config import DataConfig
 from mmupt_megatron.data.dataset import Sample
+from mmupt_megatron.data.sources import hf_folder_kind, write_dataset_folder
 from mmupt_megatron.synthesis.run import SynthesisResult, SynthesizedQuestion
 
-OUTPUT_SUFFIXES = (".parquet", ".jsonl")
+OUTPUT_SUFFIXES = (".parquet", ".jsonl", "")
+"""``""``: a dataset folder (``save_to_disk``)."""
 PROVENANCE_COLUMNS = ("source_id", "synthesis_mode", "model_step", "majority_share", "majority_answer",
                       "seed_answer_source")
 
@@ -41,7 +45,10 @@ def check_output_path(out: str | Path, *, force: bool) -> Path:
     """ValueError for an unknown suffix, or an existing output (or summary) without ``force``."""
     out = Path(out)
     if out.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {out} must end in one of {OUTPUT_SUFFIXES}")
+        raise ValueError(f"output {out} must end in one of {OUTPUT_SUFFIXES[:-1]}, or have no suffix "
+                         "(a Hugging Face dataset folder)")
+    if out.suffix == "" and out.exists() and hf_folder_kind(out) != "saved":
+        raise ValueError(f"{out} exists and is not a dataset folder written by save_to_disk; refusing to replace it")
     existing = [p for p in (out, summary_path(out)) if p.exists()]
     if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite it")
@@ -74,17 +81,21 @@ def question_rows(
     return rows
 
 
-def _write_parquet(path: Path, rows: list[dict[str, Any]], data: DataConfig) -> None:
+def _table(rows: list[dict[str, Any]], data: DataConfig):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     image = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     types = {data.id_key: pa.string(), data.problem_key: pa.string(), data.image_key: image,
              data.answer_key: pa.string(), "source_id": pa.string(), "synthesis_mode": pa.string(),
              "model_step": pa.int64(), "majority_share": pa.float64(), "majority_answer": pa.string(),
              "seed_answer_source": pa.string()}
-    schema = pa.schema(list(types.items()))
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return pa.Table.from_pylist(rows, schema=pa.schema(list(types.items())))
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]], data: DataConfig) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(_table(rows, data), path)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]], data: DataConfig) -> None:
@@ -101,6 +112,10 @@ def write_result(out: str | Path, result: SynthesisResult, *, seeds: Sequence[Sa
         raise ValueError(f"output {out} must end in one of {OUTPUT_SUFFIXES}")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = question_rows(result.questions, seeds=seeds, data=data)
+    if out.suffix == "":
+        write_dataset_folder(_table(rows, data), out, image_key=data.image_key)
+        write_summary(out, result)
+        return out
     tmp = out.with_name(out.name + ".tmp")
     (_write_parquet if out.suffix == ".parquet" else _write_jsonl)(tmp, rows, data)
     os.replace(tmp, out)

@@ -30,7 +30,7 @@ from mmupt_megatron.evaluation import evaluate
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
-from mmupt_megatron.trainer.metrics_log import MetricsLog, plot_metrics
+from mmupt_megatron.trainer.metrics_log import MetricsLog, open_metrics_log, plot_metrics
 
 
 @dataclass
@@ -199,8 +199,7 @@ class Trainer:
         """Train from the latest checkpoint (``trainer.resume``) to ``trainer.steps``; export the policy."""
         cfg = self.cfg
         first = self._resume()
-        log = MetricsLog(self.out_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                         total_steps=cfg.trainer.steps, first_step=first)
+        log = open_metrics_log(cfg, self.out_dir, first_step=first, resumed_from=self.resumed_from)
         history: list[dict[str, float]] = []
         try:
             for step in range(first, cfg.trainer.steps):
@@ -216,11 +215,11 @@ class Trainer:
                           + (f", pseudo-label acc {metrics['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in metrics else "")
                           + f", {sum(v for k, v in metrics.items() if k.startswith('time/')):.1f} s", flush=True)
                 if last or (cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0):
-                    self._save(step)
+                    self._save(step, log)
+            if cfg.logging.plots:
+                log.add_plots(plot_metrics(log.path, self.out_dir / "plots"))
         finally:
             log.close()
-        if cfg.logging.plots:
-            plot_metrics(log.path, self.out_dir / "plots")
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out_dir / "hf")
         return history
@@ -244,7 +243,7 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the checkpoint ``trainer.resume`` names (if any); the first step to run."""
-        folder = ckpt.resolve_resume(self.cfg.trainer.resume, self.out_dir)
+        folder = self.resumed_from = ckpt.resolve_resume(self.cfg.trainer.resume, self.out_dir)
         if folder is None:
             return 0
         self.cluster.load(str(folder))
@@ -255,13 +254,15 @@ class Trainer:
         print(f"resumed from {folder} (step {state['step']} done)", flush=True)
         return int(state["step"]) + 1
 
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int, log: MetricsLog | None = None) -> Path:
         from mmupt_megatron.config_loading import config_to_yaml
 
         tmp = ckpt.begin(ckpt.checkpoints_root(self.out_dir), step)
         self.cluster.save(str(tmp))
         ckpt.write_driver_state(tmp, step=step, sampler_state=self.sampler.state_dict(),
                                 config_yaml=config_to_yaml(self.cfg))
+        if log is not None:
+            log.save_state(tmp)  # the W&B run id, so a resume continues that run
         return ckpt.commit(tmp, keep_last=self.cfg.checkpoint.keep_last)
 
     def export_hf(self, out_dir: Path) -> Path:
