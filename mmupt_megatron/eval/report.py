@@ -108,8 +108,13 @@ def tables(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         for table, values in record["groups"].items():
             for value in values:
                 members[table][value].append(record)
-    return {table: {value: {"questions": len(group), **_means(group)} for value, group in sorted(by_value.items())}
+    return {table: {value: {"questions": len(group), **_means(group)}
+                    for value, group in sorted(by_value.items(), key=lambda item: (_ORDER.get(item[0], 9), item[0]))}
             for table, by_value in members.items()}
+
+
+_ORDER = {"one-step": 1, "two-step": 2, "three-step": 3}
+"""Values listed in this order before the others (alphabetical)."""
 
 
 def four_dimensional(records: Sequence[dict[str, Any]], score: str = "greedy") -> dict[str, Any]:
@@ -210,8 +215,9 @@ def four_dimensional_table(measures: dict[str, Any]) -> list[str]:
 
     score = "-" if measures["score"] is None else f"{measures['score']:.3f}"
     loose = "-" if measures["score_loose"] is None else f"{measures['score_loose']:.3f}"
-    return [f"We-Math four measures from {measures['correct_by']} ({measures['problems']} multi-step problems, "
-            f"{measures['incomplete']} incomplete)",
+    title = (f"We-Math four measures from {measures['correct_by']} ({measures['problems']} multi-step problems, "
+             f"{measures['incomplete']} incomplete)")
+    return [title,
             "| measure | IK | IG | CM | RM | score |", "|---|---:|---:|---:|---:|---:|",
             f"| strict | {cell('IK')} | {cell('IG')} | {cell('CM')} | {cell('RM')} | {score} |",
             f"| loose | {cell('IK')} | {cell('IG')} | {cell('CM_loose')} | {cell('RM_loose')} | {loose} |"]

@@ -300,13 +300,12 @@ def lettered_options(row: Row, name: str, pieces: Sequence[str]) -> tuple[str, .
 
 
 # LaTeX commands whose backslash + first letter is also a JSON escape (\b \f \n \r \t).
-_ESCAPED_COMMANDS = frozenset(
-    "times text textbf textrm theta tan tanh tfrac to top triangle tau tilde therefore "
-    "right rightarrow rho rm rangle rceil rfloor "
-    "neq ne nu nabla not ngeq nleq newline natural nmid "
-    "beta boxed bar bot binom bf big bigl bigr because bmod "
-    "frac forall flat".split()
-)
+_ESCAPED_COMMANDS = frozenset((
+    "times", "text", "textbf", "textrm", "theta", "tan", "tanh", "tfrac", "to", "top", "triangle", "tau", "tilde",
+    "therefore", "right", "rightarrow", "rho", "rm", "rangle", "rceil", "rfloor", "neq", "ne", "nu", "nabla", "not",
+    "ngeq", "nleq", "newline", "natural", "nmid", "beta", "boxed", "bar", "bot", "binom", "bf", "big", "bigl",
+    "bigr", "because", "bmod", "frac", "forall", "flat",
+))
 _CONTROL = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
 _BROKEN = re.compile(r"([\b\f\n\r\t])([A-Za-z]+)")
 
