@@ -193,8 +193,8 @@ def image_source(row: Row, names: Sequence[str], dirs: Sequence[Path] = ()) -> t
         source = dataset_image_source(value, base_dir=dirs[0])
     except ImageError as e:
         raise row.fail(name, str(e)) from e
-    if isinstance(source, Path) and not source.is_file() and len(dirs) > 1:
-        relative = source.relative_to(dirs[0])
+    relative = _relative(value)
+    if isinstance(source, Path) and not source.is_file() and relative is not None and len(dirs) > 1:
         found = next((d / relative for d in dirs if (d / relative).is_file()), None)
         if found is None:
             tried = ", ".join(str(d / relative) for d in dirs)
@@ -202,6 +202,18 @@ def image_source(row: Row, names: Sequence[str], dirs: Sequence[Path] = ()) -> t
                                  "the folder the benchmark's image paths start from)", reason="image file not found")
         source = found
     return name, source
+
+
+def _relative(value: Any) -> Path | None:
+    """The relative path an image field names (a string, a ``{path}`` dict without bytes, a one-element list of
+    those); None for bytes and absolute paths."""
+    if isinstance(value, list | tuple) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    if isinstance(value, str) and value.strip() and not Path(value.strip()).is_absolute():
+        return Path(value.strip())
+    return None
 
 
 def checked_image(row: Row, names: Sequence[str], dirs: Sequence[Path] = (), *,

@@ -84,6 +84,16 @@ def test_images_dir_and_parent_folder(tmp_path):
         load_questions(path, "mathverse", DATA)
     questions = load_questions(path, "mathverse", DATA, images=tmp_path / "unpacked")
     assert questions[0].image == tmp_path / "unpacked" / "images_version_1-4" / "image_1.png"
+    # absolute paths are used as they are
+    rows = fx.mathverse_rows()[:1]
+    rows[0]["image"] = str(tmp_path / "unpacked" / rows[0]["image"])
+    assert load_questions(fx.write_mathverse(tmp_path / "absolute", rows), "mathverse", DATA)[0].image == \
+        tmp_path / "unpacked" / "images_version_1-4" / "image_1.png"
+    rows[0]["image"] = str(tmp_path / "gone.png")
+    gone = tmp_path / "absolute" / "gone.json"
+    gone.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"row 0 \(id '1'\), field 'image': image file not found: .*gone.png"):
+        load_questions(gone, "mathverse", DATA)
     with pytest.raises(ValueError, match="--images .*nowhere: not a folder"):
         load_questions(path, "mathverse", DATA, images=tmp_path / "nowhere")
 
