@@ -73,7 +73,10 @@ class Progress:
 def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.algorithms import AnswerMatcher
     from mmupt_megatron.config_loading import load_config
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs  # installs vLLM's CPU shims
+    from mmupt_megatron.engines.vllm_rollout import (  # installs vLLM's CPU shims
+        VLLMRolloutEngine,
+        engine_kwargs,
+    )
     from mmupt_megatron.eval.benchmarks import detect_benchmark, load_benchmark
     from mmupt_megatron.eval.limits import check_context, engine_limits
     from mmupt_megatron.eval.model import detect_model_format, served_model
