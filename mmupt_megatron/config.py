@@ -454,6 +454,18 @@ class SynthesisConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    on_bad_row: str = "error"
+    """mmupt eval on a benchmark row that cannot be read as published: error (names file, row and field) or skip
+    (counted by reason in the report)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.on_bad_row in ("error", "skip") else [
+            f"eval.on_bad_row must be error or skip, got {self.on_bad_row!r}"
+        ]
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -465,6 +477,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def problems(self) -> list[str]:
         out = [p for section in fields(self) for p in getattr(self, section.name).problems()]

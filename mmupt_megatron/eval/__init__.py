@@ -5,7 +5,13 @@ The metrics themselves are ``mmupt_megatron.evaluation.evaluate`` (the trainer's
 ``mmupt_megatron.algorithms.metrics``.
 """
 
-from mmupt_megatron.eval.benchmarks import BENCHMARKS, detect_benchmark, load_questions
-from mmupt_megatron.eval.rows import Question
+from mmupt_megatron.eval.benchmarks import (
+    BENCHMARKS,
+    Loaded,
+    detect_benchmark,
+    load_benchmark,
+    load_questions,
+)
+from mmupt_megatron.eval.rows import BadRow, Question
 
-__all__ = ["BENCHMARKS", "Question", "detect_benchmark", "load_questions"]
+__all__ = ["BENCHMARKS", "BadRow", "Loaded", "Question", "detect_benchmark", "load_benchmark", "load_questions"]

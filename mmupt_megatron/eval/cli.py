@@ -1,13 +1,18 @@
 """``mmupt eval``: a checkpoint on a benchmark file -> greedy, pass@1, maj@k, pass@k; a JSON report, a table.
 
     mmupt eval --model CKPT --data FILE [--benchmark auto|mathvista|wemath|mathverse|mathvision|generic]
-               [--recipe mmupt_paper] [--k 8] [--limit N] [--batch-size 64] [--out REPORT.json]
+               [--images DIR] [--recipe mmupt_paper] [--k 8] [--limit N] [--batch-size 64] [--out REPORT.json]
                [section.key=value ...]
 
 - ``--model``: an HF folder, or a Megatron checkpoint (``mmupt convert hf-to-megatron`` output, or a training
   checkpoint ``OUT/checkpoints/step_NNNNNN``), converted to HF in a temporary folder first.
 - ``--data``: a local copy of a benchmark file (see ``mmupt_megatron/eval/benchmarks.py`` for the formats);
-  ``--benchmark auto`` (the default) tells the format from the first row's fields.
+  ``--benchmark auto`` (the default) tells the format from the first row's fields. Relative image paths are
+  looked up in ``--images DIR``, next to the file, then in its parent folder. A row that cannot be read as
+  published stops the run naming file, row and field, or with ``eval.on_bad_row=skip`` is skipped and
+  counted by reason (printed, and in the report's ``loading``).
+- Before the engine starts, the prompts (image tokens as the model's own processor counts them) are checked
+  against ``rollout.max_prompt_length``, and prompt + ``rollout.max_new_tokens`` against the model's context.
 - The recipe (default ``mmupt_paper``: T=0.7, top-p 0.99, 2048 + 2048 tokens, Qwen's pixel limits and the
   training instruction) gives sampling (``rollout.*``), the prompt and image settings (``data.*``), answer
   equivalence (``reward.use_math_verify``) and k (``trainer.eval_k``); ``key=value`` overrides it.
@@ -35,6 +40,8 @@ def add_eval_subcommand(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="benchmark file (.json/.jsonl/.parquet; generic: also a folder), or a Hugging Face "
                                                       "dataset: NAME[@SPLIT] or a dataset folder")
     p.add_argument("--benchmark", default="auto", choices=("auto", *BENCHMARKS), help="format (default: detect)")
+    p.add_argument("--images", default=None, help="folder the benchmark's relative image paths start from "
+                   "(default: the data file's folder, then its parent)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"sampling / prompt / image settings ({DEFAULT_RECIPE})")
     p.add_argument("--k", type=int, default=None, help="samples per question (default: the recipe's trainer.eval_k)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -67,8 +74,12 @@ class Progress:
 def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.algorithms import AnswerMatcher
     from mmupt_megatron.config_loading import load_config
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs  # installs vLLM's CPU shims
-    from mmupt_megatron.eval.benchmarks import detect_benchmark, load_questions
+    from mmupt_megatron.engines.vllm_rollout import (  # installs vLLM's CPU shims
+        VLLMRolloutEngine,
+        engine_kwargs,
+    )
+    from mmupt_megatron.eval.benchmarks import detect_benchmark, load_benchmark
+    from mmupt_megatron.eval.limits import check_context, engine_limits
     from mmupt_megatron.eval.model import detect_model_format, served_model
     from mmupt_megatron.eval.prompts import check_prompt_lengths, eval_items, prompt_lengths
     from mmupt_megatron.eval.report import build_report, markdown_table, write_report
@@ -80,11 +91,19 @@ def run_eval(args: argparse.Namespace) -> int:
     if k < 1 or args.batch_size < 1:
         raise ValueError(f"--k and --batch-size must be >= 1, got {k} and {args.batch_size}")
     benchmark = detect_benchmark(Path(args.data), cfg.data) if args.benchmark == "auto" else args.benchmark
-    questions = load_questions(args.data, benchmark, cfg.data, limit=args.limit)
+    loaded = load_benchmark(args.data, benchmark, cfg.data, limit=args.limit, on_bad_row=cfg.eval.on_bad_row,
+                            images=args.images)
+    questions, loading = loaded.questions, loaded.skip_summary()
     items = eval_items(questions, cfg.data)
     num_choice = sum(q.choice for q in questions)
     print(f"{len(questions)} {benchmark} questions from {args.data} ({num_choice} multiple choice, "
           f"{len({q.category for q in questions})} categories); k={k}, T={r.temperature}, top-p {r.top_p}", flush=True)
+    if loading["skipped"]:
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in loading["skipped_by_reason"].items())
+        print(f"skipped {loading['skipped']} of {loading['rows_read']} rows (eval.on_bad_row=skip): {reasons}", flush=True)
+    if loading["repaired_answers"]:
+        print(f"{loading['repaired_answers']} published answers had broken LaTeX escapes (\\frac read as a form feed "
+              "+ 'rac'); read with the backslash restored (each is listed in the report's question meta)", flush=True)
     timings = {"load": time.perf_counter() - start}
     kind, folder = detect_model_format(args.model)
     if kind == "megatron":
@@ -92,11 +111,14 @@ def run_eval(args: argparse.Namespace) -> int:
     with served_model(args.model) as served:
         from transformers import AutoTokenizer
 
-        lengths = prompt_lengths(questions, items, cfg.data, AutoTokenizer.from_pretrained(served.path))
+        limits = engine_limits(served.path)
+        max_model_len = check_context(limits, max_prompt_length=r.max_prompt_length, max_new_tokens=r.max_new_tokens,
+                                      model=args.model)
+        lengths = prompt_lengths(questions, items, cfg.data, AutoTokenizer.from_pretrained(served.path), limits.pixels)
         check_prompt_lengths(questions, lengths, max_prompt_length=r.max_prompt_length)
         timings["convert"] = served.convert_s
         tick = time.perf_counter()
-        engine = VLLMRolloutEngine(served.path, **engine_kwargs(r))
+        engine = VLLMRolloutEngine(served.path, **engine_kwargs(r, max_model_len=max_model_len))
         timings["engine_start"] = time.perf_counter() - tick
         progress = Progress(len(items))
         tick = time.perf_counter()
@@ -116,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "resolved": dataclasses.asdict(cfg),
     }
     report = build_report(result=result, questions=questions, benchmark=benchmark, data=str(args.data), model=served,
-                          config=config, timings=timings)
+                          config=config, timings=timings, loading=loading)
     out = write_report(report, args.out or Path("runs/eval") / f"{benchmark}_{Path(args.data).stem}.json")
     print(markdown_table(report))
     print(f"report: {out} ({timings['total']:.0f} s)", flush=True)

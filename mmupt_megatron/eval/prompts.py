@@ -24,7 +24,8 @@ from typing import Any
 from mmupt_megatron.config import DataConfig
 from mmupt_megatron.data.configured import image_encoder, prompt_for
 from mmupt_megatron.data.images import FACTOR, ImageEncoder, ImageError, load_image, smart_resize
-from mmupt_megatron.eval.rows import LETTERS, Question
+from mmupt_megatron.data.prompts import IMAGE_PLACEHOLDER
+from mmupt_megatron.eval.rows import Question
 from mmupt_megatron.evaluation import EvalItem
 
 CHOICE_INSTRUCTION = "Answer with the option's letter."
@@ -35,7 +36,7 @@ def question_text(question: Question) -> str:
     lines = [question.question, *question.hints]
     if question.options:
         lines.append("Options:")
-        lines.extend(f"{LETTERS[i]}. {option}" for i, option in enumerate(question.options))
+        lines.extend(f"{letter}. {option}" for letter, option in zip(question.labels, question.options, strict=True))
     if question.choice:
         lines.append(CHOICE_INSTRUCTION)
     return "\n".join(lines)
@@ -60,25 +61,40 @@ class LazyImage(Sequence):
         return self.encoder.fit(image)
 
 
+def eval_item(question: Question, data: DataConfig, encoder: ImageEncoder) -> EvalItem:
+    """A question with an image gets the training prompt around it; a text-only one (MathVerse Text Only) the
+    same prompt without the image placeholder."""
+    prompt = prompt_for(question_text(question), data)
+    if question.image is None:
+        return EvalItem(id=question.id, category=question.category, answer=question.answer,
+                        prompt=prompt.replace(IMAGE_PLACEHOLDER, "", 1), images=[])
+    images = LazyImage(question.image, encoder=encoder, max_decode_pixels=data.max_decode_pixels, origin=question.origin)
+    return EvalItem(id=question.id, category=question.category, answer=question.answer, prompt=prompt, images=images)
+
+
 def eval_items(questions: Sequence[Question], data: DataConfig) -> list[EvalItem]:
     encoder = image_encoder(data)
-    return [
-        EvalItem(id=q.id, category=q.category, answer=q.answer, prompt=prompt_for(question_text(q), data),
-                 images=LazyImage(q.image, encoder=encoder, max_decode_pixels=data.max_decode_pixels, origin=q.origin))
-        for q in questions
-    ]
+    return [eval_item(q, data, encoder) for q in questions]
 
 
-def num_image_tokens(size: tuple[int, int], data: DataConfig) -> int:
-    """Merged image tokens of a (width, height) image after the smart resize: (h / 28) * (w / 28)."""
+def num_image_tokens(size: tuple[int, int] | None, data: DataConfig, engine_pixels: tuple[int, int] | None = None) -> int:
+    """Merged image tokens of a (width, height) image after the smart resize to ``data.min/max_pixels``:
+    (h / 28) * (w / 28); ``engine_pixels`` (the model's own processor min/max pixels) resize the fitted image
+    once more, as the engine does. 0 for no image."""
+    if size is None:
+        return 0
     height, width = smart_resize(size[1], size[0], min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    if engine_pixels is not None:
+        height, width = smart_resize(height, width, min_pixels=engine_pixels[0], max_pixels=engine_pixels[1])
     return (height // FACTOR) * (width // FACTOR)
 
 
-def prompt_lengths(questions: Sequence[Question], items: Sequence[EvalItem], data: DataConfig, tokenizer) -> list[int]:
+def prompt_lengths(questions: Sequence[Question], items: Sequence[EvalItem], data: DataConfig, tokenizer,
+                   engine_pixels: tuple[int, int] | None = None) -> list[int]:
     """Prompt tokens per item as the engine counts them: text (one image pad) + image tokens - 1."""
     ids = tokenizer([item.prompt for item in items], add_special_tokens=False)["input_ids"]
-    return [len(i) - 1 + num_image_tokens(q.image_size, data) for q, i in zip(questions, ids, strict=True)]
+    return [len(i) - (q.image is not None) + num_image_tokens(q.image_size, data, engine_pixels)
+            for q, i in zip(questions, ids, strict=True)]
 
 
 def check_prompt_lengths(questions: Sequence[Question], lengths: Sequence[int], *, max_prompt_length: int) -> None:

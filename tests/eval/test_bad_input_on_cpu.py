@@ -14,12 +14,14 @@ DATA = DataConfig()
 
 def test_missing_image_names_the_row_the_id_and_the_path(tmp_path):
     path = fx.write_wemath(tmp_path)
-    (tmp_path / "1step" / "image" / "7.png").unlink()
+    (tmp_path / "data" / "2steps" / "image" / "1-2.png").unlink()
     with pytest.raises(ValueError) as error:
         load_questions(path, "wemath", DATA)
     message = str(error.value)
-    assert f"{path} row 1 (id '1step_7'), field 'image_path': image file not found" in message
-    assert str(tmp_path / "1step" / "image" / "7.png") in message
+    assert f"{path} row 1 (id '2steps_1:2steps_2'), field 'image_path': image file not found: 2steps/image/1-2.png" in message
+    # every place looked in is named: the file's folder and its parent
+    assert str(tmp_path / "data" / "2steps" / "image" / "1-2.png") in message
+    assert str(tmp_path / "2steps" / "image" / "1-2.png") in message
 
 
 def test_corrupt_image_names_the_row(tmp_path):
@@ -77,11 +79,19 @@ def test_unsupported_answer_shapes_name_the_row_and_field(tmp_path, pid, change,
         load_questions(path, "mathvista", DATA)
 
 
-def test_wemath_options_out_of_order(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "answer", "match"),
+    [
+        ("1;2;3", "A", r"field 'option': expected options starting with 'A.', got '1;2;3'"),
+        ("A. 1;B. ;C. 3", "A", r"field 'option': option B is empty in 'A. 1;B. ;C. 3'"),
+        ("A. 1;B. 2", "E", r"field 'answer': 'E' is neither an option's letter nor an option's text \(options: A. 1; B. 2\)"),
+        ("A. 1;B. 2", "A\tB", r"field 'answer': 'A\\tB' contains control characters \['\\t'\]"),
+    ],
+)
+def test_wemath_malformed_options_and_answers(tmp_path, option, answer, match):
     rows = fx.wemath_rows()
-    rows[0]["option"] = "A. 1;C. 2"
-    with pytest.raises(ValueError, match=r"row 0 \(id '2steps_1'\), field 'option': option 2 is 'C. 2'; expected it to "
-                                         r"start with 'B.'"):
+    rows[0].update(option=option, answer=answer)
+    with pytest.raises(ValueError, match=r"row 0 \(id '2steps_1:2steps_1'\), " + match):
         load_questions(fx.write_wemath(tmp_path, rows), "wemath", DATA)
 
 
@@ -94,8 +104,13 @@ def test_empty_and_duplicate(tmp_path):
         load_questions(empty, "auto", DATA)
     rows = fx.mathvision_rows()
     rows[1]["id"] = "1"
-    with pytest.raises(ValueError, match=r"row 1 \(id '1'\), field 'id': duplicate id '1' \(first at row 0\)"):
+    with pytest.raises(ValueError, match=r"row 1 \(id '1'\), field 'id': duplicate id '1' \(id; first at row 0\)"):
         load_questions(fx.write_mathvision(tmp_path / "dup", rows), "mathvision", DATA)
+    rows = fx.wemath_rows()
+    rows[1]["key"] = "2steps_1"  # We-Math ids are ID + key
+    with pytest.raises(ValueError, match=r"row 1 \(id '2steps_1:2steps_1'\), field 'key': duplicate id "
+                                         r"'2steps_1:2steps_1' \(ID \+ key; first at row 0\)"):
+        load_questions(fx.write_wemath(tmp_path / "dup_wemath", rows), "wemath", DATA)
 
 
 def test_generic_rows_need_answers(tmp_path):
@@ -108,9 +123,9 @@ def test_generic_rows_need_answers(tmp_path):
 
 def test_the_command_reports_a_bad_row_without_a_traceback(tmp_path, capsys):
     path = fx.write_wemath(tmp_path)
-    (tmp_path / "2steps" / "image" / "1.png").unlink()
+    (tmp_path / "data" / "2steps" / "image" / "1-1.png").unlink()
     (tmp_path / "model").mkdir()
     code = main(["eval", "--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
-    assert code == 2 and "mmupt: error:" in err and "row 0 (id '2steps_1'), field 'image_path'" in err
+    assert code == 2 and "mmupt: error:" in err and "row 0 (id '2steps_1:2steps_1'), field 'image_path'" in err
     assert "Traceback" not in err and not (tmp_path / "r.json").exists()

@@ -36,17 +36,31 @@ def test_mathvista_letters_hints_and_categories(tmp_path, writer):
     assert questions["1"].meta["skills"] == ["statistical reasoning"] and questions["1"].image_size == (60, 40)
 
 
-def test_wemath_options_string_and_knowledge_concepts(tmp_path):
+def test_wemath_ids_are_id_plus_key_and_options_are_read_as_published(tmp_path):
     path = fx.write_wemath(tmp_path)
     assert detect_benchmark(path, DATA) == "wemath"
-    first, second = load_questions(path, "auto", DATA)
-    assert first.options == ("3.14", "6.28", "12.56", "1", "No correct answer") and first.answer == "C"
-    assert second.options == ("2", "3") and second.answer == "A"
-    assert (first.category, second.category) == ("Area of Circles", "Counting")
-    assert first.meta["key"] == "2steps_2" and first.id == "2steps_1"
+    q = by_id(load_questions(path, "auto", DATA))
+    # ID repeats across key: one question per ID + key
+    assert list(q) == ["2steps_1:2steps_1", "2steps_1:2steps_2", "2steps_1:2steps_multi", "3steps_1:3steps_1",
+                       "3steps_1:3steps_2", "3steps_1:3steps_3", "3steps_1:3steps_multi"]
+    first = q["2steps_1:2steps_1"]
+    assert first.options == ("1 cm", "1.5 cm", "3.14 cm", "6.28 cm", "No correct answer") and first.answer == "A"
+    # no separator between A and B
+    assert q["2steps_1:2steps_2"].options == ("45°", "60°", "120°") and q["2steps_1:2steps_2"].answer == "B"
+    # a skipped letter keeps the printed letters, and the answer F is the fifth option
+    multi = q["2steps_1:2steps_multi"]
+    assert multi.labels == ("A", "B", "C", "D", "F") and multi.answer == "F"
+    assert question_text(multi).splitlines()[-2:] == ["F. No correct answer", CHOICE_INSTRUCTION]
+    # option texts that are letters: the published letter D is the answer, not the option whose text is "D"
+    letters = q["3steps_1:3steps_1"]
+    assert letters.options == ("F", "D", "B", "I", "No correct answer") and letters.answer == "D"
+    assert (first.category, letters.category) == ("Circumference of Circles", "Left-Right Position")
+    assert first.meta == {"ID": "2steps_1", "key": "2steps_1", "split": "testmini", "question number": 1,
+                          "steps": 2, "part": "1"}
+    assert [q[i].groups["steps"] for i in q] == [("one-step",)] * 2 + [("two-step",)] + [("one-step",)] * 3 + [("three-step",)]
 
 
-def test_mathverse_choices_block_vision_only_and_text_answers(tmp_path):
+def test_mathverse_choices_headers_vision_only_and_two_answers(tmp_path):
     path = fx.write_mathverse(tmp_path)
     assert detect_benchmark(path, DATA) == "mathverse"
     q = by_id(load_questions(path, "auto", DATA))
@@ -54,21 +68,33 @@ def test_mathverse_choices_block_vision_only_and_text_answers(tmp_path):
     assert q["1"].question == "As shown in the figure, angle AOB is 80°, what is angle BOC?"
     assert q["1"].options == ("40°", "50°", "60°", "80°") and q["1"].answer == "B"
     # Vision Only: no text, choices only in the image; still a letter answer
-    assert q["2"].choice and q["2"].options == () and q["2"].answer == "B"
+    assert q["2"].choice and q["2"].options == () and q["2"].answer == "B" and q["2"].meta["options_in_image"]
     assert question_text(q["2"]) == f"Answer the question shown in the image.\n{CHOICE_INSTRUCTION}"
     assert not q["3"].choice and q["3"].answer == "12"
-    # an answer given as the option's text maps to its letter
-    assert q["4"].options == ("True", "False") and q["4"].answer == "B"
-    assert [q[i].category for i in "1234"] == ["Text Dominant", "Vision Only", "Text Lite", "Text Dominant"]
+    # "Choice:" header; an answer given as the option's text maps to its letter
+    assert q["4"].question == "Is the line tangent?" and q["4"].options == ("True", "False") and q["4"].answer == "B"
+    # two right answers: the reference is both letters
+    assert q["5"].answer == "C, D" and q["5"].meta["answers"] == ["C", "D"]
+    assert [q[i].category for i in "12345"] == ["Text Dominant", "Vision Only", "Text Lite", "Vision Intensive",
+                                               "Vision Dominant"]
+    assert q["5"].groups == {"version": ("Vision Dominant",), "subject": ("Solid Geometry",)}
 
 
-def test_mathvision_image_markers_and_free_form(tmp_path):
-    path = fx.write_mathvision(tmp_path)
+def test_mathvision_repository_layout_markers_letters_and_escapes(tmp_path):
+    path = fx.write_mathvision(tmp_path)  # data/test.jsonl, images/ at the root
     assert detect_benchmark(path, DATA) == "mathvision"
-    multi, free = load_questions(path, "auto", DATA)
+    multi, free, only_marker, fraction = load_questions(path, "auto", DATA)
     assert multi.question == "Which number is in the middle?" and multi.answer == "C" and len(multi.options) == 5
+    assert multi.image == tmp_path / "images" / "1.jpg"
     assert free.question == "How many dots are hidden?" and not free.choice and free.answer == "7"
-    assert (multi.category, free.category, multi.meta) == ("arithmetic", "counting", {"level": 2})
+    # a question that is only the image marker, options drawn in the image: a letter answer
+    assert only_marker.question == "Answer the question shown in the image." and only_marker.choice
+    assert only_marker.answer == "B" and only_marker.options == () and only_marker.meta["options_in_image"]
+    # "\frac" written with one backslash in the file: read as \frac again, and the repair is recorded
+    assert fraction.answer == "\\frac{1}{2}" and not fraction.choice
+    assert fraction.meta["repaired_answer"] == {"published": "\x0crac{1}{2}", "read_as": "\\frac{1}{2}"}
+    assert (multi.category, free.category, multi.meta) == ("arithmetic", "counting", {"level": 2, "subject": "arithmetic"})
+    assert multi.groups == {"subject": ("arithmetic",), "level": ("level 2",)}
 
 
 def test_generic_rows_in_the_training_format(tmp_path):

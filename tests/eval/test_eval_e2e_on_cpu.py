@@ -1,5 +1,7 @@
 """``mmupt eval`` end to end: a tiny Qwen2.5-VL taught to box answers, saved as a Megatron checkpoint, converted
-back, served by one real vLLM engine on a MathVista-format file; the JSON report is checked against itself."""
+back, served by one real vLLM engine on a MathVista-format file; the JSON report is checked against itself. Then
+(slow) the HF folder on a We-Math file as published (ID + key, irregular options) with one malformed row skipped:
+the steps table and the IK / IG / CM / RM measures."""
 
 import json
 import random
@@ -74,6 +76,13 @@ def test_prompt_length_is_checked_before_the_engine_starts(setup, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "prompts are longer than rollout.max_prompt_length=20 tokens" in err
     assert "testmini.json row " in err and not (root / "never.json").exists()
+    # prompt + new tokens beyond the model's context: our error naming the keys, not vLLM's after its start-up
+    code = main(["eval", "--model", str(hf), "--data", str(data_file), "--recipe", "demo", "rollout.max_new_tokens=4000",
+                 "--out", str(root / "never.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "rollout.max_prompt_length=96 + rollout.max_new_tokens=4000 = 4096 tokens is more than the " \
+        "model serves: 2048 (config.json text_config.max_position_embeddings" in err
+    assert "Traceback" not in err and not (root / "never.json").exists()
 
 
 def test_eval_of_a_megatron_checkpoint_writes_a_consistent_report(setup, capsys):
@@ -118,3 +127,38 @@ def test_eval_of_a_megatron_checkpoint_writes_a_consistent_report(setup, capsys)
     assert "| **all** | 4 |" in captured.out and "| geometry problem solving | 2 |" in captured.out
     assert f"report: {out}" in captured.out
     assert "eval: 3/4 questions" in captured.err and "eval: 4/4 questions" in captured.err
+
+
+@pytest.mark.slow
+def test_eval_on_wemath_as_published_skips_a_bad_row_and_reports_the_four_measures(setup, capsys):
+    root, _, hf, _ = setup
+    rows = fx.wemath_rows()
+    rows.append({**rows[0], "ID": "2steps_2", "option": "1;2;3"})  # no option letters: skipped, counted
+    data_file = fx.write_wemath(root / "wemath", rows)
+    out = root / "wemath.json"
+    code = main(["eval", "--model", str(hf), "--data", str(data_file), "--recipe", "demo", "--k", "2", "--out", str(out),
+                 "rollout.max_prompt_length=512", "rollout.cpu_kvcache_gib=0.5", "eval.on_bad_row=skip"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    report = json.loads(out.read_text())
+    assert (report["benchmark"], report["num_questions"]) == ("wemath", 7)
+    assert report["model"]["format"] == "hf" and report["config"]["resolved"]["eval"]["on_bad_row"] == "skip"
+    loading = report["loading"]
+    assert (loading["rows_read"], loading["loaded"], loading["skipped"]) == (8, 7, 1)
+    assert loading["skipped_by_reason"] == {"option: options do not start with A.": 1}
+    assert loading["skipped_rows"][0]["origin"] == f"{data_file} row 7 (id '2steps_2:2steps_1')"
+    records = {r["id"]: r for r in report["questions"]}
+    assert records["2steps_1:2steps_multi"]["options"]["F"] == "No correct answer"
+    assert records["3steps_1:3steps_1"]["reference"] == "D"  # the letter, not the option whose text is "D"
+    assert {name: row["questions"] for name, row in report["tables"]["steps"].items()} == {
+        "one-step": 5, "three-step": 1, "two-step": 1}
+    one_step = [r["scores"]["greedy"] for r in records.values() if r["groups"]["steps"] == ["one-step"]]
+    assert report["tables"]["steps"]["one-step"]["greedy"] == pytest.approx(sum(one_step) / 5)
+    measures = report["wemath_4d"]["greedy"]
+    assert (measures["problems"], measures["incomplete"]) == (2, 0)
+    assert sum(measures["counts"][key] for key in ("IK", "IG", "CM", "RM")) == 2
+    multi_right = sum(records[f"{n}steps_1:{n}steps_multi"]["scores"]["greedy"] for n in (2, 3))
+    assert measures["counts"]["CM"] + measures["counts"]["RM"] == multi_right
+    assert "| steps | questions |" in captured.out and "We-Math four measures from greedy" in captured.out
+    assert "skipped 1 of 8 rows (eval.on_bad_row=skip): option: options do not start with A.: 1" in captured.out
+    print(captured.out)  # the tables, for the record (pytest -s)

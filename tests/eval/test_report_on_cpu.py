@@ -13,7 +13,14 @@ from mmupt_megatron.eval import load_questions
 from mmupt_megatron.eval.cli import Progress
 from mmupt_megatron.eval.model import ServedModel
 from mmupt_megatron.eval.prompts import eval_items
-from mmupt_megatron.eval.report import build_report, intermediate_ks, markdown_table, write_report
+from mmupt_megatron.eval.report import (
+    build_report,
+    four_dimensional,
+    four_dimensional_table,
+    intermediate_ks,
+    markdown_table,
+    write_report,
+)
 from mmupt_megatron.evaluation import evaluate
 from tests.eval import fixtures as fx
 
@@ -89,7 +96,75 @@ def test_json_round_trip_and_table(report, tmp_path):
                         "| length |")
     assert table[2] == "| **all** | 4 | 0.500 | 0.500 | 0.500 | 0.750 | 0.500 | 0.312 | 8.0 |"
     assert table[3].startswith("| figure question answering | 2 | 0.500 | 0.750 | 1.000 | 1.000 |")
-    assert len(table) == 5
+    # the benchmark's own tables follow; MathVista's task table is the category table and is not repeated
+    assert table[5:] == [
+        "",
+        "| skill | questions | greedy | pass@1 | maj@4 | pass@4 | majority share | no answer | length |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| statistical reasoning | 4 | 0.500 | 0.500 | 0.500 | 0.750 | 0.500 | 0.312 | 8.0 |",
+    ]
+    assert report["tables"]["task"] == report["by_category"] and report["loading"] == {"loaded": 4, "skipped": 0}
+    # the benchmark's own metadata is kept per question
+    meta = {r["id"]: r["meta"] for r in report["questions"]}
+    assert meta["2"] == {"question_type": "free_form", "answer_type": "float", "unit": "cm", "precision": 1.0,
+                         "source": "FigureQA", "skills": ["statistical reasoning"], "task": "geometry problem solving"}
+
+
+def record(qid, steps, part, right, maj_right=None):
+    right = float(right)
+    scores = {"greedy": right, "maj@4": right if maj_right is None else float(maj_right)}
+    return {"id": f"{qid}:{part}", "meta": {"ID": qid, "steps": steps, "part": part}, "scores": scores}
+
+
+def test_wemath_four_measures_by_hand():
+    records = [
+        *[record("a", 2, p, r) for p, r in (("1", 1), ("2", 1), ("multi", 1))],  # CM
+        *[record("b", 2, p, r) for p, r in (("1", 1), ("2", 1), ("multi", 0))],  # IG
+        *[record("c", 3, p, r) for p, r in (("1", 1), ("2", 0), ("3", 1), ("multi", 0))],  # IK
+        *[record("d", 3, p, r) for p, r in (("1", 0), ("2", 1), ("3", 1), ("multi", 1))],  # RM (strict), CM (loose)
+        *[record("e", 2, p, r) for p, r in (("1", 0), ("2", 0), ("multi", 1))],  # RM (strict and loose)
+        record("f", 2, "multi", 1),  # its sub-problems were not evaluated: left out
+    ]
+    m = four_dimensional(records)
+    assert (m["problems"], m["incomplete"]) == (5, 1)
+    assert m["counts"] == {"IK": 1, "IG": 1, "CM": 1, "RM": 2, "CM_loose": 2, "RM_loose": 1}
+    assert m["rates"]["IK"] == m["rates"]["IG"] == m["rates"]["CM"] == 0.2
+    assert m["rates"]["RM"] == pytest.approx(2 / 3) and m["rates"]["RM_loose"] == pytest.approx(1 / 3)
+    assert m["score"] == pytest.approx((5 - 0.5 - 2 - 1) / 5) and m["score_loose"] == pytest.approx((5 - 0.5 - 1 - 1) / 5)
+    assert four_dimensional(records, "maj@4")["counts"] == m["counts"]
+    table = four_dimensional_table(m)
+    assert table[0] == "We-Math four measures from greedy (5 multi-step problems, 1 incomplete)"
+    assert table[3] == "| strict | 0.200 (1) | 0.200 (1) | 0.200 (1) | 0.667 (2) | 0.300 |"
+
+
+def test_wemath_report_has_the_steps_table_and_the_four_measures(tmp_path):
+    questions = load_questions(fx.write_wemath(tmp_path), "wemath", DataConfig())
+    items = eval_items(questions, DataConfig())
+    # every sub-problem right; the 2-step problem's multi-step answer wrong (IG), the 3-step one's right (CM)
+    answers = {q.id: q.answer if q.id != "2steps_1:2steps_multi" else "A" for q in questions}
+
+    def generate(requests, spec):
+        by_prompt = {item.prompt: item.id for item in items}
+        return [Rollout(group_id=r.group_id, prompt_index=i, sample_index=s, prompt_token_ids=[1],
+                        response_token_ids=[1, 2], response_logprobs=[0.0, 0.0], finish_reason="stop",
+                        text=f"\\boxed{{{answers[by_prompt[r.prompt]]}}}")
+                for i, r in enumerate(requests) for s in range(spec.n)]
+
+    result = evaluate(generate, items, k=2, matcher=AnswerMatcher(use_math_verify=False))
+    served = ServedModel(path=Path("/m"), source=Path("/m"), format="hf")
+    report = build_report(result=result, questions=questions, benchmark="wemath", data="testmini.json", model=served,
+                          config={}, timings={}, loading={"rows_read": 9, "loaded": 7, "skipped": 2,
+                                                          "skipped_by_reason": {"option: empty option": 2}})
+    steps = report["tables"]["steps"]
+    assert {name: (row["questions"], row["greedy"]) for name, row in steps.items()} == {
+        "one-step": (5, 1.0), "two-step": (1, 0.0), "three-step": (1, 1.0)}
+    greedy = report["wemath_4d"]["greedy"]
+    assert greedy["counts"] == {"IK": 0, "IG": 1, "CM": 1, "RM": 0, "CM_loose": 1, "RM_loose": 0}
+    text = markdown_table(report)
+    assert "| steps | questions |" in text and "| three-step | 1 | 1.000 |" in text
+    assert "We-Math four measures from maj@2 (2 multi-step problems, 0 incomplete)" in text
+    assert "| strict | 0.000 (0) | 0.500 (1) | 0.500 (1) | 0.000 (0) | 0.750 |" in text
+    assert text.endswith("skipped 2 of 9 rows (option: empty option: 2)")
 
 
 def test_intermediate_ks():
