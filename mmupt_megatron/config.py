@@ -15,7 +15,7 @@ every offending ``section.key``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig
@@ -160,33 +160,14 @@ class AlgorithmConfig:
     """Advantage estimator: grpo, rloo or mean."""
     normalize_std: bool = True
     """GRPO: divide by the group's reward std (false = Dr. GRPO)."""
-    clip_low: float = 0.2
-    """Ratio clipped below at 1 - clip_low."""
-    clip_high: float = 0.3
-    """Ratio clipped above at 1 + clip_high."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant for negative advantages (> 1); null disables."""
-    kl_coef: float = 0.01
-    """KL-to-reference weight; 0 disables the reference model."""
-    kl_estimator: str = "k3"
-    """k1, k2 or k3 (low-variance)."""
-    loss_agg: str = "token-mean"
-    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
-    norm_length: int | None = None
-    """Constant length for seq-mean-token-sum-norm; defaults to rollout.max_new_tokens."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """The GRPO loss: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, norm_length."""
 
     def policy_loss(self, *, default_norm_length: int | None = None) -> PolicyLossConfig:
-        return PolicyLossConfig(
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
-            kl_coef=self.kl_coef,
-            kl_estimator=self.kl_estimator,
-            loss_agg=self.loss_agg,
-            norm_length=self.norm_length or default_norm_length,
-        )
+        """The loss settings, ``loss.norm_length`` defaulting to ``default_norm_length``."""
+        return replace(self.loss, norm_length=self.loss.norm_length or default_norm_length).check()
 
     def problems(self) -> list[str]:
         out = []
@@ -194,11 +175,7 @@ class AlgorithmConfig:
             out.append(f"algorithm.advantage must be one of {ESTIMATORS}, got {self.advantage!r}")
         if self.ppo_epochs < 1:
             out.append(f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        try:
-            self.policy_loss(default_norm_length=1)
-        except ValueError as error:
-            out.append(f"algorithm.{error}")
-        return out
+        return out + self.loss.problems("algorithm.loss.")
 
 
 @dataclass(kw_only=True)

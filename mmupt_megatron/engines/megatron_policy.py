@@ -40,7 +40,7 @@ class PolicyOptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.0
-    clip_grad: float = 1.0
+    grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     micro_batch_size: int = 1
     """Sequences per forward/backward micro-batch on each DP rank."""
@@ -53,8 +53,9 @@ class PolicyOptimConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.lr < 0 or self.clip_grad < 0:
-            raise ValueError(f"lr ({self.lr}) and clip_grad ({self.clip_grad}) must be >= 0")
+        if self.lr < 0 or self.grad_clip < 0:
+            raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be >= 0")
+        self.loss.check()
 
 
 @dataclass(kw_only=True)
@@ -121,7 +122,7 @@ class MegatronPolicy:
                 OptimizerConfig(
                     optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
                     adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                    sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=config.bf16,
+                    sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.grad_clip, bf16=config.bf16,
                     params_dtype=config.params_dtype, use_distributed_optimizer=distributed,
                 ),
                 [self.ddp],

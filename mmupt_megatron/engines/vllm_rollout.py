@@ -39,9 +39,8 @@ _SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 def install_cpu_shims() -> None:
     """Make vLLM's Qwen2-VL support importable without torchvision, in this process and its children.
 
-    Runs when this module is imported (CPU machines only), so it precedes any ``import vllm`` made after
-    importing this module; a process that imported vLLM or transformers' processors earlier must not rely
-    on it.
+    ``VLLMRolloutEngine`` calls it (CPU machines only) before its first ``import vllm``; a process that
+    imported vLLM or transformers' Qwen2-VL processors before that must call it first itself.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     path = os.environ.get("PYTHONPATH", "")
@@ -53,9 +52,6 @@ def install_cpu_shims() -> None:
         sys.modules["mmupt_vllm_cpu_site"] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
 
-
-if not torch.cuda.is_available():
-    install_cpu_shims()
 
 
 def engine_kwargs(rollout: Any, *, max_model_len: int | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -117,6 +113,7 @@ class VLLMRolloutEngine:
         self.on_cpu = not torch.cuda.is_available()
         self.expected_shapes = checkpoint_shapes(self.model_dir)
         if self.on_cpu:
+            install_cpu_shims()
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cpu_kvcache_gib)))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # one core: 2-core machines thrash otherwise
         from vllm import LLM

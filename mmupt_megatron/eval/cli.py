@@ -66,7 +66,7 @@ class Progress:
 def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.algorithms import AnswerMatcher
     from mmupt_megatron.config_loading import load_config
-    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs  # installs vLLM's CPU shims
+    from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs
     from mmupt_megatron.eval.benchmarks import detect_benchmark, load_questions
     from mmupt_megatron.eval.model import detect_model_format, served_model
     from mmupt_megatron.eval.prompts import check_prompt_lengths, eval_items, prompt_lengths

@@ -18,6 +18,7 @@ import torch
 from mmupt_megatron.config import Config
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
 from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.trainer.batching import shard_for_rank
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
@@ -55,7 +56,7 @@ def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
     return PolicyOptimConfig(
         lr=cfg.trainer.lr,
         weight_decay=cfg.trainer.weight_decay,
-        clip_grad=cfg.trainer.grad_clip,
+        grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
         freeze_vision=cfg.model.freeze_vision,
         loss=cfg.algorithm.policy_loss(default_norm_length=cfg.rollout.max_new_tokens),
@@ -102,12 +103,12 @@ class Cluster:
         self.workers = [
             Actor.options(**on(rank, 0.5 if self.colocated and rank == 0 else 1.0)).remote(
                 rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
-                model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.kl_coef > 0, seed=cfg.trainer.seed,
+                model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed,
             )
             for rank in range(world)
         ]
         self.infos: list[RankInfo] = ray.get([w.info.remote() for w in self.workers])
-        from mmupt_megatron.engines.vllm_rollout import engine_kwargs  # here: importing it installs CPU shims
+        from mmupt_megatron.engines.vllm_rollout import engine_kwargs
 
         self.engine = ray.remote(RolloutWorker).options(**on(*engine_slot)).remote(
             model_dir=model_dir, engine_kwargs=engine_kwargs(cfg.rollout))
@@ -115,6 +116,19 @@ class Cluster:
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_transport = cfg.rollout.refit_transport
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
+
+    # -- the rollout engine ---------------------------------------------------------------------------
+    def generate(self, requests: list[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
+        """``spec.n`` responses per request from the engine, in request order (``RolloutEngine.generate``)."""
+        import ray
+
+        return ray.get(self.engine.generate.remote(requests, spec))
+
+    def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]]) -> list[torch.Tensor]:
+        """The engine's log-probs of given completions (``RolloutEngine.prompt_logprobs``: refit checks)."""
+        import ray
+
+        return ray.get(self.engine.prompt_logprobs.remote(requests, completions))
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:

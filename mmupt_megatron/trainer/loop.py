@@ -111,7 +111,7 @@ class Trainer:
             gap_BT = (batch.old_logprobs_BT - engine_logprobs(train_rollouts, batch.old_logprobs_BT)).abs() * batch.loss_mask_BT
             engine_gap = {"rollout/logprob_gap_mean": float(gap_BT.sum() / batch.loss_mask_BT.sum().clamp(min=1)),
                           "rollout/logprob_gap_max": float(gap_BT.max())}
-            if cfg.algorithm.kl_coef > 0:
+            if cfg.algorithm.loss.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
             train_metrics = self._update(batch, train_rollouts)
@@ -132,8 +132,6 @@ class Trainer:
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
         """Engine log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
-        import ray
-
         from mmupt_megatron.engines.weight_sync import verify_refit
 
         # one response from each of the first prompts: different images in one batch (a probe of one
@@ -146,22 +144,14 @@ class Trainer:
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]
-
-        class _Engine:  # verify_refit calls engine.prompt_logprobs
-            @staticmethod
-            def prompt_logprobs(reqs, completions):
-                return ray.get(self.cluster.engine.prompt_logprobs.remote(reqs, completions))
-
-        return verify_refit(_Engine(), [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe],
+        return verify_refit(self.cluster, [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe],
                             policy, tol=self.cfg.rollout.verify_refit_tol)
 
     def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
-        import ray
-
         r = self.cfg.rollout
         spec = SamplingSpec(n=r.num_voters, temperature=r.temperature, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, seed=r.seed + 1_000_003 * step)
-        return ray.get(self.cluster.engine.generate.remote(requests, spec))
+        return self.cluster.generate(requests, spec)
 
     def _pad_id(self) -> int:
         tokens = self.cluster.tokens
@@ -227,11 +217,9 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLog) -> dict[str, float]:
         """Held-out pass@1 / maj@k / pass@k with the current engine; alarm when pass@k collapses."""
-        import ray
-
         k = self.cfg.trainer.eval_k
         r = self.cfg.rollout
-        report = evaluate(lambda reqs, spec: ray.get(self.cluster.engine.generate.remote(reqs, spec)), self.eval_items,
+        report = evaluate(self.cluster.generate, self.eval_items,
                           k=k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                           seed=r.seed, matcher=self.matcher)
         out = {f"eval/{key.replace(f'@{k}', '@k')}": value for key, value in report.metrics.items()}

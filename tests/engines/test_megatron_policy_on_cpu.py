@@ -48,7 +48,7 @@ def step_worker(hf_dir: str, data: dict, optimizer: str) -> dict:
         groups = init_parallel(ParallelDims(tp=tp, pp=pp, dp=dp))
         model = Qwen2_5_VLModel(arch, groups, init_weights=False)
         load_hf_weights(model, hf_dir)
-        cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, clip_grad=1.0,
+        cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, grad_clip=1.0,
                                 weight_decay=0.0, adam_eps=1e-3, micro_batch_size=1)
         policy = MegatronPolicy(model, groups, cfg)
         rows = slice(groups.dp_rank * 4 // dp, (groups.dp_rank + 1) * 4 // dp)

@@ -81,7 +81,7 @@ def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
             groups = init_parallel(ParallelDims(tp=layout[0], pp=layout[1], dp=layout[2]))
             model = Qwen2_5_VLModel(arch, groups, init_weights=False)
             load_hf_weights(model, hf_dir)
-            cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, clip_grad=1.0,
+            cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, grad_clip=1.0,
                                     weight_decay=0.0, adam_eps=1e-3)
             policy = MegatronPolicy(model, groups, cfg)
             batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"],

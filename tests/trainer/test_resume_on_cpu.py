@@ -24,7 +24,7 @@ def overrides(model, data, out):
     return [
         f"model.path={model}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=3",
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=2", "trainer.micro_batch_size=8", "rollout.n=4",
-        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
+        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.loss.kl_coef=0.1", "trainer.num_cpus=2",
         "checkpoint.save_every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=false", "logging.progress=true",
         # the engine on a bundle of its own, buckets through Ray's object store (the e2e test covers the
         # colocated engine and the shared-memory refit)

@@ -30,7 +30,7 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
         f"model.path={model}", f"data.train_files=[{data['train']}]", f"trainer.output_dir={tmp_path / 'run'}",
         "parallel.tensor_parallel_size=2", "trainer.steps=2", "trainer.prompts_per_step=2",
         "trainer.prompts_per_update=1", "trainer.micro_batch_size=4", "rollout.n=4", "rollout.n_vote=6",
-        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
+        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.loss.kl_coef=0.1", "trainer.num_cpus=2",
         "rollout.verify_refit=true", f"data.eval_files=[{data['test']}]", "trainer.eval_k=4", "rollout.verify_refit_tol=1e-4",
     ])
     trainer = Trainer(cfg)
