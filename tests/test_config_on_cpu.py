@@ -41,7 +41,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 
 
 def test_every_problem_is_named_at_once():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="invalid config from") as info:
         load_config("demo", ["rollout.n=1", "trainer.lr=-1", "reward.min_agreement=2", "algorithm.loss.dual_clip=0.5",
                             "algorithm.loss.kl_coef=-1"])
     message = str(info.value)

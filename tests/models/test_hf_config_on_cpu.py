@@ -72,7 +72,7 @@ def test_missing_safetensors(tmp_path, vl_dir):
 
 
 def test_parallel_layout_errors_name_every_degree():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="does not divide") as err:
         ParallelDims(tp=3, pp=4, dp=1).validate(world_size=8, num_attention_heads=2, num_kv_heads=2, num_layers=2)
     message = str(err.value)
     for fragment in ("tp=3 does not divide num_attention_heads=2", "tp=3 does not divide num_key_value_heads=2",
