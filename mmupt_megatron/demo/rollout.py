@@ -21,8 +21,8 @@ from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.synthetic import Example
 from mmupt_megatron.demo.model import PromptStyle, encode_prompts
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.evaluation import EvalItem
-from mmupt_megatron.evaluation import evaluate as evaluate_items
+from mmupt_megatron.eval.evaluator import EvalItem
+from mmupt_megatron.eval.evaluator import evaluate as evaluate_items
 
 
 @torch.no_grad()

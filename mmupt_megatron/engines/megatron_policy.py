@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
-from mmupt_megatron.engines.cpu_compat import cuda_type_names
-from mmupt_megatron.engines.parallel import ParallelGroups
+from mmupt_megatron.distributed.cpu_compat import cuda_type_names
+from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 

@@ -25,7 +25,7 @@ from mmupt_megatron.config import DataConfig
 from mmupt_megatron.data.configured import image_encoder, prompt_for
 from mmupt_megatron.data.images import FACTOR, ImageEncoder, ImageError, load_image, smart_resize
 from mmupt_megatron.eval.rows import LETTERS, Question
-from mmupt_megatron.evaluation import EvalItem
+from mmupt_megatron.eval.evaluator import EvalItem
 
 CHOICE_INSTRUCTION = "Answer with the option's letter."
 

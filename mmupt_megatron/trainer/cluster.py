@@ -17,7 +17,7 @@ import torch
 
 from mmupt_megatron.config import Config
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.trainer.batching import shard_for_rank
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker

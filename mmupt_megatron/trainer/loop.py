@@ -23,10 +23,10 @@ from typing import Any
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
 from mmupt_megatron.config import Config
-from mmupt_megatron.data.configured import eval_items, image_encoder, open_dataset, prompt_for
+from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.evaluation import evaluate
+from mmupt_megatron.eval.evaluator import evaluate, held_out_items
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
@@ -72,7 +72,7 @@ class Trainer:
         self.cluster = cluster
         self.out_dir = Path(cfg.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.eval_items = eval_items(d.eval_files, d) if d.eval_files else []
+        self.held_out = held_out_items(d.eval_files, d) if d.eval_files else []
         self.first_pass_at_k: float | None = None
         self.refresher = pool_refresher(cfg, self.dataset.samples, cluster=cluster, out_dir=self.out_dir)
 
@@ -197,7 +197,7 @@ class Trainer:
                 refreshed = self.refresher.before_step(step)  # online synthesis (synthesis.refresh_every)
                 metrics = {**self.step(step), **refreshed}
                 last = step == cfg.trainer.steps - 1
-                if self.eval_items and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
+                if self.held_out and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
                     metrics.update(self._evaluate(log))
                 history.append(metrics)
                 log.write(metrics)
@@ -219,7 +219,7 @@ class Trainer:
         """Held-out pass@1 / maj@k / pass@k with the current engine; alarm when pass@k collapses."""
         k = self.cfg.trainer.eval_k
         r = self.cfg.rollout
-        report = evaluate(self.cluster.generate, self.eval_items,
+        report = evaluate(self.cluster.generate, self.held_out,
                           k=k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                           seed=r.seed, matcher=self.matcher)
         out = {f"eval/{key.replace(f'@{k}', '@k')}": value for key, value in report.metrics.items()}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 
 
@@ -115,7 +115,7 @@ class PolicyWorker:
         )
         torch.set_num_threads(num_threads)
         from mmupt_megatron.engines.megatron_policy import MegatronPolicy
-        from mmupt_megatron.engines.parallel import init_parallel
+        from mmupt_megatron.distributed.parallel import init_parallel
         from mmupt_megatron.models.convert import build_model
         from mmupt_megatron.models.hf_config import load_arch
         from mmupt_megatron.models.weights import load_hf_weights

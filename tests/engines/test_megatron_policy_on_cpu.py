@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims, run_workers
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import hf_logits, image_prompt_batch
 
 LAYOUTS = ((2, 1, 1), (1, 1, 2), (1, 2, 1))
@@ -37,7 +37,7 @@ def make_batch(hf_dir, tmp_path) -> dict:
 
 def step_worker(hf_dir: str, data: dict, optimizer: str) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
     from mmupt_megatron.models.weights import iter_hf_files, load_hf_weights
@@ -118,7 +118,7 @@ def test_one_step_is_layout_invariant(tmp_path, optimizer):
 
 def nan_worker(hf_dir: str, data: dict) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
 

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from mmupt_megatron.engines.rollout import RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, fused_siblings
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import hf_logits, png_image
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"

@@ -23,7 +23,7 @@ from mmupt_megatron.engines.weight_sync import (
     verify_refit,
 )
 from mmupt_megatron.engines.weight_transport import ManifestEntry, PipeReceiver
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import image_prompt_batch
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
@@ -64,7 +64,7 @@ def bad_mapping(kind: str):
 
 def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.engines.weight_sync import send_refit
     from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender
     from mmupt_megatron.models import mapping as M
@@ -151,7 +151,7 @@ def probe_batch(hf_dir, tmp_path) -> tuple[dict, list[RolloutRequest]]:
 
 @pytest.fixture(scope="module")
 def refits(tmp_path_factory):
-    from mmupt_megatron.engines.parallel import run_workers
+    from mmupt_megatron.distributed.parallel import run_workers
     from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
 
     root = tmp_path_factory.mktemp("refit")

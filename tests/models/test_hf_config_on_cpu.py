@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.models.convert import hf_to_megatron, megatron_to_hf, prepare_output_dir
 from mmupt_megatron.models.hf_config import load_arch
-from mmupt_megatron.models.tiny import (
+from tests.tiny_models import (
     QWEN_SPECIAL_TOKENS,
     make_tiny_qwen2,
     make_tiny_qwen2_5_vl,

@@ -11,7 +11,7 @@ from mmupt_megatron.cli import main
 from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.configured import open_dataset
 from mmupt_megatron.data.dataset import ImageQuestionDataset
-from mmupt_megatron.data.synthetic import synthesize as make_world
+from mmupt_megatron.data.synthetic import write_splits as make_world
 from mmupt_megatron.synthesis import cli as synthesis_cli
 from mmupt_megatron.synthesis.online import PoolRefresher
 from mmupt_megatron.synthesis.rows import summary_path

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from mmupt_megatron.config import Config
 from mmupt_megatron.data.configured import image_encoder
 from mmupt_megatron.data.prompts import expand_image_pads
-from mmupt_megatron.engines.parallel import ParallelDims, free_port
+from mmupt_megatron.distributed.parallel import ParallelDims, free_port
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.trainer.cluster import policy_optim_config
 from mmupt_megatron.trainer.workers import PolicyWorker

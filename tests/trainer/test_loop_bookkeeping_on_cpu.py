@@ -4,9 +4,9 @@ the vote, rewards, advantages, mini-batches and the order of the phases are know
 import pytest
 
 from mmupt_megatron.config_loading import load_config
-from mmupt_megatron.data.synthetic import synthesize
-from mmupt_megatron.engines.parallel import run_workers
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.data.synthetic import write_splits
+from mmupt_megatron.distributed.parallel import run_workers
+from tests.tiny_models import make_tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +37,7 @@ def one_step(model_dir: str, data: str, out: str):
 @pytest.mark.slow
 def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
     model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
-    data = synthesize(tmp_path / "data", num_train=4, num_test=1, seed=0)["train"]
+    data = write_splits(tmp_path / "data", num_train=4, num_test=1, seed=0)["train"]
     [(metrics, calls, advantages)] = run_workers(one_step, world_size=1, args=(str(model), str(data), str(tmp_path / "run")))
 
     # 2 prompts x 6 voters generated; the engine sleeps before the policy works; old then reference log-probs of

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmupt_megatron.config_loading import load_config
-from mmupt_megatron.data.synthetic import synthesize
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.data.synthetic import write_splits
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.trainer.boxed_model import teach_boxed_answers
 
 pytestmark = pytest.mark.distributed
@@ -26,7 +26,7 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
     from mmupt_megatron.trainer.loop import Trainer
 
     model = teach_boxed_answers(make_tiny_qwen2_5_vl(tmp_path / "model", seed=0))
-    data = synthesize(tmp_path / "data", num_train=8, num_test=2, seed=0)
+    data = write_splits(tmp_path / "data", num_train=8, num_test=2, seed=0)
     cfg = load_config("demo", [
         f"model.path={model}", f"data.train_files=[{data['train']}]", f"trainer.output_dir={tmp_path / 'run'}",
         "parallel.tensor_parallel_size=2", "trainer.steps=2", "trainer.prompts_per_step=2",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmupt_megatron.engines.cpu_compat import apply_cpu_compat
+from mmupt_megatron.distributed.cpu_compat import apply_cpu_compat
 
 
 @dataclass(kw_only=True, frozen=True)
