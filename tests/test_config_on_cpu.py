@@ -86,6 +86,7 @@ def test_every_key_is_documented():
     assert not undocumented
 
 
+@pytest.mark.slow
 def test_cli_prints_resolved_config_and_clean_errors():
     ok = subprocess.run(
         [sys.executable, "-m", "mmupt_megatron.cli", "config", "show", "demo", "rollout.n=9"],

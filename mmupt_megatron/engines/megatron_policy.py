@@ -130,6 +130,7 @@ class MegatronPolicy:
                 pg_collection=groups.megatron_pgs,
             )
         config.no_sync_func = self.ddp.no_sync
+        self._stash = None  # what offload() moved to host memory
         self.p2p = None
         if groups.dims.pp > 1:
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -271,6 +272,41 @@ class MegatronPolicy:
                 else:
                     result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
         return result
+
+    # ------------------------------------------------------------------ memory (the colocated schedule)
+    def _inner_optimizers(self) -> list:
+        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        """Optimizer state (Adam moments, step) and main parameters that are not the model's own storage
+        (the fp32 copies of bf16 weights); with fp32 weights the optimizer updates the model's storage."""
+        weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        out = []
+        for inner in self._inner_optimizers():
+            out += [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+            out += [p for group in inner.param_groups for p in group["params"]
+                    if p.untyped_storage().data_ptr() not in weights]
+        return out
+
+    def offload(self, *, weights: bool = False) -> int:
+        """Free this rank's device memory for the engine: gradients (dropped: every step zeroes them),
+        optimizer state and main parameters (copied to host memory) and, with ``weights``, the parameters.
+        ``onload`` restores them bit-exactly; returns the bytes moved off the device so far."""
+        from mmupt_megatron.engines.offload import HostStash, stash
+
+        self._stash = self._stash or HostStash()
+        buffers = self.ddp.buffers + self.ddp.expert_parallel_buffers
+        stash([b.grad_data for b in buffers], keep=False, into=self._stash)
+        stash(self._optimizer_tensors(), into=self._stash)
+        if weights:
+            stash([*self.model.parameters(), *(b.param_data for b in buffers)], into=self._stash)
+        return self._stash.nbytes
+
+    def onload(self) -> None:
+        """Undo ``offload`` (no-op when nothing is off the device)."""
+        if self._stash is not None:
+            self._stash.restore()
+            self._stash = None
 
 
 def _all_finite(tensors) -> bool:

@@ -72,6 +72,7 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None:
         """Free accelerator memory while the trainer runs (no-op where unsupported)."""
 
-    def wake_up(self) -> None: ...
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Wake what ``tags`` names after ``sleep`` ("weights", "kv_cache"; None: both)."""
 
     def close(self) -> None: ...

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.engines.vllm_worker import EXTENSION
 
 _SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 
@@ -108,10 +109,18 @@ class VLLMRolloutEngine:
         seed: int = 0,
         max_images_per_prompt: int = 1,
         max_num_seqs: int = 256,
+        distributed_executor_backend: str | None = None,
+        multiprocess: bool | None = None,
     ):
+        """``distributed_executor_backend="ray"``: a tensor-parallel engine whose workers Ray places (on the
+        bundles named by ``VLLM_RAY_BUNDLE_INDICES`` of the placement group the calling actor runs in).
+        ``multiprocess``: the engine core in its own process (vLLM's default; on CPU machines in-process unless
+        this says otherwise, for a 3-4 s start)."""
         self.model_dir = Path(model_dir)
         self.on_cpu = not torch.cuda.is_available()
         self.expected_shapes = checkpoint_shapes(self.model_dir)
+        if multiprocess is not None:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = str(int(multiprocess))
         if self.on_cpu:
             install_cpu_shims()
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cpu_kvcache_gib)))
@@ -126,7 +135,10 @@ class VLLMRolloutEngine:
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            worker_extension_cls=EXTENSION,  # refit inside the workers (engines/vllm_worker.py)
         )
+        if distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
@@ -270,13 +282,29 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
         return counter[0]
 
+    def load_bucket(self, method: str, *args: Any) -> int:
+        """Load one bucket frame inside the workers (``vllm_worker.RefitExtension.<method>(*args)``: plain-data
+        arguments, so this works with the engine core in its own process and with tensor-parallel workers);
+        the caller checked the bucket's manifest (``check_manifest``). Returns the number of tensors loaded."""
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
+        try:
+            counts = self.llm.collective_rpc(method, args=args)
+        finally:
+            quiet.setLevel(level)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        return counts[0]
+
     def sleep(self) -> None:
         if not self.on_cpu:  # "sleep mode is not supported on CPU"
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Wake what ``tags`` names ("weights", "kv_cache"; None: both)."""
         if not self.on_cpu:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=list(tags) if tags else None)
 
     def close(self) -> None:
         del self.llm

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -131,7 +133,7 @@ class Trainer:
         return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap}
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
-        """Engine log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
+        """Every engine's log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
         from mmupt_megatron.engines.weight_sync import verify_refit
 
         # one response from each of the first prompts: different images in one batch (a probe of one
@@ -144,8 +146,12 @@ class Trainer:
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]
-        return verify_refit(self.cluster, [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe],
-                            policy, tol=self.cfg.rollout.verify_refit_tol)
+        probe_requests, completions = [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe]
+        return max(
+            verify_refit(SimpleNamespace(prompt_logprobs=partial(self.cluster.prompt_logprobs, engine=e)),
+                         probe_requests, completions, policy, tol=self.cfg.rollout.verify_refit_tol)
+            for e in range(self.cluster.num_engines)
+        )
 
     def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
         r = self.cfg.rollout

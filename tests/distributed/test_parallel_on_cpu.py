@@ -23,6 +23,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_cpu_compat_patches_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", COMPAT_PROBE], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -128,6 +128,7 @@ def test_round_trip_bit_exact_at_tp2_pp2(tmp_path):
     assert all((value - reference).abs().max() < 1e-5 for _, value in got)
 
 
+@pytest.mark.slow
 def test_public_api_single_process(tmp_path):
     hf_dir = make_tiny_qwen2(tmp_path / "hf", seed=5, vocab_size=None, tie_word_embeddings=False)
     ckpt = hf_to_megatron(hf_dir, tmp_path / "ckpt", tp=1, pp=1)

@@ -1,6 +1,7 @@
 """The ``Cluster`` interface in one process, for testing the loop without Ray: a real world-1 Megatron policy
 (``PolicyWorker``, gloo) and a scripted engine whose responses a test chooses, so that votes, rewards and
-advantages are known in advance. Every call is recorded in ``calls``."""
+advantages are known in advance, under the colocated memory schedule (the policy's offloads are real). Every
+call is recorded in ``calls``, every phase of the schedule in ``schedule.log``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.distributed.parallel import ParallelDims, free_port
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.trainer.cluster import policy_optim_config
+from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker
 
 Script = Callable[[int, int], str]
@@ -32,6 +34,29 @@ class InProcessCluster:
         self.image_token_id = self.worker.image_token_id()
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
+        self.num_engines = 1
+        self.schedule = MemorySchedule(self, colocated=True)  # DeviceOps: the methods below
+        self.schedule.before_first_rollout()
+        self.moved_bytes: list[int] = []
+
+    # -- DeviceOps ------------------------------------------------------------------------------------
+    def engines_sleep(self) -> None:
+        self.calls.append(("engines_sleep",))
+
+    def engines_wake(self, tags: tuple[str, ...]) -> None:
+        self.calls.append(("engines_wake", *tags))
+
+    def policy_offload(self) -> None:
+        self.moved_bytes.append(self.worker.offload())
+
+    def policy_onload(self) -> None:
+        self.worker.onload()
+
+    def reference_onload(self) -> None:
+        self.worker.onload_reference()
+
+    def reference_offload(self) -> None:
+        self.worker.offload_reference()
 
     def generate(self, requests: list[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
         self.calls.append(("generate", len(requests), spec.n))
@@ -51,11 +76,14 @@ class InProcessCluster:
         raise AssertionError("rollout.verify_refit is off in these tests")
 
     def release_engine(self) -> None:
-        self.calls.append(("release_engine",))
+        self.schedule.after_rollout()
 
     def logprobs(self, batch, *, reference: bool = False):  # noqa: ANN001 - PolicyBatch
         self.calls.append(("logprobs", "reference" if reference else "policy", batch.input_ids_BT.shape[0]))
-        return self.worker.logprobs(batch, reference=reference)
+        if not reference:
+            return self.worker.logprobs(batch)
+        with self.schedule.reference():
+            return self.worker.logprobs(batch, reference=True)
 
     def train(self, batch) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
         self.calls.append(("train", batch.input_ids_BT.shape[0]))
@@ -64,5 +92,7 @@ class InProcessCluster:
                                  global_num_seqs=batch.input_ids_BT.shape[0])
 
     def refit(self) -> int:
+        self.schedule.before_refit()
         self.calls.append(("refit",))
+        self.schedule.after_refit()
         return 0

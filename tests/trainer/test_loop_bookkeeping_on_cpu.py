@@ -31,19 +31,26 @@ def one_step(model_dir: str, data: str, out: str):
     ])
     cluster = InProcessCluster(cfg, model_dir=model_dir, script=script)
     metrics = Trainer(cfg, cluster=cluster).step(0)
-    return metrics, cluster.calls, cluster.trained_advantages
+    return metrics, cluster.calls, cluster.trained_advantages, cluster.schedule.log, cluster.moved_bytes
 
 
 @pytest.mark.slow
 def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
     model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
     data = write_splits(tmp_path / "data", num_train=4, num_test=1, seed=0)["train"]
-    [(metrics, calls, advantages)] = run_workers(one_step, world_size=1, args=(str(model), str(data), str(tmp_path / "run")))
+    [(metrics, calls, advantages, phases, moved)] = run_workers(one_step, world_size=1,
+                                                               args=(str(model), str(data), str(tmp_path / "run")))
 
     # 2 prompts x 6 voters generated; the engine sleeps before the policy works; old then reference log-probs of
-    # the 8 trained responses; 2 epochs x 2 mini-batches of one prompt's 4 responses; then one refit
-    assert calls == [("generate", 2, 6), ("release_engine",), ("logprobs", "policy", 8), ("logprobs", "reference", 8),
-                     ("train", 4), ("train", 4), ("train", 4), ("train", 4), ("refit",)]
+    # the 8 trained responses; 2 epochs x 2 mini-batches of one prompt's 4 responses; the engine wakes its
+    # weights, takes the refit, then wakes its KV cache
+    assert calls == [("generate", 2, 6), ("engines_sleep",), ("logprobs", "policy", 8), ("logprobs", "reference", 8),
+                     ("train", 4), ("train", 4), ("train", 4), ("train", 4), ("engines_wake", "weights"), ("refit",),
+                     ("engines_wake", "kv_cache")]
+    # the colocated memory schedule, in order; the policy's offloads are real (the reference at least)
+    assert phases == ["before_first_rollout", "after_rollout", "reference_onload", "reference_offload",
+                      "before_refit", "after_refit"]
+    assert len(moved) == 2 and moved[1] > moved[0] > 0  # after training, Adam's state leaves the device too
     # rewards: agreement with each group's majority ("2"), over all 12 voters: 6 + 3 agree
     assert metrics["reward"] == pytest.approx(9 / 12)
     assert metrics["majority_share"] == pytest.approx((1.0 + 3 / 6) / 2)  # no-answers count in the denominator
