@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ def make_random_qwen2(out: Path, *, layers: int, dtype: torch.dtype) -> int:
     from transformers import Qwen2Config
 
     from mmupt_megatron.models import mapping as M
-    from mmupt_megatron.models.tiny import make_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: the test fixtures' tokenizer
+    from tests.tiny_models import make_tokenizer
 
     hidden, heads, kv, ffn, vocab = 896, 14, 2, 4864, 151936
     head_dim = hidden // heads
@@ -103,7 +106,7 @@ def _imports() -> None:
 
 def bench_to_megatron(hf_dir: str, out: str, tp: int, pp: int) -> dict:
     """``convert._hf_to_megatron_worker``, step by step."""
-    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.models.convert import build_model, hf_dtype, save_megatron_checkpoint
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.weights import load_hf_weights
@@ -124,7 +127,7 @@ def bench_to_hf(ckpt: str, out: str, tp: int, pp: int) -> dict:
     """``convert._megatron_to_hf_worker``, step by step."""
     import torch.distributed as dist
 
-    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.models.convert import (
         HF_SUBDIR,
         build_model,
@@ -171,7 +174,7 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="work dir to keep (default: a temp dir, removed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from mmupt_megatron.engines.parallel import run_workers
+    from mmupt_megatron.distributed.parallel import run_workers
     from mmupt_megatron.models.convert import prepare_output_dir
     from mmupt_megatron.models.weights import HFWeights
 

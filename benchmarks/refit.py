@@ -134,7 +134,7 @@ def bench_worker(layers: int, bucket_sizes: list[int], repeats: int, conn) -> li
     import torch.distributed as dist
     from safetensors.torch import save as st_save
 
-    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.engines.weight_sync import release_peer_mappings, send_refit
     from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender
     from mmupt_megatron.models.hf_config import LMArch
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
-    from mmupt_megatron.engines.parallel import run_workers
+    from mmupt_megatron.distributed.parallel import run_workers
 
     ctx = torch.multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe(duplex=True)

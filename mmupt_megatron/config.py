@@ -15,7 +15,7 @@ every offending ``section.key``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig
@@ -51,7 +51,8 @@ class ParallelConfig:
     data_parallel_size: int = 1
     """Data-parallel degree; the trainer uses TP x PP x DP workers."""
     backend: str = "auto"
-    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+    """torch.distributed backend of the policy ranks: auto (gloo on CPU; on GPU NCCL for device tensors and gloo
+    for host ones), gloo or nccl."""
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer)."""
 
@@ -87,7 +88,10 @@ class RolloutConfig:
     max_prompt_length: int = 2048
     """Maximum prompt length in tokens (image tokens included); longer prompts are an error."""
     tensor_parallel_size: int = 1
-    """vLLM tensor-parallel degree."""
+    """vLLM tensor-parallel degree (devices per engine)."""
+    num_engines: int = 0
+    """Data-parallel rollout engines; 0 = auto: colocated, one per rollout.tensor_parallel_size devices of the
+    policy (policy world size / rollout.tensor_parallel_size); otherwise 1. Prompt groups are split across them."""
     gpu_memory_utilization: float = 0.6
     """Fraction of GPU memory vLLM may use (GPU only)."""
     cpu_kvcache_gib: float = 1.0
@@ -97,8 +101,10 @@ class RolloutConfig:
     refit_bucket_mib: int = 256
     """Size of the buckets in which trained weights stream to the engine."""
     refit_transport: str = "auto"
-    """How buckets reach the engine: shm (host shared memory the engine maps; the TP ranks write their pieces
-    into it, no gather), ray (through Ray's object store), auto (shm when the engine runs on rank 0's host)."""
+    """How buckets reach the engines: ipc (one bucket tensor on the sender's device the engines open by handle:
+    CUDA IPC for colocated engines on its GPU; on CPU a shared-memory file), shm (host shared memory the engines
+    map; the TP ranks write their pieces into it, no gather), ray (Ray's object store), auto (ipc on GPU when
+    every engine shares the sender's GPU, else shm when every engine is on its host, else ray)."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3
@@ -116,14 +122,22 @@ class RolloutConfig:
             out.append(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             out.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.refit_transport not in ("auto", "shm", "ray"):
-            out.append(f"rollout.refit_transport must be auto, shm or ray, got {self.refit_transport!r}")
+        if self.refit_transport not in ("auto", "ipc", "shm", "ray"):
+            out.append(f"rollout.refit_transport must be auto, ipc, shm or ray, got {self.refit_transport!r}")
         for name in ("max_new_tokens", "max_prompt_length", "tensor_parallel_size", "refit_bucket_mib"):
             if getattr(self, name) < 1:
                 out.append(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_engines < 0:
+            out.append(f"rollout.num_engines must be >= 0 (0: auto), got {self.num_engines}")
         return out
+
+    def engines(self, world_size: int, colocated: bool) -> int:
+        """The number of rollout engines for a policy of ``world_size`` ranks (``num_engines``, or its auto value)."""
+        if self.num_engines:
+            return self.num_engines
+        return max(1, world_size // self.tensor_parallel_size) if colocated else 1
 
     @property
     def num_voters(self) -> int:
@@ -160,33 +174,14 @@ class AlgorithmConfig:
     """Advantage estimator: grpo, rloo or mean."""
     normalize_std: bool = True
     """GRPO: divide by the group's reward std (false = Dr. GRPO)."""
-    clip_low: float = 0.2
-    """Ratio clipped below at 1 - clip_low."""
-    clip_high: float = 0.3
-    """Ratio clipped above at 1 + clip_high."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant for negative advantages (> 1); null disables."""
-    kl_coef: float = 0.01
-    """KL-to-reference weight; 0 disables the reference model."""
-    kl_estimator: str = "k3"
-    """k1, k2 or k3 (low-variance)."""
-    loss_agg: str = "token-mean"
-    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
-    norm_length: int | None = None
-    """Constant length for seq-mean-token-sum-norm; defaults to rollout.max_new_tokens."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """The GRPO loss: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, norm_length."""
 
     def policy_loss(self, *, default_norm_length: int | None = None) -> PolicyLossConfig:
-        return PolicyLossConfig(
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
-            kl_coef=self.kl_coef,
-            kl_estimator=self.kl_estimator,
-            loss_agg=self.loss_agg,
-            norm_length=self.norm_length or default_norm_length,
-        )
+        """The loss settings, ``loss.norm_length`` defaulting to ``default_norm_length``."""
+        return replace(self.loss, norm_length=self.loss.norm_length or default_norm_length).check()
 
     def problems(self) -> list[str]:
         out = []
@@ -194,11 +189,7 @@ class AlgorithmConfig:
             out.append(f"algorithm.advantage must be one of {ESTIMATORS}, got {self.advantage!r}")
         if self.ppo_epochs < 1:
             out.append(f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        try:
-            self.policy_loss(default_norm_length=1)
-        except ValueError as error:
-            out.append(f"algorithm.{error}")
-        return out
+        return out + self.loss.problems("algorithm.loss.")
 
 
 @dataclass(kw_only=True)
@@ -283,9 +274,13 @@ class TrainerConfig:
     num_cpus: int = 0
     """CPUs for a local Ray cluster; 0 = all."""
     colocate: bool = True
-    """The rollout engine shares the first policy rank's device (GPU: half of it each; CPU: its bundle) and
-    sleeps (releases weights and KV cache) while the policy trains, where the backend supports it (vLLM on
-    GPU; on CPU sleep is a no-op). false: the engine gets a device of its own."""
+    """The rollout engines share the policy's devices (engine e on the devices of policy ranks
+    e*T .. e*T+T-1, T = rollout.tensor_parallel_size; GPU: half of each device's share, CPU: half its bundle)
+    and the two take turns: the engines sleep (release weights and KV cache) while the policy trains, the
+    policy's gradients, optimizer state and reference model leave the device while the engines generate
+    (vLLM on GPU; on CPU the moves are real copies, sleep a no-op). false: the engines get devices of their own."""
+    placement_timeout_s: float = 600.0
+    """How long to wait for Ray to place the policy and engines (devices may be busy); then a clear error."""
 
     def problems(self) -> list[str]:
         out = [
@@ -302,6 +297,8 @@ class TrainerConfig:
             out.append(f"trainer.lr must be > 0, got {self.lr}")
         if self.grad_clip < 0:
             out.append(f"trainer.grad_clip must be >= 0, got {self.grad_clip}")
+        if not self.placement_timeout_s > 0:
+            out.append(f"trainer.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         return out
 
 
@@ -486,4 +483,26 @@ class Config:
                 f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "
                 f"got {self.rollout.num_voters}"
             )
-        return out
+        return out + self.layout_problems()
+
+    def layout_problems(self) -> list[str]:
+        """The policy's and the engines' devices fit together (colocated: the engines cover the policy's devices
+        exactly, each engine on whole tensor-parallel groups of them)."""
+        world, r = self.parallel.world_size, self.rollout
+        if not self.trainer.colocate or world < 1 or r.tensor_parallel_size < 1:
+            return []
+        if world % r.tensor_parallel_size:
+            return [f"rollout.tensor_parallel_size={r.tensor_parallel_size} does not divide the policy's {world} "
+                    f"devices (parallel.* world size), which colocated engines share (trainer.colocate=true)"]
+        if r.num_engines and r.num_engines * r.tensor_parallel_size != world:
+            return [f"rollout.num_engines={r.num_engines} x rollout.tensor_parallel_size={r.tensor_parallel_size} "
+                    f"devices != the policy's {world} devices that colocated engines share: use "
+                    f"rollout.num_engines={world // r.tensor_parallel_size} (or 0 for auto)"]
+        return []
+
+    def devices(self) -> int:
+        """Devices (GPUs, or CPU bundles) the run places: the policy's, plus the engines' own when not colocated."""
+        world = self.parallel.world_size
+        if self.trainer.colocate:
+            return world
+        return world + self.rollout.engines(world, False) * self.rollout.tensor_parallel_size

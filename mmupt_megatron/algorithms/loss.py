@@ -24,38 +24,52 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-@dataclass(kw_only=True, frozen=True)
+@dataclass(kw_only=True)
 class PolicyLossConfig:
+    """The GRPO loss's settings; also the run config's ``algorithm.loss`` section (one definition of each)."""
+
     clip_low: float = 0.2
     """Lower clip: the ratio is clipped below at 1 - clip_low."""
     clip_high: float = 0.3
     """Upper clip: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher)."""
     dual_clip: float | None = 3.0
-    """For negative advantages, the loss is capped at -A * dual_clip (> 1); None disables it."""
+    """For negative advantages, the loss is capped at -A * dual_clip (> 1); null disables it."""
     kl_coef: float = 0.0
-    """Weight of the KL-to-reference term; 0 disables it (no reference log-probs needed)."""
+    """Weight of the KL-to-reference term; 0 disables it (and the reference model)."""
     kl_estimator: str = "k3"
     """k1 (log-ratio), k2 (squared log-ratio / 2) or k3 (low-variance, clamped)."""
     loss_agg: str = "token-mean"
-    """How token losses are reduced; see the module docstring."""
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm (see the loss module)."""
     norm_length: int | None = None
-    """The constant length of seq-mean-token-sum-norm (usually the maximum response length)."""
+    """The constant length of seq-mean-token-sum-norm; the trainer defaults it to rollout.max_new_tokens."""
 
-    def __post_init__(self) -> None:
+    def problems(self, prefix: str = "") -> list[str]:
+        """What is wrong with these settings, each naming its key (``prefix`` + name)."""
+        out = []
         if not 0 <= self.clip_low < 1:
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
+            out.append(f"{prefix}clip_low must be in [0, 1), got {self.clip_low}")
         if self.clip_high < 0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+            out.append(f"{prefix}clip_high must be >= 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+            out.append(f"{prefix}dual_clip must be > 1 (or null), got {self.dual_clip}")
+        if not self.kl_coef >= 0:
+            out.append(f"{prefix}kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+            out.append(f"{prefix}kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+            out.append(f"{prefix}loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.norm_length is not None and self.norm_length < 1:
+            out.append(f"{prefix}norm_length must be >= 1 (or null), got {self.norm_length}")
+        return out
+
+    def check(self) -> PolicyLossConfig:
+        """``self``, or ValueError naming every problem; also that seq-mean-token-sum-norm has its length."""
+        problems = self.problems()
         if self.loss_agg == "seq-mean-token-sum-norm" and not self.norm_length:
-            raise ValueError("loss_agg=seq-mean-token-sum-norm needs norm_length (e.g. the max response length)")
+            problems.append("loss_agg=seq-mean-token-sum-norm needs norm_length (e.g. the max response length)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def kl_penalty(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -101,6 +115,7 @@ def grpo_policy_loss(
 
     ``advantages_B`` may be per sequence [B] or per token [B, T].
     """
+    cfg.check()
     if logprobs_BT.shape != old_logprobs_BT.shape or logprobs_BT.shape != mask_BT.shape:
         raise ValueError(
             f"shape mismatch: logprobs {tuple(logprobs_BT.shape)}, old {tuple(old_logprobs_BT.shape)}, "

@@ -24,18 +24,3 @@ def prompt_for(question: str, data: DataConfig) -> str:
 
 def image_encoder(data: DataConfig) -> ImageEncoder:
     return ImageEncoder(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-
-
-def eval_items(files: Sequence[str], data: DataConfig) -> list:
-    """Held-out ``EvalItem``s (prompt, fitted image, answer); a row without an answer is an error naming it."""
-    from mmupt_megatron.evaluation import EvalItem
-
-    holdout = open_dataset(files, data)
-    encoder = image_encoder(data)
-    items = []
-    for index in range(len(holdout)):
-        sample, image = holdout[index]
-        if sample.answer is None:
-            raise ValueError(f"{sample.origin}: evaluation rows need an answer ({data.answer_key!r})")
-        items.append(EvalItem(prompt=prompt_for(sample.question, data), images=[encoder.fit(image)], answer=sample.answer))
-    return items

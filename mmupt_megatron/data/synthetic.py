@@ -295,7 +295,7 @@ def write_parquet(path: str | Path, examples: Sequence[Example]) -> Path:
     return path
 
 
-def synthesize(
+def write_splits(
     out_dir: str | Path, *, num_train: int, num_test: int, num_hard_test: int = 0, seed: int = 0,
     cfg: WorldConfig | None = None,
 ) -> dict[str, Path]:

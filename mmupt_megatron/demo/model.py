@@ -112,12 +112,23 @@ def encode_batch(
 ) -> dict[str, torch.Tensor]:
     """Left-padded model inputs. With ``targets`` the assistant turn (target + ``<|im_end|>``) is appended
     and ``labels`` mark only its tokens (the rest -100). ``instructions`` replace the style's per row."""
-    pixel_values, grid_thw = encoder.encode(images)
     instructions = instructions or [style.instruction] * len(questions)
-    prompts = [
-        expand_image_pads(build_prompt(q, instruction=i, system=style.system, image_first=style.image_first), [g])
-        for q, i, g in zip(questions, instructions, grid_thw.tolist(), strict=True)
-    ]
+    prompts = [build_prompt(q, instruction=i, system=style.system, image_first=style.image_first)
+               for q, i in zip(questions, instructions, strict=True)]
+    return encode_prompts(tokenizer, prompts=prompts, images=images, encoder=encoder, targets=targets)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    prompts: list[str],
+    images: list[Image.Image],
+    encoder: ImageEncoder,
+    targets: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``encode_batch`` for chat-formatted prompts (one image placeholder each, as ``build_prompt`` writes)."""
+    pixel_values, grid_thw = encoder.encode(images)
+    prompts = [expand_image_pads(p, [g]) for p, g in zip(prompts, grid_thw.tolist(), strict=True)]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if targets is None:
         seqs, labels = prompt_ids, None

@@ -1,23 +1,28 @@
 """Sampling and evaluation of the demo model with plain transformers (no vLLM): greedy and sampled
-accuracy, maj@k, and format rate on held-out world examples.
+accuracy, maj@k, and format rate on held-out world examples, through the project's one evaluator
+(``evaluate`` in the evaluation module) with the transformers model behind the ``RolloutEngine.generate``
+interface (``HFEngine``).
 
 Accuracy compares the extracted ``\\boxed{}`` answer with the held-out label (evaluation only).
 "sampled" is the mean accuracy over k samples per question at temperature 1; "maj@k" is the accuracy of
-the majority answer of those k samples (the pseudo-label MM-UPT would train towards).
+the majority answer of those k samples (the pseudo-label MM-UPT would train towards: ``majority_vote``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmupt_megatron.algorithms import extract_boxed
 from mmupt_megatron.data.images import ImageEncoder
+from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.synthetic import Example
-from mmupt_megatron.demo.model import PromptStyle, encode_batch
+from mmupt_megatron.demo.model import PromptStyle, encode_prompts
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.eval.evaluator import EvalItem
+from mmupt_megatron.eval.evaluator import evaluate as evaluate_items
 
 
 @torch.no_grad()
@@ -75,6 +80,28 @@ class EvalResult:
         return f"greedy {self.greedy:.3f} sampled {self.sampled:.3f} maj {self.maj:.3f} format {self.format_rate:.2f} [{kinds}]"
 
 
+class HFEngine:
+    """``RolloutEngine.generate`` over a transformers model: every request's ``n`` samples in one batch (prompts
+    repeated), greedy at temperature 0; sampling draws from torch's global generator (``spec.seed`` unused)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, encoder: ImageEncoder) -> None:
+        self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
+
+    def generate(self, requests: Sequence[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
+        rows = [(index, request) for index, request in enumerate(requests) for _ in range(spec.n)]
+        batch = encode_prompts(self.tokenizer, prompts=[r.prompt for _, r in rows],
+                               images=[image for _, r in rows for image in r.images], encoder=self.encoder)
+        responses = generate_responses(self.model, self.tokenizer, batch, do_sample=spec.temperature > 0,
+                                       temperature=spec.temperature or 1.0, max_new_tokens=spec.max_new_tokens)
+        return [
+            Rollout(group_id=request.group_id, prompt_index=index, sample_index=i % spec.n, prompt_token_ids=[],
+                    response_token_ids=ids, response_logprobs=[], text=text,
+                    finish_reason="stop" if ids and ids[-1] == self.tokenizer.eos_token_id else "length")
+            for i, ((index, request), ids, text) in enumerate(zip(rows, responses, decode(self.tokenizer, responses),
+                                                                   strict=True))
+        ]
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -86,37 +113,14 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> EvalResult:
-    greedy_hits, sampled_hits, maj_hits, answered = 0, 0, 0, 0
-    kind_hits: Counter[str] = Counter()
-    kind_total: Counter[str] = Counter()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = encode_batch(tokenizer, questions=[e.question for e in chunk], images=[e.image for e in chunk],
-                             encoder=encoder, style=style)
-        greedy = [extract_boxed(t) for t in decode(tokenizer, generate_responses(
-            model, tokenizer, batch, do_sample=False, max_new_tokens=max_new_tokens))]
-        many = encode_batch(tokenizer, questions=[e.question for e in chunk for _ in range(num_samples)],
-                            images=[e.image for e in chunk for _ in range(num_samples)], encoder=encoder, style=style)
-        sampled = [extract_boxed(t) for t in decode(tokenizer, generate_responses(
-            model, tokenizer, many, do_sample=True, max_new_tokens=max_new_tokens))]
-        for i, example in enumerate(chunk):
-            hit = greedy[i] == example.answer
-            greedy_hits += hit
-            kind_hits[example.kind] += hit
-            kind_total[example.kind] += 1
-            answers = sampled[i * num_samples : (i + 1) * num_samples]
-            sampled_hits += sum(a == example.answer for a in answers)
-            answered += sum(a is not None for a in answers)
-            votes = Counter(a for a in answers if a is not None)
-            if votes:
-                top = max(votes.values())
-                winner = min(a for a, n in votes.items() if n == top)
-                maj_hits += winner == example.answer
-    n = len(examples)
-    return EvalResult(
-        greedy=greedy_hits / n,
-        sampled=sampled_hits / (n * num_samples),
-        maj=maj_hits / n,
-        format_rate=answered / (n * num_samples),
-        by_kind={k: kind_hits[k] / kind_total[k] for k in kind_total},
-    )
+    """Greedy, sampled (temperature 1) and maj@``num_samples`` accuracy of a transformers model on world
+    examples: the project's evaluator (training's extraction, equivalence and vote) with ``HFEngine``."""
+    items = [EvalItem(prompt=build_prompt(e.question, instruction=style.instruction, system=style.system,
+                                          image_first=style.image_first),
+                      images=[e.image], answer=e.answer, category=e.kind, id=e.id) for e in examples]
+    report = evaluate_items(HFEngine(model, tokenizer, encoder=encoder).generate, items, k=num_samples,
+                            temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    m = report.metrics
+    by_kind = {kind: row["greedy"] for kind, row in report.by_category.items()} or {examples[0].kind: m["greedy"]}
+    return EvalResult(greedy=m["greedy"], sampled=m["pass@1"], maj=m.get(f"maj@{num_samples}", m["pass@1"]),
+                      format_rate=1.0 - m["no_answer"], by_kind=by_kind)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from mmupt_megatron.algorithms import AnswerMatcher
 from mmupt_megatron.config_loading import load_config
-from mmupt_megatron.data.synthetic import WorldConfig, generate, synthesize, write_parquet
-from mmupt_megatron.evaluation import EvalItem, EvalReport, evaluate
+from mmupt_megatron.data.synthetic import WorldConfig, generate, write_parquet, write_splits
+from mmupt_megatron.eval.evaluator import EvalItem, EvalReport, evaluate, held_out_items
 
 
 HARD_MIN_AGREEMENT = 0.9
@@ -106,7 +106,7 @@ def prepare(plan: DemoPlan) -> tuple[Path, dict[str, Path]]:
     data_dir = plan.out / "data"
     files = {k: data_dir / f"{k}.parquet" for k in ("train", "test", "hard_train", "hard_test")}
     if not all(f.is_file() for f in files.values()):
-        synthesize(data_dir, num_train=2048, num_test=plan.num_eval, num_hard_test=plan.num_eval, seed=plan.seed,
+        write_splits(data_dir, num_train=2048, num_test=plan.num_eval, num_hard_test=plan.num_eval, seed=plan.seed,
                    cfg=DEMO_WORLD)
         hard = WorldConfig.hard(grid=DEMO_WORLD.grid, cell_px=DEMO_WORLD.cell_px, chain_style=DEMO_WORLD.chain_style,
                                 question_weights=DEMO_WORLD.question_weights)
@@ -122,7 +122,6 @@ def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
     import os
     import warnings
 
-    from mmupt_megatron.data.configured import eval_items
 
     # the demo prints its own progress lines; engines log to Ray's files (logging.quiet_engines)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -131,8 +130,8 @@ def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
     start = time.time()
     base, files = prepare(plan)
     cfg = load_config("demo", list(plan.overrides))
-    test = eval_items([str(files["test"])], cfg.data)
-    hard_test = eval_items([str(files["hard_test"])], cfg.data)
+    test = held_out_items([str(files["test"])], cfg.data)
+    hard_test = held_out_items([str(files["hard_test"])], cfg.data)
     rows: list[dict[str, float | str]] = []
 
     def record(name: str, split: str, model: Path, items: list[EvalItem]) -> None:

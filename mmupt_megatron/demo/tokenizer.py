@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from mmupt_megatron.data import synthetic
-from mmupt_megatron.models.tiny import QWEN_SPECIAL_TOKENS
+from mmupt_megatron.models.tokens import QWEN_SPECIAL_TOKENS
 
 SPECIAL_TOKENS: tuple[str, ...] = QWEN_SPECIAL_TOKENS
 UNK_TOKEN = "<unk>"

@@ -98,7 +98,7 @@ def question_writing(rng: random.Random, example: Example, world: WorldConfig) -
     return prompt, f"{OPEN_TAG} {question} {CLOSE_TAG}", ""
 
 
-def image_encoder(world: WorldConfig) -> ImageEncoder:
+def world_image_encoder(world: WorldConfig) -> ImageEncoder:
     """Pixel limits that keep the world's images exactly as drawn (one token per cell)."""
     return ImageEncoder(min_pixels=world.image_px**2, max_pixels=world.image_px**2)
 
@@ -108,7 +108,7 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, cfg.model, seed=cfg.seed)
-    encoder = image_encoder(cfg.world)
+    encoder = world_image_encoder(cfg.world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     rng = random.Random(cfg.seed * 7919 + 1)
@@ -170,7 +170,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, *, out_dir: str | Path, c
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    image_encoder(cfg.world).save_config(out)
+    world_image_encoder(cfg.world).save_config(out)
     meta = {"warmup": dataclasses.asdict(cfg), "history": history}
     (out / "demo_meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return out

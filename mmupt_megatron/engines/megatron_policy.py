@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
-from mmupt_megatron.engines.cpu_compat import cuda_type_names
-from mmupt_megatron.engines.parallel import ParallelGroups
+from mmupt_megatron.distributed.cpu_compat import cuda_type_names
+from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 
@@ -40,7 +40,7 @@ class PolicyOptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.0
-    clip_grad: float = 1.0
+    grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     micro_batch_size: int = 1
     """Sequences per forward/backward micro-batch on each DP rank."""
@@ -53,8 +53,9 @@ class PolicyOptimConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.lr < 0 or self.clip_grad < 0:
-            raise ValueError(f"lr ({self.lr}) and clip_grad ({self.clip_grad}) must be >= 0")
+        if self.lr < 0 or self.grad_clip < 0:
+            raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be >= 0")
+        self.loss.check()
 
 
 @dataclass(kw_only=True)
@@ -121,7 +122,7 @@ class MegatronPolicy:
                 OptimizerConfig(
                     optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
                     adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                    sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=config.bf16,
+                    sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.grad_clip, bf16=config.bf16,
                     params_dtype=config.params_dtype, use_distributed_optimizer=distributed,
                 ),
                 [self.ddp],
@@ -129,6 +130,7 @@ class MegatronPolicy:
                 pg_collection=groups.megatron_pgs,
             )
         config.no_sync_func = self.ddp.no_sync
+        self._stash = None  # what offload() moved to host memory
         self.p2p = None
         if groups.dims.pp > 1:
             from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -270,6 +272,41 @@ class MegatronPolicy:
                 else:
                     result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
         return result
+
+    # ------------------------------------------------------------------ memory (the colocated schedule)
+    def _inner_optimizers(self) -> list:
+        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        """Optimizer state (Adam moments, step) and main parameters that are not the model's own storage
+        (the fp32 copies of bf16 weights); with fp32 weights the optimizer updates the model's storage."""
+        weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        out = []
+        for inner in self._inner_optimizers():
+            out += [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+            out += [p for group in inner.param_groups for p in group["params"]
+                    if p.untyped_storage().data_ptr() not in weights]
+        return out
+
+    def offload(self, *, weights: bool = False) -> int:
+        """Free this rank's device memory for the engine: gradients (dropped: every step zeroes them),
+        optimizer state and main parameters (copied to host memory) and, with ``weights``, the parameters.
+        ``onload`` restores them bit-exactly; returns the bytes moved off the device so far."""
+        from mmupt_megatron.engines.offload import HostStash, stash
+
+        self._stash = self._stash or HostStash()
+        buffers = self.ddp.buffers + self.ddp.expert_parallel_buffers
+        stash([b.grad_data for b in buffers], keep=False, into=self._stash)
+        stash(self._optimizer_tensors(), into=self._stash)
+        if weights:
+            stash([*self.model.parameters(), *(b.param_data for b in buffers)], into=self._stash)
+        return self._stash.nbytes
+
+    def onload(self) -> None:
+        """Undo ``offload`` (no-op when nothing is off the device)."""
+        if self._stash is not None:
+            self._stash.restore()
+            self._stash = None
 
 
 def _all_finite(tensors) -> bool:

@@ -62,12 +62,17 @@ class RolloutEngine(Protocol):
     def prompt_logprobs(self, requests: Sequence[RolloutRequest], completions: Sequence[list[int]]) -> list[torch.Tensor]:
         """Log-probs the engine assigns to given completion tokens (used to verify a refit)."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load (HF name, full tensor) pairs into the running engine; returns the number loaded."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], *, manifest: Sequence[tuple[str, Sequence[int]]] | None = None,
+    ) -> int:
+        """Load (HF name, full tensor) pairs into the running engine; returns the number loaded. ``manifest``
+        (the (name, shape) of every tensor ``weights`` will yield) lets the engine check them all before
+        loading any: a refit is all or nothing."""
 
     def sleep(self) -> None:
         """Free accelerator memory while the trainer runs (no-op where unsupported)."""
 
-    def wake_up(self) -> None: ...
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Wake what ``tags`` names after ``sleep`` ("weights", "kv_cache"; None: both)."""
 
     def close(self) -> None: ...

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.engines.vllm_worker import EXTENSION
 
 _SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 
@@ -39,9 +40,8 @@ _SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 def install_cpu_shims() -> None:
     """Make vLLM's Qwen2-VL support importable without torchvision, in this process and its children.
 
-    Runs when this module is imported (CPU machines only), so it precedes any ``import vllm`` made after
-    importing this module; a process that imported vLLM or transformers' processors earlier must not rely
-    on it.
+    ``VLLMRolloutEngine`` calls it (CPU machines only) before its first ``import vllm``; a process that
+    imported vLLM or transformers' Qwen2-VL processors before that must call it first itself.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     path = os.environ.get("PYTHONPATH", "")
@@ -53,9 +53,6 @@ def install_cpu_shims() -> None:
         sys.modules["mmupt_vllm_cpu_site"] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
 
-
-if not torch.cuda.is_available():
-    install_cpu_shims()
 
 
 def engine_kwargs(rollout: Any, *, max_model_len: int | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -112,11 +109,20 @@ class VLLMRolloutEngine:
         seed: int = 0,
         max_images_per_prompt: int = 1,
         max_num_seqs: int = 256,
+        distributed_executor_backend: str | None = None,
+        multiprocess: bool | None = None,
     ):
+        """``distributed_executor_backend="ray"``: a tensor-parallel engine whose workers Ray places (on the
+        bundles named by ``VLLM_RAY_BUNDLE_INDICES`` of the placement group the calling actor runs in).
+        ``multiprocess``: the engine core in its own process (vLLM's default; on CPU machines in-process unless
+        this says otherwise, for a 3-4 s start)."""
         self.model_dir = Path(model_dir)
         self.on_cpu = not torch.cuda.is_available()
         self.expected_shapes = checkpoint_shapes(self.model_dir)
+        if multiprocess is not None:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = str(int(multiprocess))
         if self.on_cpu:
+            install_cpu_shims()
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cpu_kvcache_gib)))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # one core: 2-core machines thrash otherwise
         from vllm import LLM
@@ -129,7 +135,10 @@ class VLLMRolloutEngine:
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            worker_extension_cls=EXTENSION,  # refit inside the workers (engines/vllm_worker.py)
         )
+        if distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
@@ -273,13 +282,29 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
         return counter[0]
 
+    def load_bucket(self, method: str, *args: Any) -> int:
+        """Load one bucket frame inside the workers (``vllm_worker.RefitExtension.<method>(*args)``: plain-data
+        arguments, so this works with the engine core in its own process and with tensor-parallel workers);
+        the caller checked the bucket's manifest (``check_manifest``). Returns the number of tensors loaded."""
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
+        try:
+            counts = self.llm.collective_rpc(method, args=args)
+        finally:
+            quiet.setLevel(level)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        return counts[0]
+
     def sleep(self) -> None:
         if not self.on_cpu:  # "sleep mode is not supported on CPU"
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Wake what ``tags`` names ("weights", "kv_cache"; None: both)."""
         if not self.on_cpu:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=list(tags) if tags else None)
 
     def close(self) -> None:
         del self.llm

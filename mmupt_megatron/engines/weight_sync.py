@@ -206,13 +206,13 @@ def pack_buckets(model: torch.nn.Module, plan: Sequence[BucketLayout], *, sender
     - else ``models.hf_gather.gather_group``: the peers' pieces are received into the bucket over the
       process group, TP rank 0 copies its own there once; only column blocks of row-parallel matrices
       pass through a small reused staging buffer."""
-    from mmupt_megatron.models.hf_gather import gather_group, place_own_pieces, plan_hf_groups, staging_bytes
+    from mmupt_megatron.models.hf_gather import gather_group, model_device, place_own_pieces, plan_hf_groups, staging_bytes
     from mmupt_megatron.models.safetensors_io import Staging
 
     groups = {group.key: group for group in plan_hf_groups(model)}
     _check_against_plan(plan, groups)
     params = dict(model.named_parameters())
-    staging = Staging(staging_bytes(list(groups.values()), params))
+    staging = Staging(staging_bytes(list(groups.values()), params), device=model_device(model))
     tp_group = model.groups
     for layout in plan:
         data = sender.buffer(layout) if sender is not None else None

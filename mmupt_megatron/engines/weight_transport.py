@@ -155,9 +155,9 @@ def decode_bucket(blob: Any, *, copy: bool = False) -> tuple[list[ManifestEntry]
     safetensors reader (``safetensors.torch.load``) reads the same frames; this one avoids its two extra
     copies."""
     flat = blob if isinstance(blob, torch.Tensor) else None
-    view = memoryview(flat[:8].numpy()) if flat is not None else memoryview(blob)
+    view = memoryview(flat[:8].cpu().numpy()) if flat is not None else memoryview(blob)  # a GPU frame: header to host
     (length,) = struct.unpack("<Q", view[:8])
-    raw = bytes(flat[8 : 8 + length].numpy()) if flat is not None else bytes(view[8 : 8 + length])
+    raw = bytes(flat[8 : 8 + length].cpu().numpy()) if flat is not None else bytes(view[8 : 8 + length])
     header = json.loads(raw)
     header.pop("__metadata__", None)
     total = flat.numel() if flat is not None else len(view)

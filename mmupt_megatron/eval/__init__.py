@@ -1,7 +1,7 @@
 """``mmupt eval``: benchmark loaders (MathVista, We-Math, MathVerse, MathVision, our row format), prompts,
 model resolution (HF or Megatron checkpoints), the JSON report and the printed table.
 
-The metrics themselves are ``mmupt_megatron.evaluation.evaluate`` (the trainer's held-out evaluation) over
+The metrics themselves are ``mmupt_megatron.eval.evaluator.evaluate`` (the trainer's held-out evaluation) over
 ``mmupt_megatron.algorithms.metrics``.
 """
 

@@ -83,7 +83,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.eval.model import detect_model_format, served_model
     from mmupt_megatron.eval.prompts import check_prompt_lengths, eval_items, prompt_lengths
     from mmupt_megatron.eval.report import build_report, markdown_table, write_report
-    from mmupt_megatron.evaluation import evaluate
+    from mmupt_megatron.eval.evaluator import evaluate
 
     start = time.perf_counter()
     cfg = load_config(args.recipe, args.overrides)

@@ -26,7 +26,7 @@ from mmupt_megatron.data.configured import image_encoder, prompt_for
 from mmupt_megatron.data.images import FACTOR, ImageEncoder, ImageError, load_image, smart_resize
 from mmupt_megatron.data.prompts import IMAGE_PLACEHOLDER
 from mmupt_megatron.eval.rows import Question
-from mmupt_megatron.evaluation import EvalItem
+from mmupt_megatron.eval.evaluator import EvalItem
 
 CHOICE_INSTRUCTION = "Answer with the option's letter."
 

@@ -33,7 +33,7 @@ from typing import Any
 from mmupt_megatron.algorithms.metrics import pass_at_k
 from mmupt_megatron.eval.model import ServedModel
 from mmupt_megatron.eval.rows import Question
-from mmupt_megatron.evaluation import EvalReport, QuestionResult
+from mmupt_megatron.eval.evaluator import EvalReport, QuestionResult
 
 
 def intermediate_ks(k: int) -> list[int]:

@@ -8,7 +8,7 @@ Memory per GPU (GiB), training phase, on the fuller of the first and last pipeli
   stage params P = layers/PP x layer/TP + embedding/TP (first) | lm_head/TP (last) + the ViT (first; the vision
   tower is replicated on every TP rank). weights 2P (bf16), grads 4P (fp32 main grads), optimizer 12P / DP
   (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P, the
-  reference policy 2P (when algorithm.kl_coef > 0).
+  reference policy 2P (when algorithm.loss.kl_coef > 0).
   Activations per micro-batch (bf16, tensor + sequence parallel, flash attention: no s^2 term), per token and
   layer: attention 8h + 4kv bytes (norm in, QKV in, Q/K/V, attention out) + MLP 4h + 6f bytes (norm in, fc1 in,
   gate/up out, SwiGLU out) = (12h + 4kv + 6f) / TP; with model.gradient_checkpointing only the layer input
@@ -140,7 +140,7 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
         rows = {"weights (bf16)": 2 * params, "grads (fp32)": 4 * params, "optimizer (fp32 x3 / DP)": 12 * params / dp_shards}
         if cfg.model.fp8:
             rows["fp8 weight copies"] = params
-        if cfg.algorithm.kl_coef > 0:
+        if cfg.algorithm.loss.kl_coef > 0:
             rows["reference (bf16)"] = 2 * params
         rows = {k: v / GIB for k, v in rows.items()}
         return rows | {"activations": activations, "overhead": a.overhead_gib}
@@ -160,7 +160,7 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
     n_params, seqs = arch.total_params, t.prompts_per_step * r.n
     prompt_tokens, response_tokens = min(a.mean_prompt_tokens, r.max_prompt_length), min(a.mean_response_tokens, r.max_new_tokens)
     trained = seqs * (prompt_tokens + response_tokens)
-    passes = 1 + (cfg.algorithm.kl_coef > 0)
+    passes = 1 + (cfg.algorithm.loss.kl_coef > 0)
     out.flops = {
         "rollout": 2 * n_params * (seqs * response_tokens + t.prompts_per_step * prompt_tokens),
         "log-prob forwards": 2 * n_params * trained * passes,

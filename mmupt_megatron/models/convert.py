@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmupt_megatron.engines.parallel import ParallelDims, init_parallel, run_workers
+from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel, run_workers
 from mmupt_megatron.models.hf_config import LMArch, load_arch, read_hf_config
 from mmupt_megatron.models.safetensors_io import tensor_bytes
 from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights

@@ -195,9 +195,11 @@ def gather_group(model: torch.nn.Module, group: HFGroup, out: Mapping[str, torch
         if source.tp_rank == 0:
             continue
         dst = source.piece.hf_view(out[source.hf_name])
-        buffer = dst if source.in_place else staging.tensor(_meg_shape(source, params), dst.dtype)
+        # a piece travels on its parameter's device (NCCL on GPU); one for host memory lands in staging first
+        direct = source.in_place and dst.device == params[source.param].device
+        buffer = dst if direct else staging.tensor(_meg_shape(source, params), dst.dtype)
         pending.append(dist.irecv(buffer, src=_peer(groups, source.tp_rank), group=groups.tp_group))
-        if not source.in_place:
+        if not direct:
             staged.append((buffer, dst))
     for source in group.sources:
         if source.tp_rank == 0:
@@ -217,6 +219,11 @@ def place_own_pieces(model: torch.nn.Module, group: HFGroup, out: Mapping[str, t
     for source in group.sources:
         if source.tp_rank == me:
             source.piece.hf_view(out[source.hf_name]).copy_(source.piece.meg_view(params[source.param].detach()))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (the device its TP peers send pieces from)."""
+    return next(model.parameters()).device
 
 
 def staging_bytes(plan: Sequence[HFGroup], params: Mapping[str, torch.Tensor]) -> int:
@@ -246,7 +253,7 @@ def iter_hf_groups(model: torch.nn.Module, *, shapes_only: bool = False) -> Iter
         return
     plan = plan_hf_groups(model)
     params = _params(model)
-    staging = Staging(staging_bytes(plan, params))
+    staging = Staging(staging_bytes(plan, params), device=model_device(model))
     for group in plan:
         out = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in group.tensors} if model.groups.tp_rank == 0 else None
         gather_group(model, group, out, params=params, staging=staging)
@@ -340,7 +347,7 @@ def _write_tensor(model: torch.nn.Module, group: HFGroup, name: str, shape: tupl
                 dist.send(view, dst=_peer(groups, 0), group=groups.tp_group)
             elif me == 0:
                 staging.reset()
-                buffer = staging.tensor(view.shape, dtype)
+                buffer = staging.tensor(view.shape, dtype)  # on the parameters' device, as the peer sends
                 dist.recv(buffer, src=_peer(groups, source.tp_rank), group=groups.tp_group)
                 handle.write(tensor_bytes(buffer))
 
@@ -351,7 +358,7 @@ def export_hf_weights(model: torch.nn.Module, out_dir: str | Path) -> None:
     out = Path(out_dir)
     plan = plan_hf_groups(model)
     params = _params(model)
-    staging, assembly = Staging(), Staging()
+    staging, assembly = Staging(device=model_device(model)), Staging()
     if model.groups.dp_rank != 0:  # DP replicas hold the same weights: DP rank 0's TP groups write them
         plan = []
     writer = model.groups.tp_rank == 0 and model.groups.dp_rank == 0

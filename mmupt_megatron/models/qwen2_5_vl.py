@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmupt_megatron.engines.parallel import ParallelGroups
+from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.hf_config import LMArch
 from mmupt_megatron.models.mapping import MEG_LM_PREFIX, padded_vocab_size
 

@@ -27,9 +27,10 @@ TORCH_DTYPES = {name: dtype for dtype, name in ST_DTYPES.items()}
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (for file writes and reads)."""
+    """The bytes of a contiguous tensor (for file writes and reads): without a copy on CPU; a device tensor is
+    copied to host memory first (only for writing: reads into a device tensor go through ``HFWeights._read``)."""
     assert tensor.is_contiguous(), "tensor_bytes needs a contiguous tensor"
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).cpu().numpy())
 
 
 # ------------------------------------------------------------------ reading HF safetensors
@@ -88,6 +89,11 @@ class HFWeights:
         return self.shape(name)[0]
 
     def _read(self, stored: _Stored, offset: int, out: torch.Tensor) -> None:
+        if out.device.type != "cpu":  # a device tensor: read into host memory, then one copy up
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=out.device.type == "cuda")
+            self._read(stored, offset, host)
+            out.copy_(host)
+            return
         handle = self._handles.get(stored.path)
         if handle is None:
             handle = self._handles[stored.path] = open(stored.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
@@ -141,8 +147,9 @@ class Staging:
     """One reusable byte buffer, handed out as aligned typed tensors; ``reset`` before each unit of work.
     It grows when asked for more (views handed out earlier keep the old buffer alive until dropped)."""
 
-    def __init__(self, nbytes: int = 0) -> None:
-        self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+    def __init__(self, nbytes: int = 0, *, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self._used = 0
 
     def reset(self) -> None:
@@ -155,7 +162,7 @@ class Staging:
         nbytes = numel * dtype.itemsize
         start = -(-self._used // 64) * 64
         if start + nbytes > self._buffer.numel():
-            self._buffer = torch.empty(max(start + nbytes, 2 * self._buffer.numel()), dtype=torch.uint8)
+            self._buffer = torch.empty(max(start + nbytes, 2 * self._buffer.numel()), dtype=torch.uint8, device=self.device)
             start = 0
         self._used = start + nbytes
         return self._buffer[start : start + nbytes].view(dtype).reshape(tuple(shape))

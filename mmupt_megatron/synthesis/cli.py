@@ -29,12 +29,12 @@ from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.configured import open_dataset
 from mmupt_megatron.synthesis.rows import (
     check_output_path,
-    recorded_model_step,
     summary_path,
     write_result,
     write_summary,
 )
 from mmupt_megatron.synthesis.run import Progress, SynthesisResult, synthesize
+from mmupt_megatron.trainer.checkpoint import recorded_model_step
 
 DEFAULT_RECIPE = "mmupt_paper"
 

@@ -132,7 +132,7 @@ class _NoRefresh:
 
 
 def pool_refresher(cfg: Config, pool: list[Sample], *, cluster: Any, out_dir: str | Path) -> PoolRefresher | _NoRefresh:
-    """The trainer's refresher: generation through ``cluster.engine`` (a Ray actor); a no-op when off.
+    """The trainer's refresher: generation through ``cluster.generate``; a no-op when off.
 
     ValueError when the engine (sized by ``rollout.*``) is too short for the synthesis budget (``synthesis.*``).
     """
@@ -146,11 +146,7 @@ def pool_refresher(cfg: Config, pool: list[Sample], *, cluster: Any, out_dir: st
             f"questions need synthesis.max_prompt_length + synthesis.max_new_tokens = "
             f"{s.max_prompt_length + s.max_new_tokens}: raise rollout.max_prompt_length or lower the synthesis budget"
         )
-    import ray
-
-    engine = cluster.engine
-    return PoolRefresher(pool, cfg=cfg, generate=lambda requests, spec: ray.get(engine.generate.remote(requests, spec)),
-                         out_dir=out_dir)
+    return PoolRefresher(pool, cfg=cfg, generate=cluster.generate, out_dir=out_dir)
 
 
 __all__ = ["PoolRefresher", "pool_refresher"]

@@ -130,25 +130,4 @@ def write_summary(out: str | Path, result: SynthesisResult) -> Path:
     return path
 
 
-def recorded_model_step(model_dir: str | Path) -> int | None:
-    """The number of training steps a model folder's policy has taken, if the folder records it.
-
-    Looks for the trainer's ``trainer_state.json`` (``step`` = the last finished step, counted from 0) in the
-    folder or its parent (a checkpoint's ``policy/``), and, for a run's exported ``hf/`` folder, in the run's
-    latest complete checkpoint (the export is written after the final save).
-    """
-    from mmupt_megatron.trainer import checkpoint as ckpt
-
-    folder = Path(model_dir)
-    for candidate in (folder, folder.parent):
-        state = candidate / ckpt.STATE_FILE
-        if state.is_file():
-            return int(json.loads(state.read_text())["step"]) + 1
-    saved = ckpt.complete_checkpoints(ckpt.checkpoints_root(folder.parent))
-    if saved and (folder / "config.json").is_file():
-        return int(json.loads((saved[-1] / ckpt.STATE_FILE).read_text())["step"]) + 1
-    return None
-
-
-__all__ = ["OUTPUT_SUFFIXES", "PROVENANCE_COLUMNS", "check_output_path", "question_rows", "recorded_model_step",
-           "summary_path", "write_result", "write_summary"]
+__all__ = ["OUTPUT_SUFFIXES", "PROVENANCE_COLUMNS", "check_output_path", "question_rows", "summary_path", "write_result", "write_summary"]

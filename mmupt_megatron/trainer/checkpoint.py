@@ -95,3 +95,21 @@ def commit(tmp: Path, *, keep_last: int) -> Path:
     for old in complete_checkpoints(final.parent)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def recorded_model_step(model_dir: str | Path) -> int | None:
+    """The number of training steps a model folder's policy has taken, if the folder records it.
+
+    Looks for the trainer's ``trainer_state.json`` (``step`` = the last finished step, counted from 0) in the
+    folder or its parent (a checkpoint's ``policy/``), and, for a run's exported ``hf/`` folder, in the run's
+    latest complete checkpoint (the export is written after the final save).
+    """
+    folder = Path(model_dir)
+    for candidate in (folder, folder.parent):
+        state = candidate / STATE_FILE
+        if state.is_file():
+            return int(json.loads(state.read_text())["step"]) + 1
+    saved = complete_checkpoints(checkpoints_root(folder.parent))
+    if saved and (folder / "config.json").is_file():
+        return int(json.loads((saved[-1] / STATE_FILE).read_text())["step"]) + 1
+    return None

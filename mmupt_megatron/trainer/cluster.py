@@ -1,10 +1,17 @@
-"""Ray set-up and fan-out: the Megatron workers as one ``PolicyGroup``, the engine as one actor.
+"""Ray set-up and fan-out: the Megatron workers as one policy, N rollout engines, and the memory schedule
+between them. The only module of the trainer that calls Ray (``workers.py`` holds the actor classes).
 
-Placement: one placement group with a bundle per Megatron rank (PACK strategy, so a single node is used
-when it fits; on GPU clusters each bundle also takes its GPU). Colocated (``trainer.colocate``, the
-default) the engine shares rank 0's bundle and sleeps while the policy trains; otherwise it gets one more
-bundle of its own. Locally Ray starts
+Placement: one placement group, one bundle per device: the policy's TP x PP x DP ranks, plus (not colocated)
+``rollout.tensor_parallel_size`` bundles per engine. Bundles are ordered by node, then GPU, and rank r takes
+the r-th, so a tensor-parallel group never straddles nodes. Colocated (``trainer.colocate``, the default),
+engine e shares the bundles of policy ranks e*T .. e*T+T-1 (T = rollout.tensor_parallel_size; half a device
+each) and the two take turns (``trainer/schedule.py``). A placement that cannot be satisfied within
+``trainer.placement_timeout_s`` is an error naming what was asked and what the cluster has. Locally Ray starts
 with ``ray.init(num_cpus=...)``; with ``trainer.ray_address`` set it attaches to that cluster.
+
+Rollout: ``generate`` splits a batch into contiguous runs of whole prompt groups, balanced by expected tokens,
+one per engine (``engines/dispatch.py``); seeds follow each request's position in the batch, so the responses
+do not depend on the number of engines. Refit: every engine receives every bucket.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from typing import Any
 import torch
 
 from mmupt_megatron.config import Config
+from mmupt_megatron.distributed.parallel import ParallelDims
+from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.trainer.batching import shard_for_rank
+from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
 
@@ -51,70 +61,140 @@ def _node_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
+def _bundle_location() -> tuple[str, tuple[int, ...]]:
+    """(node IP, GPU ids) of the bundle this task runs in."""
+    import ray
+
+    return ray.util.get_node_ip_address(), tuple(int(i) for i in ray.get_gpu_ids())
+
+
 def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
     return PolicyOptimConfig(
         lr=cfg.trainer.lr,
         weight_decay=cfg.trainer.weight_decay,
-        clip_grad=cfg.trainer.grad_clip,
+        grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
         freeze_vision=cfg.model.freeze_vision,
         loss=cfg.algorithm.policy_loss(default_norm_length=cfg.rollout.max_new_tokens),
     )
 
 
+def place(bundles: list[dict[str, float]], *, timeout_s: float) -> tuple[Any, list[int]]:
+    """A PACK placement group of ``bundles`` and its bundle indices ordered by (node, GPU); RuntimeError naming
+    what was asked and what the cluster has when Ray cannot place it within ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        asked = {key: sum(b.get(key, 0) for b in bundles) for key in ("GPU", "CPU")}
+        have = {key: ray.cluster_resources().get(key, 0) for key in ("GPU", "CPU")}
+        free = {key: ray.available_resources().get(key, 0) for key in ("GPU", "CPU")}
+        raise RuntimeError(
+            f"Ray could not place {len(bundles)} bundles of {bundles[0]} (in all: {asked['GPU']:g} GPUs, "
+            f"{asked['CPU']:g} CPUs) within trainer.placement_timeout_s={timeout_s:g} s; the cluster has "
+            f"{have['GPU']:g} GPUs / {have['CPU']:g} CPUs ({free['GPU']:g} / {free['CPU']:g} free). Fewer devices: "
+            "lower parallel.* or rollout.num_engines, or set trainer.colocate=true")
+    where = ray.get([
+        ray.remote(_bundle_location).options(
+            num_cpus=0, num_gpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i),
+        ).remote()
+        for i in range(len(bundles))
+    ])
+    return group, sorted(range(len(bundles)), key=lambda i: (where[i][0], where[i][1], i))
+
+
 class Cluster:
-    """The policy workers (TP x PP x DP ranks) and the rollout engine, placed by one placement group."""
+    """The policy workers (TP x PP x DP ranks) and the rollout engines, placed by one placement group."""
 
     def __init__(self, cfg: Config, *, model_dir: str) -> None:
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from mmupt_megatron.engines.vllm_rollout import engine_kwargs
 
         start_ray(cfg)
         p = cfg.parallel
         self.dims = ParallelDims(tp=p.tensor_parallel_size, pp=p.pipeline_parallel_size, dp=p.data_parallel_size)
-        world = self.dims.tp * self.dims.pp * self.dims.dp
-        on_gpu = torch.cuda.is_available()
+        world = self.dims.world_size
+        on_gpu = ray.cluster_resources().get("GPU", 0) > 0  # the driver may run on a node without one
         self.colocated = cfg.trainer.colocate
-        if self.colocated and cfg.rollout.tensor_parallel_size > 1:
-            raise ValueError("trainer.colocate=true places the engine on rank 0's device, so it needs "
-                             f"rollout.tensor_parallel_size=1 (got {cfg.rollout.tensor_parallel_size}); "
-                             "set trainer.colocate=false to give a tensor-parallel engine devices of its own")
-        bundles = world if self.colocated else world + 1
-        share = 1.0 if on_gpu else max(0.02, (cfg.trainer.num_cpus or os.cpu_count() or 1) / bundles)
-        bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": share}
-        self.placement = placement_group([bundle] * bundles, strategy="PACK")
-        ray.get(self.placement.ready())
+        engine_tp = cfg.rollout.tensor_parallel_size
+        if engine_tp > 1 and not on_gpu:
+            raise ValueError(f"rollout.tensor_parallel_size={engine_tp}: tensor-parallel engines need GPUs, and this "
+                             "Ray cluster has none; use 1")
+        self.num_engines = cfg.rollout.engines(world, self.colocated)
+        devices = cfg.devices()
+        have = ray.cluster_resources().get("GPU", 0)
+        if on_gpu and have < devices:
+            raise ValueError(
+                f"this run needs {devices} GPUs (policy: parallel.* world size {world}"
+                + ("" if self.colocated else f", engines: rollout.num_engines={self.num_engines} x "
+                   f"rollout.tensor_parallel_size={engine_tp}") + f") but the Ray cluster has {have:g}")
+        share = 1.0 if on_gpu else max(0.02, (cfg.trainer.num_cpus or os.cpu_count() or 1) / devices)
+        bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": share}
+        self.placement, order = place([bundle] * devices, timeout_s=cfg.trainer.placement_timeout_s)
+        half = 0.5 if self.colocated else 1.0
 
-        def on(index: int, fraction: float = 1.0) -> dict[str, Any]:
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=index)
+        def on(index: int, fraction: float = 1.0, **extra: Any) -> dict[str, Any]:
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement,
+                                                        placement_group_bundle_index=order[index], **extra)
             return {"scheduling_strategy": strategy, "num_cpus": bundle["CPU"] * fraction,
                     "num_gpus": bundle.get("GPU", 0) * fraction}
-
-        # colocated: rank 0 and the engine split bundle 0 (the same GPU, or the same CPUs); else the engine
-        # takes the extra last bundle
-        engine_slot = (0, 0.5) if self.colocated else (world, 1.0)
 
         optim = policy_optim_config(cfg)
         # torch.distributed rendezvous on rank 0's node (not the driver's: on a cluster they differ)
         master_addr, port = ray.get(ray.remote(_node_address).options(**on(0)).remote())
         Actor = ray.remote(PolicyWorker)
         self.workers = [
-            Actor.options(**on(rank, 0.5 if self.colocated and rank == 0 else 1.0)).remote(
+            Actor.options(**on(rank, half)).remote(
                 rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
-                model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.kl_coef > 0, seed=cfg.trainer.seed,
+                model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed,
+                backend=None if p.backend == "auto" else p.backend,
             )
             for rank in range(world)
         ]
         self.infos: list[RankInfo] = ray.get([w.info.remote() for w in self.workers])
-        from mmupt_megatron.engines.vllm_rollout import engine_kwargs  # here: importing it installs CPU shims
-
-        self.engine = ray.remote(RolloutWorker).options(**on(*engine_slot)).remote(
-            model_dir=model_dir, engine_kwargs=engine_kwargs(cfg.rollout))
-        self.tokens = ray.get(self.engine.tokenizer_info.remote())
+        self.schedule = MemorySchedule(_RayDeviceOps(self), colocated=self.colocated)
+        self.engines: list[Any] = []
+        self.schedule.before_first_rollout()  # the engines measure free device memory when they start
+        first = 0 if self.colocated else world
+        kwargs = engine_kwargs(cfg.rollout)
+        for e in range(self.num_engines):
+            bundles = [order[first + e * engine_tp + i] for i in range(engine_tp)]
+            if engine_tp == 1:
+                options = on(first + e, half)
+            else:  # vLLM's Ray executor places one worker per bundle of ours (its own actors, in our group)
+                options = {**on(first + e * engine_tp, 0.0, placement_group_capture_child_tasks=True), "num_cpus": 0.1}
+                options["runtime_env"] = {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)),
+                                                       "VLLM_RAY_PER_WORKER_GPUS": str(half)}}
+            self.engines.append(ray.remote(RolloutWorker).options(**options).remote(
+                model_dir=model_dir, engine_kwargs={**kwargs, **({"distributed_executor_backend": "ray"}
+                                                                 if engine_tp > 1 else {})}))
+        self.tokens = ray.get(self.engines[0].tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_transport = cfg.rollout.refit_transport
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
+
+    # -- the rollout engines ---------------------------------------------------------------------------
+    def generate(self, requests: list[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
+        """``spec.n`` responses per request, the requests split over the engines; in request order."""
+        import ray
+
+        parts = [(run, engine.generate.remote(chunk, sub)) for engine, (run, chunk, sub)
+                 in zip(self.engines, dispatch(requests, spec, len(self.engines)), strict=True) if chunk]
+        return merge([(run, rollouts) for (run, _), rollouts in zip(parts, ray.get([ref for _, ref in parts]))])
+
+    def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]], *,
+                        engine: int = 0) -> list[torch.Tensor]:
+        """Engine ``engine``'s log-probs of given completions (``RolloutEngine.prompt_logprobs``: refit checks)."""
+        import ray
+
+        return ray.get(self.engines[engine].prompt_logprobs.remote(requests, completions))
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:
@@ -128,11 +208,24 @@ class Cluster:
         by_dp = {info.dp_rank: result for info, result in zip(self.infos, results, strict=True) if info.reports}
         return [by_dp[d] for d in range(self.dims.dp)]
 
+    def _all(self, method: str, *args: Any, actors: list[Any] | None = None, **kwargs: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in (actors or self.workers)])
+
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor:
         import ray
 
         shards = self._per_rank(batch)
-        results = ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
+
+        def run() -> list:
+            return ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
+
+        if reference:
+            with self.schedule.reference():
+                results = run()
+        else:
+            results = run()
         return torch.cat(self._gather(results), dim=0)
 
     def train(self, batch: PolicyBatch) -> dict[str, float]:
@@ -150,41 +243,56 @@ class Cluster:
         return merged
 
     def release_engine(self) -> None:
-        """Colocated: put the engine to sleep (weights and KV cache off the device) while the policy trains."""
-        import ray
-
-        if self.colocated:
-            ray.get(self.engine.sleep.remote())
+        """After a rollout: the engines sleep and the policy gets its memory back (colocated)."""
+        self.schedule.after_rollout()
 
     def refit(self) -> int:
-        """Stream the policy's weights into the engine in buckets of whole layers; returns bytes sent.
-        Colocated: wakes the engine first."""
-        import ray
-
-        if self.colocated:
-            ray.get(self.engine.wake_up.remote())
-        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes, transport=self.refit_transport)
-                        for w in self.workers])
+        """Stream the policy's weights into every engine in buckets of whole layers; returns bytes sent per engine.
+        Colocated: the policy's training state leaves the device first and the engines wake around it."""
+        self.schedule.before_refit()
+        sent = self._all("refit", self.engines, bucket_bytes=self.bucket_bytes, transport=self.refit_transport)
+        self.schedule.after_refit()
         return sum(sent)
 
     def save(self, folder: str) -> None:
-        import ray
-
-        ray.get([w.save.remote(folder) for w in self.workers])
+        with self.schedule.around_checkpoint():
+            self._all("save", folder)
 
     def load(self, folder: str) -> None:
-        import ray
-
-        ray.get([w.load.remote(folder) for w in self.workers])
+        with self.schedule.around_checkpoint():
+            self._all("load", folder)
 
     def export_hf(self, out_dir: str) -> None:
-        import ray
-
-        ray.get([w.export_hf.remote(out_dir) for w in self.workers])
+        self._all("export_hf", out_dir)
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in [*self.workers, self.engine]:
+        for actor in [*self.workers, *self.engines]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement)
+
+
+class _RayDeviceOps:
+    """``DeviceOps`` as fan-outs to the cluster's actors."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def engines_sleep(self) -> None:
+        self.cluster._all("sleep", actors=self.cluster.engines)
+
+    def engines_wake(self, tags: tuple[str, ...]) -> None:
+        self.cluster._all("wake_up", list(tags), actors=self.cluster.engines)
+
+    def policy_offload(self) -> None:
+        self.cluster._all("offload")
+
+    def policy_onload(self) -> None:
+        self.cluster._all("onload")
+
+    def reference_onload(self) -> None:
+        self.cluster._all("onload_reference")
+
+    def reference_offload(self) -> None:
+        self.cluster._all("offload_reference")

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
 from mmupt_megatron.config import Config
-from mmupt_megatron.data.configured import eval_items, image_encoder, open_dataset, prompt_for
+from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.evaluation import evaluate
+from mmupt_megatron.eval.evaluator import evaluate, held_out_items
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
@@ -72,7 +74,7 @@ class Trainer:
         self.cluster = cluster
         self.out_dir = Path(cfg.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.eval_items = eval_items(d.eval_files, d) if d.eval_files else []
+        self.held_out = held_out_items(d.eval_files, d) if d.eval_files else []
         self.first_pass_at_k: float | None = None
         self.refresher = pool_refresher(cfg, self.dataset.samples, cluster=cluster, out_dir=self.out_dir)
 
@@ -111,7 +113,7 @@ class Trainer:
             gap_BT = (batch.old_logprobs_BT - engine_logprobs(train_rollouts, batch.old_logprobs_BT)).abs() * batch.loss_mask_BT
             engine_gap = {"rollout/logprob_gap_mean": float(gap_BT.sum() / batch.loss_mask_BT.sum().clamp(min=1)),
                           "rollout/logprob_gap_max": float(gap_BT.max())}
-            if cfg.algorithm.kl_coef > 0:
+            if cfg.algorithm.loss.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
             train_metrics = self._update(batch, train_rollouts)
@@ -131,9 +133,7 @@ class Trainer:
         return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap}
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
-        """Engine log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
-        import ray
-
+        """Every engine's log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
         from mmupt_megatron.engines.weight_sync import verify_refit
 
         # one response from each of the first prompts: different images in one batch (a probe of one
@@ -146,22 +146,18 @@ class Trainer:
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]
-
-        class _Engine:  # verify_refit calls engine.prompt_logprobs
-            @staticmethod
-            def prompt_logprobs(reqs, completions):
-                return ray.get(self.cluster.engine.prompt_logprobs.remote(reqs, completions))
-
-        return verify_refit(_Engine(), [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe],
-                            policy, tol=self.cfg.rollout.verify_refit_tol)
+        probe_requests, completions = [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe]
+        return max(
+            verify_refit(SimpleNamespace(prompt_logprobs=partial(self.cluster.prompt_logprobs, engine=e)),
+                         probe_requests, completions, policy, tol=self.cfg.rollout.verify_refit_tol)
+            for e in range(self.cluster.num_engines)
+        )
 
     def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
-        import ray
-
         r = self.cfg.rollout
         spec = SamplingSpec(n=r.num_voters, temperature=r.temperature, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, seed=r.seed + 1_000_003 * step)
-        return ray.get(self.cluster.engine.generate.remote(requests, spec))
+        return self.cluster.generate(requests, spec)
 
     def _pad_id(self) -> int:
         tokens = self.cluster.tokens
@@ -206,7 +202,7 @@ class Trainer:
                 refreshed = self.refresher.before_step(step)  # online synthesis (synthesis.refresh_every)
                 metrics = {**self.step(step), **refreshed}
                 last = step == cfg.trainer.steps - 1
-                if self.eval_items and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
+                if self.held_out and (step == 0 or last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)):
                     metrics.update(self._evaluate(log))
                 history.append(metrics)
                 log.write(metrics)
@@ -226,11 +222,9 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLog) -> dict[str, float]:
         """Held-out pass@1 / maj@k / pass@k with the current engine; alarm when pass@k collapses."""
-        import ray
-
         k = self.cfg.trainer.eval_k
         r = self.cfg.rollout
-        report = evaluate(lambda reqs, spec: ray.get(self.cluster.engine.generate.remote(reqs, spec)), self.eval_items,
+        report = evaluate(self.cluster.generate, self.held_out,
                           k=k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                           seed=r.seed, matcher=self.matcher)
         out = {f"eval/{key.replace(f'@{k}', '@k')}": value for key, value in report.metrics.items()}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 
 
@@ -34,25 +34,26 @@ class RankInfo:
         return self.is_last_stage and self.tp_rank == 0
 
 
-def offer_manifest(engine: Any, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
-    """The engine actor's verdict on a refit manifest: None to go ahead, else its reason."""
+def offer_manifest(engines: list[Any], manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
+    """The engine actors' verdict on a refit manifest: None to go ahead, else the first reason given."""
     import ray
 
-    return ray.get(engine.check_refit_manifest.remote([entry.to_json() for entry in manifest]))
+    entries = [entry.to_json() for entry in manifest]
+    return next((r for r in ray.get([e.check_refit_manifest.remote(entries) for e in engines]) if r), None)
 
 
 class RaySender:
-    """``WeightSender`` into a ``RolloutWorker`` actor: the manifest is checked by the engine before any
-    gather, then each bucket (a safetensors frame) goes through the object store, one at a time."""
+    """``WeightSender`` into ``RolloutWorker`` actors: the manifest is checked by the engines before any
+    gather, then each bucket (a safetensors frame) goes through the object store, once, to every engine."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engines: list[Any]) -> None:
         from mmupt_megatron.engines.weight_transport import SafetensorsBuckets
 
-        self.engine = engine
+        self.engines = engines
         self.frames = SafetensorsBuckets()
 
     def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
-        return offer_manifest(self.engine, manifest)
+        return offer_manifest(self.engines, manifest)
 
     def buffer(self, layout) -> torch.Tensor:  # noqa: ANN001 - BucketLayout
         return self.frames.buffer(layout)
@@ -60,16 +61,17 @@ class RaySender:
     def send(self, layout) -> None:  # noqa: ANN001, ARG002
         import ray
 
-        ray.get(self.engine.load_bucket.remote(self.frames.take()))  # the frame itself: no bytes() copy
+        frame = ray.put(self.frames.take())  # the frame itself: no bytes() copy; one object for all engines
+        ray.get([engine.load_bucket.remote(frame) for engine in self.engines])
 
     def close(self) -> None:
         pass
 
 
-def ray_shm_sender(engine: Any) -> Any:
-    """A ``ShmSender`` whose notifications go to a ``RolloutWorker`` actor on this host: each bucket is
-    written into a reused host shared-memory segment (by every TP rank, ``weight_sync``), and the engine
-    maps the segment by name and loads from it; the call returns once the engine is done with it."""
+def ray_shm_sender(engines: list[Any]) -> Any:
+    """A ``ShmSender`` whose notifications go to ``RolloutWorker`` actors on this host: each bucket is
+    written into a reused host shared-memory segment (by every TP rank, ``weight_sync``), and every engine
+    maps the segment by name and loads from it, all at once; the call returns once all are done with it."""
     import ray
 
     from mmupt_megatron.engines.weight_transport import ShmSender
@@ -80,16 +82,43 @@ def ray_shm_sender(engine: Any) -> Any:
 
         def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
             self._next = 0  # as ShmSender.offer: every refit fills the ring from its first slot
-            return offer_manifest(engine, manifest)
+            return offer_manifest(engines, manifest)
 
         def send(self, layout) -> None:  # noqa: ANN001, ARG002 - BucketLayout
             slot, self._current = self._current, None
-            ray.get(engine.load_shm_bucket.remote(self._ring[slot].name, self._size))
+            ray.get([engine.load_shm_bucket.remote(self._ring[slot].name, self._size) for engine in engines])
 
         def close(self) -> None:
             pass
 
     return RayShmSender()
+
+
+def ray_handle_sender(engines: list[Any]) -> Any:
+    """A ``HandleSender`` whose buckets ``RolloutWorker`` actors open by handle (CUDA IPC: colocated engines on
+    this GPU; CPU: a shared-memory file), all at once; the call returns once all are done with it."""
+    import ray
+
+    from mmupt_megatron.engines.handle_transport import HandleSender
+
+    def notify(handle: bytes, size: int) -> None:
+        ray.get([engine.load_shared_bucket.remote(handle, size) for engine in engines])
+
+    return HandleSender(offer=lambda manifest: offer_manifest(engines, manifest), notify=notify)
+
+
+def ray_local_device() -> int:
+    """This actor's GPU as an index among the devices it sees (Ray narrows CUDA_VISIBLE_DEVICES to the GPUs
+    it assigned, so usually 0); 0 without a GPU or outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    assigned = [str(i) for i in ray.get_gpu_ids()]
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if not assigned or not visible:
+        return 0
+    return visible.index(assigned[0]) if assigned[0] in visible else 0
 
 
 class PolicyWorker:
@@ -108,21 +137,25 @@ class PolicyWorker:
         with_reference: bool,
         seed: int,
         num_threads: int = 1,
+        local_rank: int | None = None,
+        backend: str | None = None,
     ) -> None:
+        """``local_rank``: the device index in this process (default: the GPU Ray assigned this actor);
+        ``backend``: torch.distributed's (default: ``init_parallel``'s choice for the device)."""
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
+            LOCAL_RANK=str(ray_local_device() if local_rank is None else local_rank),
         )
         torch.set_num_threads(num_threads)
         from mmupt_megatron.engines.megatron_policy import MegatronPolicy
-        from mmupt_megatron.engines.parallel import init_parallel
+        from mmupt_megatron.distributed.parallel import init_parallel
         from mmupt_megatron.models.convert import build_model
         from mmupt_megatron.models.hf_config import load_arch
         from mmupt_megatron.models.weights import load_hf_weights
 
         self.model_dir = model_dir
         self._sender: Any = None  # the refit sender (TP rank 0 of DP rank 0), created at the first refit
-        self.groups = init_parallel(dims, seed=seed)
+        self.groups = init_parallel(dims, seed=seed, backend=backend)
         self.arch = load_arch(model_dir)
         dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
         model = build_model(self.arch, self.groups, dtype=dtype)
@@ -157,33 +190,68 @@ class PolicyWorker:
         for group in self.policy.optimizer.param_groups:
             group["lr"] = lr
 
-    def refit(self, engine: Any, *, bucket_bytes: int, transport: str = "auto") -> int:
-        """Stream this rank's stage into the engine actor (collective over the model's ranks): TP rank 0 of
+    # -- device memory (trainer/schedule.py) ------------------------------------------------------------
+    def offload(self) -> int:
+        """Gradients, optimizer state and the reference model off the device; weights stay (refit reads them)."""
+        moved = self.policy.offload()
+        if self.reference is not None:
+            moved += self.reference.offload(weights=True)
+        _empty_cache()
+        return moved
+
+    def onload(self) -> None:
+        """Gradients and optimizer state back (the reference stays off until ``onload_reference``)."""
+        self.policy.onload()
+
+    def onload_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.onload()
+
+    def offload_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.offload(weights=True)
+            _empty_cache()
+
+    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "auto") -> int:
+        """Stream this rank's stage into every engine actor (collective over the model's ranks): TP rank 0 of
         DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         g = self.groups
         sender = None
         if g.tp_rank == 0 and g.dp_rank == 0:
-            if self._sender is None:  # kept across refits: its shared-memory buffer is reused
-                self._sender = ray_shm_sender(engine) if self._use_shm(engine, transport) else RaySender(engine)
+            if self._sender is None:  # kept across refits: its bucket buffer is reused
+                self._sender = self._make_sender(engines, transport)
             sender = self._sender
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
 
     def refit_transport(self) -> str | None:
-        """shm or ray once this rank has sent a refit; None on ranks that do not send."""
+        """ipc, shm or ray once this rank has sent a refit; None on ranks that do not send."""
+        from mmupt_megatron.engines.handle_transport import HandleSender
         from mmupt_megatron.engines.weight_transport import ShmSender
 
-        return None if self._sender is None else "shm" if isinstance(self._sender, ShmSender) else "ray"
+        if self._sender is None:
+            return None
+        return "ipc" if isinstance(self._sender, HandleSender) else "shm" if isinstance(self._sender, ShmSender) else "ray"
 
     @staticmethod
-    def _use_shm(engine: Any, transport: str) -> bool:
+    def _make_sender(engines: list[Any], transport: str) -> Any:
+        """``rollout.refit_transport``: ipc (bucket shared by tensor handle), shm (host shared memory), ray
+        (object store); auto: ipc on GPU when every engine is on this rank's GPU, else shm when every engine is
+        on this host, else ray."""
         import ray
 
-        if transport != "auto":
-            return transport == "shm"
-        same_host = ray.get(engine.node_id.remote()) == ray.get_runtime_context().get_node_id()
-        return same_host and os.path.isdir("/dev/shm")
+        if transport == "auto":
+            here = ray.get_runtime_context().get_node_id()
+            where = ray.get([engine.device_location.remote() for engine in engines])
+            my_gpus = tuple(str(i) for i in ray.get_gpu_ids())
+            if torch.cuda.is_available() and all(node == here and gpus == my_gpus for node, gpus in where):
+                transport = "ipc"
+            elif all(node == here for node, _ in where) and os.path.isdir("/dev/shm"):
+                transport = "shm"
+            else:
+                transport = "ray"
+        return {"ipc": ray_handle_sender, "shm": ray_shm_sender, "ray": RaySender}[transport](engines)
 
     def save(self, folder: str) -> None:
         """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
@@ -219,7 +287,6 @@ class RolloutWorker:
         from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
 
         self.engine = VLLMRolloutEngine(model_dir, **engine_kwargs)
-        self._mapped: dict[str, torch.Tensor] = {}  # shared-memory refit segments, mapped once
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
         return self.engine.generate(requests, sampling)
@@ -239,32 +306,36 @@ class RolloutWorker:
         return None
 
     def load_shm_bucket(self, name: str, size: int) -> int:
-        """Load the bucket frame in the first ``size`` bytes of host shared-memory segment ``name``."""
-        from mmupt_megatron.engines.weight_transport import decode_bucket, map_shared_segment
+        """Load the bucket frame in the first ``size`` bytes of host shared-memory segment ``name`` (the engine's
+        workers map it themselves)."""
+        return self.engine.load_bucket("mmupt_load_shm", name, size)
 
-        mapped = self._mapped.get(name)
-        if mapped is None or mapped.numel() < size:
-            mapped = map_shared_segment(name, self._mapped)
-        entries, tensors = decode_bucket(mapped[:size])  # views: load_weights copies them into the model
-        return self.engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
-
-    def node_id(self) -> str:
+    def device_location(self) -> tuple[str, tuple[str, ...]]:
+        """(Ray node id, the GPU ids Ray assigned this actor) — where the engine's memory is."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id(), tuple(str(i) for i in ray.get_gpu_ids())
+
+    def load_shared_bucket(self, handle: bytes, size: int) -> int:
+        """Load the bucket frame in the first ``size`` bytes of the tensor behind ``handle`` (``share_tensor``)."""
+        return self.engine.load_bucket("mmupt_load_shared", handle, size)
 
     def load_bucket(self, frame: bytes) -> int:
-        from mmupt_megatron.engines.weight_transport import decode_bucket
-
-        entries, tensors = decode_bucket(frame)
-        return self.engine.load_weights(tensors, manifest=[(e.name, e.shape) for e in entries])
+        return self.engine.load_bucket("mmupt_load_frame", bytes(frame))
 
     def sleep(self) -> None:
         self.engine.sleep()
+        _empty_cache()
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.engine.wake_up(tags)
 
     def tokenizer_info(self) -> dict[str, int | None]:
         tokenizer = self.engine.tokenizer
         return {"pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}
+
+
+def _empty_cache() -> None:
+    """Return freed blocks to the device (GPU) so the other side of the schedule can take them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

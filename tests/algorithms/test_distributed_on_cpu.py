@@ -10,7 +10,7 @@ from mmupt_megatron.algorithms import (
     token_logprobs,
     vocab_parallel_token_logprobs,
 )
-from mmupt_megatron.engines.parallel import run_workers
+from mmupt_megatron.distributed.parallel import run_workers
 
 pytestmark = pytest.mark.distributed
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]

@@ -70,9 +70,9 @@ def test_aggregations(agg, expected):
 
 def test_config_and_shape_errors():
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        PolicyLossConfig(dual_clip=0.5)
+        PolicyLossConfig(dual_clip=0.5).check()
     with pytest.raises(ValueError, match="needs norm_length"):
-        PolicyLossConfig(loss_agg="seq-mean-token-sum-norm")
+        loss_of(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2), loss_agg="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="shape mismatch"):
         loss_of(torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="needs ref_logprobs"):

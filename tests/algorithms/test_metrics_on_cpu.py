@@ -13,9 +13,9 @@ def test_pass_at_k_hand_computed(n, c, k, expected):
 
 
 def test_pass_at_k_rejects_nonsense():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"correct \(4\) <= samples \(3\)"):
         pass_at_k(3, 4, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"k \(4\) <= samples"):
         pass_at_k(3, 1, 4)
 
 

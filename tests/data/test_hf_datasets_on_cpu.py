@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from mmupt_megatron.config import DataConfig
-from mmupt_megatron.data.configured import eval_items, image_encoder, open_dataset, prompt_for
+from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
+from mmupt_megatron.eval.evaluator import held_out_items
 from mmupt_megatron.data.sampler import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +56,7 @@ def trace(files, data: DataConfig = DATA) -> dict:
 
 
 def eval_trace(files, data: DataConfig = DATA) -> list:
-    return [[item.prompt, [_digest(i) for i in item.images], item.answer] for item in eval_items([str(f) for f in files], data)]
+    return [[item.prompt, [_digest(i) for i in item.images], item.answer] for item in held_out_items([str(f) for f in files], data)]
 
 
 def _digest(image: Image.Image) -> str:

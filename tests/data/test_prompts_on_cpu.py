@@ -30,9 +30,10 @@ def test_prompt_options():
     assert prompt == "<|im_start|>user\nQ? Box it.<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("question", ["", "   ", "look <|image_pad|>"])
-def test_prompt_rejects_bad_questions(question):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("question", "error"), [("", "non-empty string"), ("   ", "non-empty string"),
+                                               ("look <|image_pad|>", "must not contain vision tokens")])
+def test_prompt_rejects_bad_questions(question, error):
+    with pytest.raises(ValueError, match=error):
         build_prompt(question)
 
 

@@ -46,7 +46,7 @@ def test_shards_are_disjoint_and_cover_the_global_batch():
     for rank in range(3):
         shards.append(ResumableSampler(12, seed=5).next_shard(6, rank=rank, world_size=3))
     assert sorted(i for s in shards for i in s) == sorted(global_batch)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dividing the batch, got rank 0, world_size 3, batch 5"):
         ResumableSampler(12, seed=5).next_shard(5, rank=0, world_size=3)
 
 

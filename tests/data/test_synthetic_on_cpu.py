@@ -14,7 +14,7 @@ from mmupt_megatron.data.synthetic import (
     count_matches,
     generate,
     sample_scene,
-    synthesize,
+    write_splits,
 )
 
 
@@ -87,7 +87,7 @@ def test_config_validation_and_tally():
 
 
 def test_synthesize_writes_parquet_with_real_pngs(tmp_path):
-    paths = synthesize(tmp_path, num_train=12, num_test=5, num_hard_test=4, seed=0)
+    paths = write_splits(tmp_path, num_train=12, num_test=5, num_hard_test=4, seed=0)
     train = ImageQuestionDataset(paths["train"])
     test = ImageQuestionDataset(paths["test"])
     hard = ImageQuestionDataset(paths["hard_test"])

@@ -143,12 +143,12 @@ def test_two_trainer_steps_from_a_saved_dataset_reach_wandb(offline, tmp_path):
     import datasets
     import ray
 
-    from mmupt_megatron.data.synthetic import synthesize
-    from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+    from mmupt_megatron.data.synthetic import write_splits
+    from tests.tiny_models import make_tiny_qwen2_5_vl
     from mmupt_megatron.trainer.loop import Trainer
 
     model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
-    files = synthesize(tmp_path / "data", num_train=6, num_test=2, seed=0)
+    files = write_splits(tmp_path / "data", num_train=6, num_test=2, seed=0)
     saved = tmp_path / "hf_data"
     datasets.DatasetDict({split: datasets.Dataset.from_parquet(str(files[split])) for split in ("train", "test")}) \
         .save_to_disk(str(saved))

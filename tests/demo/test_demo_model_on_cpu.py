@@ -9,7 +9,7 @@ from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.synthetic import WorldConfig, generate
 from mmupt_megatron.demo.model import PromptStyle, TinyModelConfig, build_model, encode_batch, mrope_section
 from mmupt_megatron.demo.tokenizer import SPECIAL_TOKENS, build_tokenizer
-from mmupt_megatron.demo.warmup import DEMO_STYLE, WarmupConfig, image_encoder, load_style, save_checkpoint
+from mmupt_megatron.demo.warmup import DEMO_STYLE, WarmupConfig, world_image_encoder, load_style, save_checkpoint
 
 
 def test_tokenizer_covers_prompts_and_chains_without_unknowns():
@@ -29,7 +29,7 @@ def test_batch_labels_cover_only_the_answer_and_pads_match_the_grid():
     tokenizer = build_tokenizer()
     examples = generate(3, seed=1, cfg=WorldConfig(chain_style="tally"))
     batch = encode_batch(tokenizer, questions=[e.question for e in examples], images=[e.image for e in examples],
-                         targets=[e.chain for e in examples], encoder=image_encoder(WorldConfig()), style=DEMO_STYLE)
+                         targets=[e.chain for e in examples], encoder=world_image_encoder(WorldConfig()), style=DEMO_STYLE)
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert ((batch["input_ids"] == image_id).sum(dim=1) == 9).all()  # 84x84 -> 3x3 merged tokens
     assert batch["pixel_values"].shape == (3 * 36, 1176)
@@ -49,7 +49,7 @@ def test_training_step_lowers_loss_and_checkpoint_round_trips(tmp_path):
     examples = generate(8, seed=2)
     style = PromptStyle(system=None, image_first=False)
     batch = encode_batch(tokenizer, questions=[e.question for e in examples], images=[e.image for e in examples],
-                         targets=[e.chain for e in examples], encoder=image_encoder(WorldConfig()), style=style)
+                         targets=[e.chain for e in examples], encoder=world_image_encoder(WorldConfig()), style=style)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(**batch).loss
     for _ in range(5):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims, run_workers
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import hf_logits, image_prompt_batch
 
 LAYOUTS = ((2, 1, 1), (1, 1, 2), (1, 2, 1))
@@ -37,7 +37,7 @@ def make_batch(hf_dir, tmp_path) -> dict:
 
 def step_worker(hf_dir: str, data: dict, optimizer: str) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
     from mmupt_megatron.models.weights import iter_hf_files, load_hf_weights
@@ -48,7 +48,7 @@ def step_worker(hf_dir: str, data: dict, optimizer: str) -> dict:
         groups = init_parallel(ParallelDims(tp=tp, pp=pp, dp=dp))
         model = Qwen2_5_VLModel(arch, groups, init_weights=False)
         load_hf_weights(model, hf_dir)
-        cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, clip_grad=1.0,
+        cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, grad_clip=1.0,
                                 weight_decay=0.0, adam_eps=1e-3, micro_batch_size=1)
         policy = MegatronPolicy(model, groups, cfg)
         rows = slice(groups.dp_rank * 4 // dp, (groups.dp_rank + 1) * 4 // dp)
@@ -118,7 +118,7 @@ def test_one_step_is_layout_invariant(tmp_path, optimizer):
 
 def nan_worker(hf_dir: str, data: dict) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
 
@@ -141,3 +141,52 @@ def test_non_finite_gradients_skip_the_update_on_every_rank(tmp_path):
     hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=1)
     results = run_workers(nan_worker, world_size=2, args=(str(hf_dir), make_batch(hf_dir, tmp_path)))
     assert results == [{"skipped": 1.0, "unchanged": True}] * 2
+
+
+def offload_worker(hf_dir: str, data: dict) -> dict:
+    """Two policies, the same two steps; one offloads everything (weights too) and onloads between them."""
+    from mmupt_megatron.distributed.parallel import init_parallel
+    from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
+    from mmupt_megatron.models.weights import load_hf_weights
+
+    groups = init_parallel(ParallelDims(dp=2))  # DP 2 + Adam: Megatron's distributed optimizer
+    rows = slice(groups.dp_rank * 2, groups.dp_rank * 2 + 2)
+    batch = PolicyBatch(input_ids_BT=data["ids"][rows], attention_mask_BT=data["attention"][rows],
+                        loss_mask_BT=data["loss_mask"][rows], advantages_B=data["advantages"][rows],
+                        pixel_values=data["pixels"] if rows.start == 0 else None,
+                        image_grid_thw=data["grid"] if rows.start == 0 else None)
+    policies = []
+    for _ in range(2):
+        model = Qwen2_5_VLModel(load_arch(hf_dir), groups, init_weights=False)
+        load_hf_weights(model, hf_dir)
+        policies.append(MegatronPolicy(model, groups, PolicyOptimConfig(lr=1e-2, weight_decay=0.0, micro_batch_size=1)))
+    out = {}
+    for policy in policies:
+        batch.old_logprobs_BT = policy.compute_logprobs(batch).detach() - 0.05
+        policy.train_step(batch, global_num_tokens=int(data["loss_mask"].sum()), global_num_seqs=4)
+    moving = policies[1]
+    before = [t.clone() for t in [*moving.model.parameters(), *moving._optimizer_tensors()]]
+    out["moved"] = moving.offload(weights=True)
+    out["freed"] = all(p.untyped_storage().nbytes() == 0 for p in moving.model.parameters())
+    moving.onload()
+    after = [*moving.model.parameters(), *moving._optimizer_tensors()]
+    out["restored"] = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    out["grads_zero"] = all(not b.grad_data.any() for b in moving.ddp.buffers)
+    for policy in policies:  # a second step from the restored state equals one from the untouched state
+        batch.old_logprobs_BT = policy.compute_logprobs(batch).detach() - 0.05
+        policy.train_step(batch, global_num_tokens=int(data["loss_mask"].sum()), global_num_seqs=4)
+    out["same_after_step"] = all(torch.equal(a, b) for a, b in zip(policies[0].model.parameters(),
+                                                                    policies[1].model.parameters(), strict=True))
+    out["num_optimizer_tensors"] = len(moving._optimizer_tensors())
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_offload_onload_round_trip_is_bit_exact(tmp_path):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7)
+    for rank in run_workers(offload_worker, world_size=2, args=(str(hf_dir), make_batch(hf_dir, tmp_path))):
+        assert rank["moved"] > 0 and rank["freed"] and rank["num_optimizer_tensors"] > 0
+        assert rank["restored"] and rank["grads_zero"] and rank["same_after_step"]

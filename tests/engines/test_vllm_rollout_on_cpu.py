@@ -6,8 +6,10 @@ from safetensors.torch import load_file
 
 from mmupt_megatron.engines.rollout import RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, fused_siblings
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import hf_logits, png_image
+
+pytestmark = pytest.mark.slow  # a real vLLM engine: ~10 s to start on 2 cores
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -122,3 +124,50 @@ def test_large_seeded_batches_do_not_chunk_prefill(setup):
     engine, requests, _ = setup
     rollouts = engine.generate(requests[:2] * 6, SamplingSpec(n=16, max_new_tokens=2, seed=1))
     assert len(rollouts) == 192 and all(r.response_token_ids for r in rollouts)
+
+
+@pytest.mark.slow
+def test_refit_inside_the_workers_with_the_engine_core_in_its_own_process(tmp_path):
+    """What the GPU path needs: the engine core in another process, weights reaching vLLM's workers as plain
+    data (a frame's bytes, a shared-memory segment's name, a tensor handle), never as a Python iterator."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    import torch.multiprocessing
+    from safetensors.torch import save
+
+    from mmupt_megatron.engines.vllm_worker import share_tensor
+
+    model_dir = make_tiny_qwen2_5_vl(tmp_path / "tiny", seed=3)
+    image = png_image(tmp_path / "img.png", height=56, width=84, seed=1)
+    requests = [RolloutRequest(group_id=0, prompt=PROMPT.format(q="How many?"), images=[image])]
+    engine = VLLMRolloutEngine(model_dir, max_model_len=256, cpu_kvcache_gib=0.5, seed=0, multiprocess=True)
+    try:
+        completions = [r.response_token_ids for r in engine.generate(requests, SamplingSpec(n=1, max_new_tokens=5, seed=3))]
+        before = engine.prompt_logprobs(requests, completions)
+        weights = load_file(str(model_dir / "model.safetensors"))
+        layer = {k: v for k, v in weights.items() if ".layers.0." in k and not k.startswith("visual")}
+        changed, original = save({k: v * 1.5 for k, v in layer.items()}), save(layer)
+
+        assert engine.load_bucket("mmupt_load_frame", changed) == len(layer)
+        after = engine.prompt_logprobs(requests, completions)
+        assert (after[0] - before[0]).abs().max() > 1e-3
+
+        segment = SharedMemory(create=True, size=len(original))
+        try:
+            segment.buf[: len(original)] = original
+            assert engine.load_bucket("mmupt_load_shm", segment.name, len(original)) == len(layer)
+        finally:
+            segment.close()
+            segment.unlink()
+        assert torch.equal(engine.prompt_logprobs(requests, completions)[0], before[0])
+
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors shared by file name
+        try:
+            shared = torch.frombuffer(bytearray(changed), dtype=torch.uint8).clone().share_memory_()
+            assert engine.load_bucket("mmupt_load_shared", share_tensor(shared), len(changed)) == len(layer)
+        finally:
+            torch.multiprocessing.set_sharing_strategy(strategy)
+        assert torch.equal(engine.prompt_logprobs(requests, completions)[0], after[0])
+    finally:
+        engine.close()

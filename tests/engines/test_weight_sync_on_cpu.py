@@ -23,7 +23,7 @@ from mmupt_megatron.engines.weight_sync import (
     verify_refit,
 )
 from mmupt_megatron.engines.weight_transport import ManifestEntry, PipeReceiver
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import image_prompt_batch
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
@@ -64,7 +64,7 @@ def bad_mapping(kind: str):
 
 def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
-    from mmupt_megatron.engines.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.engines.weight_sync import send_refit
     from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender
     from mmupt_megatron.models import mapping as M
@@ -81,7 +81,7 @@ def refit_worker(hf_dir: str, data: dict, conns: list) -> dict:
             groups = init_parallel(ParallelDims(tp=layout[0], pp=layout[1], dp=layout[2]))
             model = Qwen2_5_VLModel(arch, groups, init_weights=False)
             load_hf_weights(model, hf_dir)
-            cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, clip_grad=1.0,
+            cfg = PolicyOptimConfig(lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer, grad_clip=1.0,
                                     weight_decay=0.0, adam_eps=1e-3)
             policy = MegatronPolicy(model, groups, cfg)
             batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"],
@@ -151,7 +151,7 @@ def probe_batch(hf_dir, tmp_path) -> tuple[dict, list[RolloutRequest]]:
 
 @pytest.fixture(scope="module")
 def refits(tmp_path_factory):
-    from mmupt_megatron.engines.parallel import run_workers
+    from mmupt_megatron.distributed.parallel import run_workers
     from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine
 
     root = tmp_path_factory.mktemp("refit")

@@ -19,7 +19,7 @@ from mmupt_megatron.data.configured import image_encoder
 from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.eval import load_questions
 from mmupt_megatron.eval.prompts import eval_items
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.eval import fixtures as fx
 
 pytestmark = pytest.mark.distributed  # the checkpoint conversions spawn gloo workers

@@ -21,7 +21,7 @@ from mmupt_megatron.eval.report import (
     markdown_table,
     write_report,
 )
-from mmupt_megatron.evaluation import evaluate
+from mmupt_megatron.eval.evaluator import evaluate
 from tests.eval import fixtures as fx
 
 # mathvista fixture: 1 (ref B, FQA), 2 (ref 1.5, GPS), 3 (ref 2, GPS), 4 (ref C, FQA)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims, run_workers
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
 from mmupt_megatron.models.convert import hf_to_megatron, megatron_to_hf
-from mmupt_megatron.models.tiny import make_tiny_qwen2, make_tiny_qwen2_5_vl
+from tests.tiny_models import make_tiny_qwen2, make_tiny_qwen2_5_vl
 from mmupt_megatron.models.weights import HFWeights
 from tests.models.test_qwen2_5_vl_on_cpu import pipeline_forward
 from tests.models.tiny_inputs import hf_logits, image_prompt_batch
@@ -30,7 +30,7 @@ def assert_same_hf_weights(src: Path, dst: Path) -> None:
 def round_trip_worker(hf_dir: str, work: str, inputs: tuple) -> dict:
     import torch.distributed as dist
 
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.convert import build_model, load_megatron_checkpoint, save_megatron_checkpoint
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
@@ -86,7 +86,7 @@ def test_round_trip_bit_exact_and_tp2_checkpoint_loads_elsewhere(tmp_path, kind)
 def tp2_pp2_worker(hf_dir: str, work: str, ids: torch.Tensor) -> dict:
     import torch.distributed as dist
 
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models import convert
     from mmupt_megatron.models.convert import build_model, load_megatron_checkpoint, save_megatron_checkpoint
     from mmupt_megatron.models.hf_config import load_arch
@@ -128,6 +128,7 @@ def test_round_trip_bit_exact_at_tp2_pp2(tmp_path):
     assert all((value - reference).abs().max() < 1e-5 for _, value in got)
 
 
+@pytest.mark.slow
 def test_public_api_single_process(tmp_path):
     hf_dir = make_tiny_qwen2(tmp_path / "hf", seed=5, vocab_size=None, tie_word_embeddings=False)
     ckpt = hf_to_megatron(hf_dir, tmp_path / "ckpt", tp=1, pp=1)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.models.convert import hf_to_megatron, megatron_to_hf, prepare_output_dir
 from mmupt_megatron.models.hf_config import load_arch
-from mmupt_megatron.models.tiny import (
+from tests.tiny_models import (
     QWEN_SPECIAL_TOKENS,
     make_tiny_qwen2,
     make_tiny_qwen2_5_vl,
@@ -72,7 +72,7 @@ def test_missing_safetensors(tmp_path, vl_dir):
 
 
 def test_parallel_layout_errors_name_every_degree():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="does not divide") as err:
         ParallelDims(tp=3, pp=4, dp=1).validate(world_size=8, num_attention_heads=2, num_kv_heads=2, num_layers=2)
     message = str(err.value)
     for fragment in ("tp=3 does not divide num_attention_heads=2", "tp=3 does not divide num_key_value_heads=2",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmupt_megatron.engines.parallel import ParallelDims, run_workers
-from mmupt_megatron.models.tiny import make_tiny_qwen2, make_tiny_qwen2_5_vl
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
+from tests.tiny_models import make_tiny_qwen2, make_tiny_qwen2_5_vl
 from tests.models.tiny_inputs import hf_logits, image_prompt_batch
 
 LAYOUTS = ((2, 1, 1), (1, 2, 1), (1, 1, 2))  # (tp, pp, dp) on 2 workers
@@ -52,7 +52,7 @@ def pipeline_forward(groups, model, ids, pixel_values=None, image_grid_thw=None)
 
 
 def logits_worker(cases: list[tuple[str, tuple]]) -> dict:
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.models.hf_config import load_arch
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
     from mmupt_megatron.models.weights import load_hf_weights

@@ -16,7 +16,7 @@ from mmupt_megatron.data.configured import prompt_for
 from mmupt_megatron.data.images import ImageEncoder
 from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.data.synthetic import generate
-from mmupt_megatron.models.tiny import DEFAULT_CORPUS, make_tiny_qwen2_5_vl
+from tests.tiny_models import DEFAULT_CORPUS, make_tiny_qwen2_5_vl
 from tests.trainer.boxed_model import teach_step
 
 NEW_QUESTIONS = (

@@ -82,7 +82,7 @@ def test_parse_question(text, expected):
 
 
 def test_parse_question_wants_a_string():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="generation must be a str, got NoneType"):
         parse_question(None)
 
 
@@ -182,7 +182,7 @@ def test_answer_verdict(answered, share, expected):
 
 
 def test_answer_verdict_checks_counts():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_answered <= num_samples"):
         answer_verdict(num_samples=4, num_answered=5, majority_share=1.0, min_answered=0.5)
 
 
@@ -195,7 +195,7 @@ def test_count_reasons_lists_every_reason():
 
 
 def test_limits_validate():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_words <= max_words"):
         QuestionLimits(min_words=5, max_words=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"repeat_threshold must be in \(0, 1\]"):
         QuestionLimits(repeat_threshold=0)

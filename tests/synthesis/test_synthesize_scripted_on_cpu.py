@@ -17,7 +17,8 @@ from mmupt_megatron.data.synthetic import generate, png_bytes
 from mmupt_megatron.engines.rollout import Rollout
 from mmupt_megatron.synthesis.cli import synthesize_file
 from mmupt_megatron.synthesis.online import PoolRefresher, pool_refresher
-from mmupt_megatron.synthesis.rows import recorded_model_step, summary_path, write_result
+from mmupt_megatron.synthesis.rows import summary_path, write_result
+from mmupt_megatron.trainer.checkpoint import recorded_model_step
 from mmupt_megatron.synthesis.run import synthesize
 
 SEEDS = [  # (question, answer, image number): rows 0 and 3 show the same image

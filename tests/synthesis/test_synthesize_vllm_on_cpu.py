@@ -11,11 +11,13 @@ from mmupt_megatron.cli import main
 from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.configured import open_dataset
 from mmupt_megatron.data.dataset import ImageQuestionDataset
-from mmupt_megatron.data.synthetic import synthesize as make_world
+from mmupt_megatron.data.synthetic import write_splits as make_world
 from mmupt_megatron.synthesis import cli as synthesis_cli
 from mmupt_megatron.synthesis.online import PoolRefresher
 from mmupt_megatron.synthesis.rows import summary_path
 from tests.synthesis.question_model import make_question_model
+
+pytestmark = pytest.mark.slow  # a real vLLM engine: ~10 s to start on 2 cores
 
 OVERRIDES = ["synthesis.candidates_per_seed=4", "synthesis.answer_n=4", "synthesis.max_new_tokens=24",
              "synthesis.max_prompt_length=256", "synthesis.model_step=7", "rollout.max_new_tokens=12"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmupt_megatron.config_loading import load_config
-from mmupt_megatron.data.synthetic import synthesize
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.data.synthetic import write_splits
+from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.trainer.boxed_model import teach_boxed_answers
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -24,7 +24,7 @@ def overrides(model, data, out):
     return [
         f"model.path={model}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=3",
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=2", "trainer.micro_batch_size=8", "rollout.n=4",
-        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.kl_coef=0.1", "trainer.num_cpus=2",
+        "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.loss.kl_coef=0.1", "trainer.num_cpus=2",
         "checkpoint.save_every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=false", "logging.progress=true",
         # the engine on a bundle of its own, buckets through Ray's object store (the e2e test covers the
         # colocated engine and the shared-memory refit)
@@ -50,7 +50,7 @@ def run_in_process(args):
 
 def test_sigkill_mid_step_then_resume_reproduces_the_run(tmp_path):
     model = teach_boxed_answers(make_tiny_qwen2_5_vl(tmp_path / "model", seed=0))
-    data = synthesize(tmp_path / "data", num_train=12, num_test=2, seed=0)["train"]
+    data = write_splits(tmp_path / "data", num_train=12, num_test=2, seed=0)["train"]
     reference = run_in_process(overrides(model, data, tmp_path / "straight"))
     assert [m["step"] for m in reference] == [0, 1, 2]
 

@@ -17,7 +17,7 @@ accuracy 0.75-0.88 every one of 6 runs (2 warm-up seeds x 3 GRPO seeds) gained s
 (sampled 0.65, greedy 0.73, shape questions at 0.44) greedy fell to 0.61-0.63 in all seeds; on the hard
 split (base 0.21) one seed collapsed to a confident wrong answer (0.16) and the others stayed flat.
 
-Run:  .venv/bin/python -m mmupt_megatron.demo.quick_grpo --base /tmp/demo_base --seeds 0 1 2 --steps 60
+Run (from the repository root):  .venv/bin/python -m research.quick_grpo --base /tmp/demo_base --seeds 0 1 2 --steps 60
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from mmupt_megatron.algorithms import (
 from mmupt_megatron.data.synthetic import WorldConfig, generate, make_example
 from mmupt_megatron.demo.model import PromptStyle, encode_batch
 from mmupt_megatron.demo.rollout import EvalResult, decode, evaluate, generate_responses
-from mmupt_megatron.demo.warmup import image_encoder, load_style
+from mmupt_megatron.demo.warmup import world_image_encoder, load_style
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +135,7 @@ def grpo_run(
     torch.manual_seed(seed)
     policy = copy.deepcopy(base)
     reference = base.eval()
-    encoder = image_encoder(world)
+    encoder = world_image_encoder(world)
     test = generate(cfg.num_eval, seed=cfg.eval_seed, cfg=eval_world or world, prefix="test")
     rng = random.Random(1_000 + seed)
     matcher = AnswerMatcher(use_math_verify=False)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from mmupt_megatron.engines.parallel import ParallelDims, run_workers
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
 
 COMPAT_PROBE = """
 import torch
-from mmupt_megatron.engines.cpu_compat import apply_cpu_compat, cuda_type_names
+from mmupt_megatron.distributed.cpu_compat import apply_cpu_compat, cuda_type_names
 assert apply_cpu_compat() and apply_cpu_compat()          # applied, idempotent
 assert torch.cuda.current_device() == torch.device("cpu")
 from megatron.core.transformer.utils import get_default_causal_mask
@@ -23,6 +23,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_cpu_compat_patches_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", COMPAT_PROBE], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -30,7 +31,7 @@ def test_cpu_compat_patches_in_a_fresh_process():
 
 
 def groups_worker(tp: int, pp: int) -> tuple:
-    from mmupt_megatron.engines.parallel import init_parallel
+    from mmupt_megatron.distributed.parallel import init_parallel
 
     groups = init_parallel(ParallelDims(tp=tp, pp=pp, dp=2 // (tp * pp)))
     return groups.rank, groups.tp_rank, groups.pp_rank, groups.dp_rank, groups.pp_ranks, groups.is_last_stage

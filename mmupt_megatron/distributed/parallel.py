@@ -1,6 +1,6 @@
 """Parallel layout and process groups: the only module that touches ``megatron.core.parallel_state``.
 
-``init_parallel`` starts torch.distributed (gloo on CPU, nccl on GPU) and Megatron's model-parallel
+``init_parallel`` starts torch.distributed (gloo on CPU; on GPU NCCL for device tensors and gloo for host ones) and Megatron's model-parallel
 state, and returns a ``ParallelGroups`` that the rest of the code receives as an argument. ``run_workers``
 spawns N local worker processes on a free port (CPU tests, checkpoint conversion) and returns what
 each rank's function returned.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmupt_megatron.engines.cpu_compat import apply_cpu_compat
+from mmupt_megatron.distributed.cpu_compat import apply_cpu_compat
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,7 +92,9 @@ def init_parallel(dims: ParallelDims, *, seed: int = 1234, backend: str | None =
 
     apply_cpu_compat()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        # on GPU both: device tensors through NCCL, host tensors (flags, object broadcasts, host buffers)
+        # through gloo; every group Megatron creates inherits the pair
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)

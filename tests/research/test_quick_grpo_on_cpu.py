@@ -5,9 +5,9 @@ import torch
 
 from mmupt_megatron.data.synthetic import WorldConfig, generate
 from mmupt_megatron.demo.model import TinyModelConfig, build_model, encode_batch
-from mmupt_megatron.demo.quick_grpo import GRPOConfig, grpo_run, response_batch, sequence_logprobs
+from research.quick_grpo import GRPOConfig, grpo_run, response_batch, sequence_logprobs
 from mmupt_megatron.demo.tokenizer import build_tokenizer
-from mmupt_megatron.demo.warmup import DEMO_STYLE, image_encoder
+from mmupt_megatron.demo.warmup import DEMO_STYLE, world_image_encoder
 
 
 def _setup(group_size: int = 3):
@@ -15,7 +15,7 @@ def _setup(group_size: int = 3):
     model = build_model(tokenizer, TinyModelConfig(), seed=0).eval()
     examples = [e for e in generate(2, seed=0) for _ in range(group_size)]
     prompts = encode_batch(tokenizer, questions=[e.question for e in examples], images=[e.image for e in examples],
-                           encoder=image_encoder(WorldConfig()), style=DEMO_STYLE)
+                           encoder=world_image_encoder(WorldConfig()), style=DEMO_STYLE)
     return tokenizer, model, prompts
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers
 from mmupt_megatron.algorithms.metrics import score_question
+from mmupt_megatron.config import DataConfig
+from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 
 Generate = Callable[[Sequence[RolloutRequest], SamplingSpec], list[Rollout]]
@@ -55,6 +57,20 @@ class EvalReport:
 
     def row(self) -> dict[str, float]:
         return {"questions": float(self.num_questions), **self.metrics}
+
+
+def held_out_items(files: Sequence[str], data: DataConfig) -> list[EvalItem]:
+    """Held-out items (prompt, fitted image, answer) from training-format rows (``data.eval_files``, the demo's
+    test splits); a row without an answer is an error naming it."""
+    holdout = open_dataset(files, data)
+    encoder = image_encoder(data)
+    items = []
+    for index in range(len(holdout)):
+        sample, image = holdout[index]
+        if sample.answer is None:
+            raise ValueError(f"{sample.origin}: evaluation rows need an answer ({data.answer_key!r})")
+        items.append(EvalItem(prompt=prompt_for(sample.question, data), images=[encoder.fit(image)], answer=sample.answer))
+    return items
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:

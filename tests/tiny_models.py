@@ -1,10 +1,10 @@
-"""Tiny random Qwen2.5-VL / Qwen2 checkpoints and tokenizers, built offline for tests and demos.
+"""Test fixtures: tiny random Qwen2.5-VL / Qwen2 checkpoints and tokenizers, built offline.
 
 ``make_tiny_qwen2_5_vl`` writes a folder that transformers loads with ``from_pretrained``: config,
 safetensors, a byte-level BPE tokenizer trained with the ``tokenizers`` library on a small corpus (with the
 Qwen2.5-VL special tokens and a Qwen-style chat template) and ``preprocessor_config.json`` from
 ``Qwen2VLImageProcessor`` (the combined processor cannot be saved without torchvision).
-``make_tokenizer`` is reusable on its own, e.g. for a demo vocabulary.
+``make_tokenizer`` is reusable on its own (``benchmarks/convert.py`` uses it for a full-size vocabulary).
 """
 
 from __future__ import annotations
@@ -15,23 +15,8 @@ from pathlib import Path
 
 import torch
 
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from mmupt_megatron.models.tokens import CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+
 DEFAULT_CORPUS = (
     "What is the answer? The answer is \\boxed{42}. Let me think step by step about the image. "
     "There are 3 red circles and 2 blue squares, so the total is 5. "

@@ -1,0 +1,1 @@
+"""Research harnesses: experiments that de-risk recipes outside the product loop (not part of the package)."""

@@ -1,0 +1,63 @@
+"""``Trainer.step`` without Ray: an in-process cluster (a real world-1 Megatron policy, a scripted engine) so that
+the vote, rewards, advantages, mini-batches and the order of the phases are known in advance and checked."""
+
+import pytest
+
+from mmupt_megatron.config_loading import load_config
+from mmupt_megatron.data.synthetic import write_splits
+from mmupt_megatron.distributed.parallel import run_workers
+from tests.tiny_models import make_tiny_qwen2_5_vl
+
+pytestmark = pytest.mark.distributed
+
+# request 0: unanimous "2"; request 1: "2" x3, "3" x2, one response without an answer (6 voters, 4 trained)
+ANSWERS = {0: ["2"] * 6, 1: ["2", "3", "2", "3", "2", None]}
+
+
+def script(index: int, sample: int) -> str:
+    answer = ANSWERS[index][sample]
+    return "i am not sure" if answer is None else f"so \\boxed{{{answer}}}"
+
+
+def one_step(model_dir: str, data: str, out: str):
+    from mmupt_megatron.trainer.loop import Trainer
+    from tests.trainer.in_process_cluster import InProcessCluster
+
+    cfg = load_config("demo", [
+        f"model.path={model_dir}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=1",
+        "trainer.prompts_per_step=2", "trainer.prompts_per_update=1", "algorithm.ppo_epochs=2", "rollout.n=4",
+        "rollout.n_vote=6", "rollout.max_new_tokens=8", "trainer.lr=1e-3", "algorithm.loss.kl_coef=0.1",
+        "rollout.verify_refit=false", "trainer.micro_batch_size=2", "data.shuffle=false",
+    ])
+    cluster = InProcessCluster(cfg, model_dir=model_dir, script=script)
+    metrics = Trainer(cfg, cluster=cluster).step(0)
+    return metrics, cluster.calls, cluster.trained_advantages, cluster.schedule.log, cluster.moved_bytes
+
+
+@pytest.mark.slow
+def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
+    model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
+    data = write_splits(tmp_path / "data", num_train=4, num_test=1, seed=0)["train"]
+    [(metrics, calls, advantages, phases, moved)] = run_workers(one_step, world_size=1,
+                                                               args=(str(model), str(data), str(tmp_path / "run")))
+
+    # 2 prompts x 6 voters generated; the engine sleeps before the policy works; old then reference log-probs of
+    # the 8 trained responses; 2 epochs x 2 mini-batches of one prompt's 4 responses; the engine wakes its
+    # weights, takes the refit, then wakes its KV cache
+    assert calls == [("generate", 2, 6), ("engines_sleep",), ("logprobs", "policy", 8), ("logprobs", "reference", 8),
+                     ("train", 4), ("train", 4), ("train", 4), ("train", 4), ("engines_wake", "weights"), ("refit",),
+                     ("engines_wake", "kv_cache")]
+    # the colocated memory schedule, in order; the policy's offloads are real (the reference at least)
+    assert phases == ["before_first_rollout", "after_rollout", "reference_onload", "reference_offload",
+                      "before_refit", "after_refit"]
+    assert len(moved) == 2 and moved[1] > moved[0] > 0  # after training, Adam's state leaves the device too
+    # rewards: agreement with each group's majority ("2"), over all 12 voters: 6 + 3 agree
+    assert metrics["reward"] == pytest.approx(9 / 12)
+    assert metrics["majority_share"] == pytest.approx((1.0 + 3 / 6) / 2)  # no-answers count in the denominator
+    assert metrics["no_answer"] == pytest.approx(1 / 12)
+    # the unanimous group carries no signal; the other's trained responses are "2", "3", "2", "3"
+    unanimous, split = advantages[0], advantages[1]
+    assert unanimous == [0.0] * 4
+    assert split[0] == split[2] > 0 > split[1] == split[3]
+    assert advantages[2:] == advantages[:2]  # the second epoch trains on the same mini-batches
+    assert metrics["train/num_tokens"] > 0 and metrics["train/grad_norm"] > 0 and "train/kl_ref" in metrics

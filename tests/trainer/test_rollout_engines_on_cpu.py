@@ -1,0 +1,69 @@
+"""Data-parallel rollout through Ray: two vLLM engines sample exactly what one engine samples for the same
+batch, both take every refit by tensor handle (checked against the policy after the step), and an impossible
+placement fails with an error naming what was asked."""
+
+import pytest
+
+from mmupt_megatron.config_loading import load_config
+from mmupt_megatron.data.configured import prompt_for
+from mmupt_megatron.data.synthetic import write_splits
+from mmupt_megatron.engines.rollout import RolloutRequest, SamplingSpec
+from tests.tiny_models import make_tiny_qwen2_5_vl
+from tests.trainer.boxed_model import teach_boxed_answers
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray_local):
+    import ray
+
+    from mmupt_megatron.trainer.loop import Trainer
+
+    model = teach_boxed_answers(make_tiny_qwen2_5_vl(tmp_path / "model", seed=0))
+    data = write_splits(tmp_path / "data", num_train=8, num_test=2, seed=0)
+    cfg = load_config("demo", [
+        f"model.path={model}", f"data.train_files=[{data['train']}]", f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.colocate=false", "rollout.num_engines=2", "trainer.steps=1", "trainer.prompts_per_step=3",
+        "trainer.prompts_per_update=3", "rollout.n=4", "rollout.max_new_tokens=8", "trainer.num_cpus=2",
+        "rollout.verify_refit=true", "rollout.verify_refit_tol=1e-4", "checkpoint.export_hf=false",
+        "logging.plots=false", "logging.tensorboard=false",
+        # buckets shared by tensor handle: on GPU a CUDA IPC handle, here a shared-memory file (the same calls)
+        "rollout.refit_transport=ipc",
+    ])
+    trainer = Trainer(cfg)
+    cluster = trainer.cluster
+    try:
+        assert cluster.num_engines == len(cluster.engines) == 2
+        assert len(ray.util.placement_group_table(cluster.placement)["bundles"]) == 3  # 1 policy rank + 2 engines
+        requests = [RolloutRequest(group_id=i, prompt=prompt_for(sample.question, cfg.data),
+                                   images=[trainer.images.fit(image)])
+                    for i, (sample, image) in enumerate(trainer.dataset[j] for j in range(5))]
+        spec = SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=11)
+        two = cluster.generate(requests, spec)
+        one = ray.get(cluster.engines[1].generate.remote(requests, spec))
+        assert [(r.group_id, r.prompt_index, r.sample_index, r.response_token_ids) for r in two] == \
+               [(r.group_id, r.prompt_index, r.sample_index, r.response_token_ids) for r in one]
+        assert max(abs(a - b) for x, y in zip(two, one) for a, b in zip(x.response_logprobs, y.response_logprobs)) < 1e-5
+        # one training step: the refit reaches both engines, and verify_refit checks each (it raises otherwise)
+        [metrics] = trainer.fit()
+        assert metrics["train/refit_max_diff"] < 1e-4 and metrics["train/grad_norm"] > 0
+        assert ray.get(cluster.workers[0].refit_transport.remote()) == "ipc"
+    finally:
+        cluster.shutdown()
+
+
+def test_a_placement_that_cannot_be_met_names_what_was_asked(ray_local):
+    from mmupt_megatron.trainer.cluster import place
+
+    with pytest.raises(RuntimeError, match=r"could not place 2 bundles of \{'GPU': 1\}.*0 GPUs / 2 CPUs"):
+        place([{"GPU": 1}] * 2, timeout_s=1)
