@@ -81,7 +81,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmupt_megatron.eval.benchmarks import detect_benchmark, load_benchmark
     from mmupt_megatron.eval.limits import check_context, engine_limits
     from mmupt_megatron.eval.model import detect_model_format, served_model
-    from mmupt_megatron.eval.prompts import check_prompt_lengths, eval_items, prompt_lengths
+    from mmupt_megatron.eval.prompts import check_prompt_lengths, benchmark_items, prompt_lengths
     from mmupt_megatron.eval.report import build_report, markdown_table, write_report
     from mmupt_megatron.eval.evaluator import evaluate
 
@@ -94,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = load_benchmark(args.data, benchmark, cfg.data, limit=args.limit, on_bad_row=cfg.eval.on_bad_row,
                             images=args.images)
     questions, loading = loaded.questions, loaded.skip_summary()
-    items = eval_items(questions, cfg.data)
+    items = benchmark_items(questions, cfg.data)
     num_choice = sum(q.choice for q in questions)
     print(f"{len(questions)} {benchmark} questions from {args.data} ({num_choice} multiple choice, "
           f"{len({q.category for q in questions})} categories); k={k}, T={r.temperature}, top-p {r.top_p}", flush=True)

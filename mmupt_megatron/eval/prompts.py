@@ -72,12 +72,12 @@ def eval_item(question: Question, data: DataConfig, encoder: ImageEncoder) -> Ev
     return EvalItem(id=question.id, category=question.category, answer=question.answer, prompt=prompt, images=images)
 
 
-def eval_items(questions: Sequence[Question], data: DataConfig) -> list[EvalItem]:
+def benchmark_items(questions: Sequence[Question], data: DataConfig) -> list[EvalItem]:
     encoder = image_encoder(data)
     return [eval_item(q, data, encoder) for q in questions]
 
 
-def num_image_tokens(size: tuple[int, int] | None, data: DataConfig, engine_pixels: tuple[int, int] | None = None) -> int:
+def fitted_image_tokens(size: tuple[int, int] | None, data: DataConfig, engine_pixels: tuple[int, int] | None = None) -> int:
     """Merged image tokens of a (width, height) image after the smart resize to ``data.min/max_pixels``:
     (h / 28) * (w / 28); ``engine_pixels`` (the model's own processor min/max pixels) resize the fitted image
     once more, as the engine does. 0 for no image."""
@@ -93,7 +93,7 @@ def prompt_lengths(questions: Sequence[Question], items: Sequence[EvalItem], dat
                    engine_pixels: tuple[int, int] | None = None) -> list[int]:
     """Prompt tokens per item as the engine counts them: text (one image pad) + image tokens - 1."""
     ids = tokenizer([item.prompt for item in items], add_special_tokens=False)["input_ids"]
-    return [len(i) - (q.image is not None) + num_image_tokens(q.image_size, data, engine_pixels)
+    return [len(i) - (q.image is not None) + fitted_image_tokens(q.image_size, data, engine_pixels)
             for q, i in zip(questions, ids, strict=True)]
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from mmupt_megatron.config import DataConfig
 from mmupt_megatron.eval import detect_benchmark, load_questions
-from mmupt_megatron.eval.prompts import CHOICE_INSTRUCTION, eval_items, num_image_tokens, question_text
+from mmupt_megatron.eval.prompts import CHOICE_INSTRUCTION, benchmark_items, fitted_image_tokens, question_text
 from tests.eval import fixtures as fx
 
 DATA = DataConfig()
@@ -108,7 +108,7 @@ def test_prompts_use_the_training_template_and_images_load_lazily(tmp_path):
     data = DataConfig(instruction=" Answer in \\boxed{}.", system_prompt=None, image_first=False,
                       min_pixels=56 * 56, max_pixels=56 * 56)
     questions = load_questions(fx.write_mathvista(tmp_path), "mathvista", data, limit=2)
-    items = eval_items(questions, data)
+    items = benchmark_items(questions, data)
     assert len(items) == 2 and [i.id for i in items] == ["1", "2"] and items[0].answer == "B"
     assert items[0].prompt == (
         "<|im_start|>user\nIs the bar taller than the line?\nOptions:\nA. yes\nB. no\n"
@@ -118,7 +118,7 @@ def test_prompts_use_the_training_template_and_images_load_lazily(tmp_path):
     (image,) = list(items[0].images)
     # decoded when read and fitted by Qwen's smart resize (60x40 -> sides that are multiples of 28)
     assert image.size == (84, 56) and image.mode == "RGB"
-    assert num_image_tokens(questions[0].image_size, data) == 3 * 2
+    assert fitted_image_tokens(questions[0].image_size, data) == 3 * 2
 
 
 def test_limit_stops_reading(tmp_path):

@@ -18,7 +18,7 @@ from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.configured import image_encoder
 from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.eval import load_questions
-from mmupt_megatron.eval.prompts import eval_items
+from mmupt_megatron.eval.prompts import benchmark_items
 from tests.tiny_models import make_tiny_qwen2_5_vl
 from tests.eval import fixtures as fx
 
@@ -35,7 +35,7 @@ def teach_to_box(model_dir: Path, data_file: Path, *, steps: int = 40, seed: int
     rng = random.Random(seed)
     data = load_config("demo").data
     questions = load_questions(data_file, "auto", data)
-    items = eval_items(questions, data)
+    items = benchmark_items(questions, data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")

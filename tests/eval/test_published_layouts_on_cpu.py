@@ -11,7 +11,7 @@ from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.prompts import IMAGE_PLACEHOLDER
 from mmupt_megatron.eval import detect_benchmark, load_benchmark, load_questions
 from mmupt_megatron.eval.limits import check_context, engine_limits
-from mmupt_megatron.eval.prompts import eval_items, num_image_tokens
+from mmupt_megatron.eval.prompts import benchmark_items, fitted_image_tokens
 from mmupt_megatron.eval.rows import Row, choice_answer, repair_escapes, split_options
 from tests.eval import fixtures as fx
 
@@ -44,7 +44,7 @@ def test_every_published_layout_loads_completely(tmp_path, layout):
     assert detect_benchmark(path, DATA) == benchmark
     loaded = load_benchmark(path, "auto", DATA, on_bad_row="skip")
     assert loaded.benchmark == benchmark and counts(loaded) == (rows, rows, {})
-    items = eval_items(loaded.questions, DATA)
+    items = benchmark_items(loaded.questions, DATA)
     assert all(len(item.images) == (q.image is not None) for item, q in zip(items, loaded.questions, strict=True))
 
 
@@ -66,9 +66,9 @@ def test_mathverse_text_only_questions_have_no_image(tmp_path):
     choice, free = questions
     assert choice.image is None and choice.image_size is None and choice.options == ("40°", "50°", "60°", "80°")
     assert choice.category == "Text Only" and free.answer == "12"
-    items = eval_items(questions, DATA)
+    items = benchmark_items(questions, DATA)
     assert all(IMAGE_PLACEHOLDER not in item.prompt and list(item.images) == [] for item in items)
-    assert num_image_tokens(None, DATA) == 0
+    assert fitted_image_tokens(None, DATA) == 0
     # only the Text Only version may come without an image
     rows = fx.mathverse_rows()
     rows[0]["image"] = ""
@@ -197,4 +197,4 @@ def test_engine_context_limit_is_read_from_the_model_folder(tmp_path):
     assert engine_limits(tmp_path).max_positions == 1000
     # the model's processor resizes the fitted image again: a 28x28 image becomes 56x56 (4 tokens, not 1)
     small = DataConfig(min_pixels=28 * 28, max_pixels=28 * 28)
-    assert num_image_tokens((28, 28), small) == 1 and num_image_tokens((28, 28), small, limits.pixels) == 4
+    assert fitted_image_tokens((28, 28), small) == 1 and fitted_image_tokens((28, 28), small, limits.pixels) == 4

@@ -12,7 +12,7 @@ from mmupt_megatron.engines.rollout import Rollout
 from mmupt_megatron.eval import load_questions
 from mmupt_megatron.eval.cli import Progress
 from mmupt_megatron.eval.model import ServedModel
-from mmupt_megatron.eval.prompts import eval_items
+from mmupt_megatron.eval.prompts import benchmark_items
 from mmupt_megatron.eval.report import (
     build_report,
     four_dimensional,
@@ -54,7 +54,7 @@ def scripted_generate(items):
 @pytest.fixture()
 def report(tmp_path):
     questions = load_questions(fx.write_mathvista(tmp_path), "mathvista", DataConfig())
-    items = eval_items(questions, DataConfig())
+    items = benchmark_items(questions, DataConfig())
     calls = []
     result = evaluate(scripted_generate(items), items, k=4, batch_size=3, matcher=AnswerMatcher(use_math_verify=False),
                       progress=lambda done, total: calls.append((done, total)))
@@ -139,7 +139,7 @@ def test_wemath_four_measures_by_hand():
 
 def test_wemath_report_has_the_steps_table_and_the_four_measures(tmp_path):
     questions = load_questions(fx.write_wemath(tmp_path), "wemath", DataConfig())
-    items = eval_items(questions, DataConfig())
+    items = benchmark_items(questions, DataConfig())
     # every sub-problem right; the 2-step problem's multi-step answer wrong (IG), the 3-step one's right (CM)
     answers = {q.id: q.answer if q.id != "2steps_1:2steps_multi" else "A" for q in questions}
 
