@@ -138,8 +138,13 @@ def read_rows(path: Path) -> Iterator[Row]:
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
         return
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
     if path.suffix == ".json":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -152,7 +157,11 @@ def read_rows(path: Path) -> Iterator[Row]:
             raise ValueError(f"{path}: expected a JSON list of rows or an object of rows keyed by id, "
                              f"got {type(data).__name__}")
         return
-    for i, line in enumerate(text.splitlines()):
+    for i, raw_line in enumerate(raw.splitlines()):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {i + 1}: not UTF-8 text (byte {e.start} of the line)") from None
         if line.strip():
             try:
                 yield Row(path, i, json.loads(line))

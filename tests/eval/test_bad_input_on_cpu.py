@@ -129,3 +129,16 @@ def test_the_command_reports_a_bad_row_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "mmupt: error:" in err and "row 0 (id '2steps_1:2steps_1'), field 'image_path'" in err
     assert "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from mmupt_megatron.eval.rows import read_rows
+
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_bytes(b'{"id": 1, "question": "ok"}\n{"id": 2, "question": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"test.jsonl line 2: not UTF-8 text"):
+        list(read_rows(jsonl))
+    single = tmp_path / "testmini.json"
+    single.write_bytes(b'[\n {"pid": "1",\n  "question": "\xff"}\n]\n')
+    with pytest.raises(ValueError, match=r"testmini.json line 3: not UTF-8 text"):
+        list(read_rows(single))
