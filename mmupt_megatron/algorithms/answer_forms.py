@@ -11,8 +11,8 @@
   word after a decimal (``28\\%``, ``28 percent``, ``28 pct`` all read as 28, as math-verify reads ``28\\%``).
   Scientific notation, decimal commas, numbers over 15 significant digits and anything else stay ``expr``;
 - ``expr``: everything else, keyed by its text with presentation removed (``$``, ``\\left``/``\\right``,
-  ``\\dfrac``, spacing commands, whitespace except a space before an alphanumeric after an alphanumeric,
-  comma or point: it can separate two numbers or end a command name).
+  ``\\dfrac``, spacing commands; runs of whitespace become one space, but a space is never deleted: it can
+  separate two numbers, and math-verify reads ``- 15.`` and ``-15.`` differently).
 A ``\\text{}`` around the whole answer is looked through for letters only (math-verify reads
 ``\\mathrm{3.5}`` as text, so a wrapped number is an ``expr`` and goes to math-verify).
 
@@ -170,14 +170,6 @@ def number_value(text: str) -> Fraction | None:
     return -value if sign.group("sign") == "-" else value
 
 
-def _expression_key(text: str) -> str:
-    """Remove whitespace except one space before an alphanumeric after an alphanumeric, comma or point.
-
-    ``4 4/9``, ``\\cdot x`` and ``32, 349`` keep their space; ``x + 1`` becomes ``x+1``.
-    """
-    return re.sub(r"(?<![A-Za-z0-9,.]) | (?![A-Za-z0-9])", "", text)
-
-
 def _render(value: Fraction, spelling: str) -> str:
     """What math-verify reads for a number: a decimal if it was written with a point, else a fraction.
 
@@ -213,7 +205,7 @@ def canonical_form(answer: str) -> CanonicalAnswer:
         if value is not None:
             var = assignment.group("var")
             return CanonicalAnswer("number", str(value), var=var, text=f"{var} = {_render(value, text)}")
-    return CanonicalAnswer("expr", _expression_key(text), text=strip_math_delimiters(answer))
+    return CanonicalAnswer("expr", text, text=strip_math_delimiters(answer))
 
 
 def numbers_equal(a: CanonicalAnswer, b: CanonicalAnswer) -> bool:

@@ -14,15 +14,15 @@ Two stages, so that the expensive one runs rarely:
      equations;
    - otherwise the pair is equal when ``verify`` says so in either direction (``0 < f(x) < 1`` and
      ``(0, 1)`` are equal whichever comes first).
-   Before calling ``verify``, each parsed answer gets a numeric fingerprint (its value with free symbols
-   set to fixed irrational-ish values): different fingerprints settle most unequal pairs in microseconds.
+   Before calling ``verify``, each parsed answer gets a numeric fingerprint (``fingerprints``: values with
+   free symbols set to fixed numbers, of expressions, set elements, interval ends, equations up to a
+   factor): different fingerprints settle most unequal pairs in microseconds.
    Each distinct pair's verdict is cached. Every call is bounded by ``timeout_s``; a timeout counts as "not
    equal" for that call only and is never cached (the next call tries again).
 """
 
 from __future__ import annotations
 
-import cmath
 import signal
 import threading
 from typing import Any
@@ -34,6 +34,7 @@ from mmupt_megatron.algorithms.answer_forms import (
     canonical_form,
     numbers_equal,
 )
+from mmupt_megatron.algorithms.fingerprints import Fingerprint, differ, fingerprint
 
 __all__ = ["DELIBERATE_DIFFERENCES", "AnswerKind", "AnswerMatcher", "CanonicalAnswer", "canonical_form"]
 
@@ -79,23 +80,6 @@ def _math_verify() -> tuple[Any, Any]:
     return math_verify.parser.parse, math_verify.grader.verify
 
 
-def _numeric_value(expr: Any) -> complex | None:
-    """The value of a sympy expression with its free symbols set to fixed, unlikely values.
-
-    None for a symbol or a product of symbols: math-verify compares those by name (``\\text{10}`` is a
-    symbol named 10 and equals 10; ``abc`` equals ``\\text{abc}``).
-    """
-    from sympy import E, Mul, Symbol
-
-    if isinstance(expr, Symbol) or isinstance(expr, Mul) and all(isinstance(a, Symbol) or a == E for a in expr.args):
-        return None
-    substitutions = {
-        symbol: 0.5772156649 + 0.1 * (sum(map(ord, str(symbol))) % 97) for symbol in expr.free_symbols
-    }
-    value = complex(expr.subs(substitutions).evalf())
-    return None if cmath.isnan(value) else value  # NaN: no fingerprint
-
-
 def _equation_kind(parsed: list[Any]) -> str:
     """``none``, ``assignment`` (one variable, absent from the right side) or ``equation``."""
     from math_verify.grader import is_equation
@@ -122,7 +106,7 @@ class AnswerMatcher:
         self.max_cache = max_cache
         self._forms: dict[str, CanonicalAnswer] = {}
         self._parsed: dict[str, list[Any]] = {}
-        self._fingerprints: dict[str, complex | None] = {}
+        self._fingerprints: dict[str, Fingerprint | None] = {}
         self._pairs: dict[tuple[str, str], bool] = {}
         self.num_symbolic_calls = 0
         self.num_timeouts = 0
@@ -151,18 +135,14 @@ class AnswerMatcher:
             self._bounded(self._parsed, text, parsed)
         return self._parsed[text]
 
-    def _fingerprint(self, text: str) -> complex | None:
+    def _fingerprint(self, text: str) -> Fingerprint | None:
         if text not in self._fingerprints:
             parsed = self._parse(text)
-            value = None
-            if parsed and hasattr(parsed[0], "free_symbols"):
-                try:
-                    value = _call_with_time_limit(_numeric_value, self.timeout_s, parsed[0])
-                except _Timeout:
-                    self.num_timeouts += 1
-                    return None  # no shortcut this time; not cached
-                except Exception:  # noqa: BLE001  sets, equations, matrices...: no fingerprint, math-verify decides
-                    value = None
+            try:
+                value = _call_with_time_limit(fingerprint, self.timeout_s, parsed[0]) if parsed else None
+            except _Timeout:
+                self.num_timeouts += 1
+                return None  # no shortcut this time; not cached
             self._bounded(self._fingerprints, text, value)
         return self._fingerprints[text]
 
@@ -185,8 +165,7 @@ class AnswerMatcher:
         kinds = {_equation_kind(parsed_a), _equation_kind(parsed_b)}
         if "none" in kinds and "equation" in kinds:
             return False  # an equation never equals a bare value
-        value_a, value_b = self._fingerprint(text_a), self._fingerprint(text_b)
-        if value_a is not None and value_b is not None and abs(value_a - value_b) > 1e-6 * max(1.0, abs(value_a)):
+        if differ(self._fingerprint(text_a), self._fingerprint(text_b)):
             return False
         return self._verify(parsed_a, parsed_b) or self._verify(parsed_b, parsed_a)
 
