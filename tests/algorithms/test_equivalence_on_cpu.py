@@ -30,7 +30,7 @@ from tests.algorithms.mv_oracle import mv_equal
         (r"4\frac{4}{9}", r"\frac{40}{9}"),
         ("-4 4/9", r"-\frac{40}{9}"),
         ("2.0", "2"),
-        (r"\left( 1, 2 \right)", "(1, 2)"),
+        (r"\left(1, 2\right)", "(1, 2)"),
         (r"$\frac{1}{2}$", "0.5"),
         ("x  +  1", "x + 1"),
     ],
