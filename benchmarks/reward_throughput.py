@@ -1,12 +1,17 @@
 """Majority-vote reward throughput: ours vs the original MM-UPT method, same process, same data.
 
-    .venv/bin/python benchmarks/reward_throughput.py [--responses 10000] [--group-size 10] [--seed 0]
+    .venv/bin/python benchmarks/reward_throughput.py [--responses 10000] [--expression-responses 2000]
+        [--group-size 10] [--seed 0] [--batches mixed expressions]
 
-Data: groups of responses to imaginary questions whose true answers are integers, fractions, decimals,
-LaTeX expressions or multiple-choice letters; each response states one candidate value in a random
-equivalent spelling (``0.5`` / ``\\frac{1}{2}`` / ``1/2`` ...), or gives no answer (no box, or a box cut
-off). Ground truth: which responses *should* be rewarded, i.e. state the value that most responses of
-the group state (exact, from the generator's value ids).
+Two batches, one table each:
+- ``mixed``: groups of responses to imaginary questions whose true answers are integers, fractions,
+  decimals, LaTeX expressions or multiple-choice letters;
+- ``expressions``: answers that are roots, equations (lines) and open intervals, a fresh value for each
+  question, where the exact fast path decides little and most distinct pairs go to math-verify.
+Each response states one candidate value in a random equivalent spelling (``0.5`` / ``\\frac{1}{2}`` /
+``1/2``, ``0 < x < 1`` / ``(0, 1)`` ...), or gives no answer (no box, or a box cut off). Ground truth:
+which responses *should* be rewarded, i.e. state the value that most responses of the group state (exact,
+from the generator's value ids).
 
 - baseline (original MM-UPT): ``mathruler.extract_boxed_content``, ``Counter`` over the raw strings
   (``"None"`` votes like an answer), then one ``mathruler.grade_answer`` per response against the winner;
@@ -37,6 +42,29 @@ _EXPRESSIONS = {"sqrt2": [r"\sqrt{2}", r"2^{1/2}", r"\frac{2}{\sqrt{2}}"],
                 "2pi": [r"2\pi", r"\pi \cdot 2", r"2 \pi"],
                 "sqrt3/2": [r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}", r"\sqrt{3}/2"],
                 "x+1": ["x+1", "1+x", "x + 1"]}
+_SYMBOLIC = {"expr": _EXPRESSIONS}
+BATCHES = {"mixed": ["int", "frac", "decimal", "expr", "choice"], "expressions": ["root", "equation", "interval"]}
+
+
+def _roots(c: int, k: int) -> list[str]:  # c * sqrt(k)
+    first = [f"\\sqrt{{{k}}}", f"{k}^{{1/2}}"] if c == 1 else [f"{c}\\sqrt{{{k}}}", f"{c} \\sqrt{{{k}}}"]
+    return [*first, f"\\sqrt{{{c * c * k}}}", f"\\frac{{{c * k}}}{{\\sqrt{{{k}}}}}", f"{c} \\cdot \\sqrt{{{k}}}"]
+
+
+def _lines(a: int, b: int) -> list[str]:  # y = a x + b
+    return [f"y = {a}x + {b}", f"y={b}+{a}x", f"{a}x - y + {b} = 0", f"y - {b} = {a}x"]
+
+
+def _intervals(lo: int, hi: int) -> list[str]:  # open interval (lo, hi)
+    return [f"({lo}, {hi})", f"({lo},{hi})", f"{lo} < x < {hi}", f"x \\in ({lo},{hi})", f"\\left({lo},{hi}\\right)"]
+
+
+# kind -> (draw one value, its equivalent spellings): a fresh value per question, so no cache carries over
+_GENERATED = {
+    "root": (lambda rng: (rng.randint(1, 9), rng.choice([2, 3, 5, 6, 7, 10, 11])), _roots),
+    "equation": (lambda rng: (rng.randint(1, 9), rng.choice([-1, 1]) * rng.randint(1, 9)), _lines),
+    "interval": (lambda rng: (lo := rng.randint(-9, 5), lo + rng.randint(1, 9)), _intervals),
+}
 
 
 def spellings(kind: str, value: object) -> list[str]:
@@ -46,8 +74,10 @@ def spellings(kind: str, value: object) -> list[str]:
         return _FRACTIONS[value]  # type: ignore[index]
     if kind == "decimal":
         return [f"{value:.1f}", f"{value:.2f}", f"{value:.3f}"]
-    if kind == "expr":
-        return _EXPRESSIONS[value]  # type: ignore[index]
+    if kind in _SYMBOLIC:
+        return _SYMBOLIC[kind][value]  # type: ignore[index]
+    if kind in _GENERATED:
+        return _GENERATED[kind][1](*value)  # type: ignore[misc]
     return [value, f"({value})", f"{value}.", f"\\text{{({value})}}"]  # type: ignore[list-item]
 
 
@@ -58,16 +88,21 @@ def candidate_values(kind: str, rng: random.Random) -> list[object]:
         return rng.sample(list(_FRACTIONS), 3)
     if kind == "decimal":
         return [round(rng.uniform(0, 100), 1) for _ in range(3)]
-    if kind == "expr":
-        return rng.sample(list(_EXPRESSIONS), 3)
+    if kind in _SYMBOLIC:
+        return rng.sample(list(_SYMBOLIC[kind]), 3)
+    if kind in _GENERATED:
+        values: set[tuple] = set()
+        while len(values) < 3:
+            values.add(_GENERATED[kind][0](rng))
+        return sorted(values)
     return rng.sample(list("ABCDE"), 3)
 
 
-def make_data(num_responses: int, group_size: int, seed: int) -> tuple[list[str], list[int], list[float]]:
+def make_data(num_responses: int, group_size: int, seed: int, kinds: list[str]) -> tuple[list[str], list[int], list[float]]:
     rng = random.Random(seed)
     responses, group_ids, truth = [], [], []
     for group in range(num_responses // group_size):
-        kind = rng.choice(["int", "frac", "decimal", "expr", "choice"])
+        kind = rng.choice(kinds)
         values = candidate_values(kind, rng)
         weights = [rng.uniform(0.5, 3.0) for _ in values]
         picked: list[object | None] = []
@@ -113,28 +148,39 @@ def ours(responses: list[str], group_ids: list[int]) -> list[float]:
     return majority_vote(extract_answers(responses), group_ids, matcher=matcher).rewards
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--responses", type=int, default=10_000)
-    parser.add_argument("--group-size", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    responses, group_ids, truth = make_data(args.responses, args.group_size, args.seed)
+def print_table(batch: str, num_responses: int, group_size: int, seed: int) -> None:
+    responses, group_ids, truth = make_data(num_responses, group_size, seed, BATCHES[batch])
     # warm both up on a few groups (imports, sympy caches) so that we time steady-state grading
-    baseline(responses[:50], group_ids[:50], args.group_size)
+    baseline(responses[:50], group_ids[:50], group_size)
     ours(responses[:50], group_ids[:50])
     rows = []
-    for name, fn in (("baseline: Counter + mathruler", lambda: baseline(responses, group_ids, args.group_size)),
+    for name, fn in (("baseline: Counter + mathruler", lambda: baseline(responses, group_ids, group_size)),
                      ("ours: canonical + cached math-verify", lambda: ours(responses, group_ids))):
         start = time.perf_counter()
         rewards = fn()
         seconds = time.perf_counter() - start
         rows.append((name, len(responses) / seconds, agreement(rewards, truth), seconds))
-    print(f"{len(responses)} responses in groups of {args.group_size}, seed {args.seed}\n")
+    print(f"batch {batch} ({', '.join(BATCHES[batch])}): {len(responses)} responses in groups of {group_size}, "
+          f"seed {seed}\n")
     print("| method | responses/s | agreement with truth | seconds | speed-up |")
     print("|---|---|---|---|---|")
     for name, rate, agree, seconds in rows:
         print(f"| {name} | {rate:,.0f} | {agree:.4f} | {seconds:.2f} | {rate / rows[0][1]:.1f}x |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--responses", type=int, default=10_000)
+    parser.add_argument("--group-size", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--expression-responses", type=int, default=2_000,
+                        help="size of the expressions batch (every distinct pair there costs math-verify calls)")
+    parser.add_argument("--batches", nargs="+", choices=sorted(BATCHES), default=list(BATCHES))
+    args = parser.parse_args()
+    for batch in args.batches:
+        size = args.expression_responses if batch == "expressions" else args.responses
+        print_table(batch, size, args.group_size, args.seed)
 
 
 if __name__ == "__main__":

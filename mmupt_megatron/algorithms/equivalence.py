@@ -1,106 +1,42 @@
-"""When are two extracted answers the same answer?
+"""When are two extracted answers the same answer? Symmetric, made for voting: no side is gold.
 
 Two stages, so that the expensive one runs rarely:
 
-1. ``canonical_form`` (pure string/number work, ~µs): strips presentation (whitespace, ``\\left``/``\\right``,
-   ``\\dfrac``/``\\tfrac``, ``\\text{}``, ``$``, degree and percent signs, thousands separators, a leading
-   ``x =``) and classifies the answer as
-   - ``number``: an exact rational (``0.50``, ``1/2``, ``\\frac{1}{2}`` and ``.5`` all become ``1/2``),
-   - ``choice``: a multiple-choice letter (``(B)``, ``B.``, ``B) 45``, ``option B`` become ``B``),
-   - ``expr``: anything else, kept as its normalised text.
-   Equal canonical forms are equal answers. Two different numbers, two different letters, or a letter and
-   anything else are never equal, so no symbolic check is needed for them.
-2. ``math-verify`` (~ms) only for the remaining pairs that involve an ``expr``: each distinct form is parsed
-   once and each distinct pair compared once (both cached), with a bounded time per call; a timeout or a
-   parse failure counts as "not equal". Before the (slow, simplify-based) comparison, each parsed form
-   gets a numeric fingerprint (its value, with free symbols set to fixed irrational-ish values): two
-   forms whose fingerprints differ cannot be equal, which settles most unequal pairs in microseconds.
+1. ``canonical_form`` (``answer_forms``, ~µs) classifies each answer as an exact ``number``, a ``choice``
+   letter or an ``expr``. Numbers and letters are decided there: equal values (and the same variable if
+   both name one), the same letter; a letter never equals anything else.
+2. math-verify (~ms) for pairs with an ``expr``. It reads each answer as ``$answer$`` (a number as its
+   exact value), parsed once and cached. math-verify's ``verify(gold, pred)`` is not symmetric (it reduces
+   an equation to its right-hand side only on the prediction side), so:
+   - an equation never equals something that is not an equation, unless it is an assignment of one
+     variable that does not occur on its right (``x = \\sqrt{2}`` equals ``\\sqrt{2}``;
+     ``a + 3z = 0``, ``x + y = 1`` and ``7 = 11a + c`` equal no bare value); two equations compare as
+     equations;
+   - otherwise the pair is equal when ``verify`` says so in either direction (``0 < f(x) < 1`` and
+     ``(0, 1)`` are equal whichever comes first).
+   Before calling ``verify``, each parsed answer gets a numeric fingerprint (``fingerprints``: values with
+   free symbols set to fixed numbers, of expressions, set elements, interval ends, equations up to a
+   factor): different fingerprints settle most unequal pairs in microseconds.
+   Each distinct pair's verdict is cached. Every call is bounded by ``timeout_s``; a timeout counts as "not
+   equal" for that call only and is never cached (the next call tries again).
 """
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
-from dataclasses import dataclass
-from fractions import Fraction
-from typing import Any, Literal
+from typing import Any
 
-AnswerKind = Literal["number", "choice", "expr"]
-
-
-@dataclass(frozen=True, slots=True)
-class CanonicalAnswer:
-    kind: AnswerKind
-    key: str
-
-
-_WRAPPERS = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\[,;:! ]|~|\\quad|\\qquad")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ")
-_PERCENT = re.compile(r"\\?%")
-_LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])")
-_ASSIGNMENT = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
-_CHOICE = re.compile(
-    r"^(?:(?i:option|choice|answer)\s*)?[\(\[]?([A-J])[\)\]]?(?:\s*[.:)]\s*.*|\s+.*)?$"
+from mmupt_megatron.algorithms.answer_forms import (
+    DELIBERATE_DIFFERENCES,
+    AnswerKind,
+    CanonicalAnswer,
+    canonical_form,
+    numbers_equal,
 )
-_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_DECIMAL = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
-_SLASH_FRACTION = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
-_LATEX_FRACTION = re.compile(r"^([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}$|^([+-]?)\\frac(\d)(\d)$")
+from mmupt_megatron.algorithms.fingerprints import Fingerprint, differ, fingerprint
 
-
-def _strip_presentation(answer: str) -> str:
-    text = answer.strip()
-    for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        while text.startswith(opener) and text.endswith(closer) and len(text) >= len(opener) + len(closer):
-            text = text[len(opener) : len(text) - len(closer)].strip()
-    previous = None
-    while previous != text:  # \text{\textbf{x}} needs two passes
-        previous = text
-        text = _WRAPPERS.sub(r"\1", text)
-    text = _LEFT_RIGHT.sub("", text)
-    text = _SPACING.sub(" ", text)
-    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = _DEGREES.sub("", text)
-    text = _PERCENT.sub("", text)
-    text = text.strip().rstrip(".").strip()
-    return text
-
-
-def _as_number(text: str) -> Fraction | None:
-    compact = text.replace(" ", "")
-    if _THOUSANDS.match(compact):
-        compact = compact.replace(",", "")
-    if _DECIMAL.match(compact):
-        return Fraction(compact)
-    match = _SLASH_FRACTION.match(compact)
-    if match and int(match.group(2)) != 0:
-        return Fraction(int(match.group(1)), int(match.group(2)))
-    match = _LATEX_FRACTION.match(compact)
-    if match:
-        sign, num, den = (match.group(1), match.group(2), match.group(3))
-        if num is None:
-            sign, num, den = match.group(4), match.group(5), match.group(6)
-        if int(den) != 0:
-            value = Fraction(int(num), int(den))
-            return -value if sign == "-" else value
-    return None
-
-
-def canonical_form(answer: str) -> CanonicalAnswer:
-    """Classify and normalise one extracted answer (see module docstring)."""
-    if not isinstance(answer, str):
-        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
-    text = _strip_presentation(answer)
-    choice = _CHOICE.match(text)
-    if choice:
-        return CanonicalAnswer("choice", choice.group(1).upper())
-    text = _ASSIGNMENT.sub("", text)
-    number = _as_number(text)
-    if number is not None:
-        return CanonicalAnswer("number", str(number))
-    return CanonicalAnswer("expr", re.sub(r"\s+", "", text))
+__all__ = ["DELIBERATE_DIFFERENCES", "AnswerKind", "AnswerMatcher", "CanonicalAnswer", "canonical_form"]
 
 
 class _Timeout(BaseException):
@@ -144,19 +80,24 @@ def _math_verify() -> tuple[Any, Any]:
     return math_verify.parser.parse, math_verify.grader.verify
 
 
-def _numeric_value(expr: Any) -> complex | None:
-    """The value of a sympy expression with its free symbols set to fixed, unlikely values."""
-    substitutions = {
-        symbol: 0.5772156649 + 0.1 * (sum(map(ord, str(symbol))) % 97) for symbol in expr.free_symbols
-    }
-    value = complex(expr.subs(substitutions).evalf())
-    return value if value == value else None  # NaN: no fingerprint
+def _equation_kind(parsed: list[Any]) -> str:
+    """``none``, ``assignment`` (one variable, absent from the right side) or ``equation``."""
+    from math_verify.grader import is_equation
+    from sympy import Eq, Symbol
+
+    expr = parsed[0] if parsed else None
+    if expr is None or isinstance(expr, str) or not is_equation(expr):
+        return "none"
+    if isinstance(expr, Eq) and isinstance(expr.lhs, Symbol) and expr.lhs not in expr.rhs.free_symbols:
+        return "assignment"
+    return "equation"
 
 
 class AnswerMatcher:
-    """Equivalence of answers with per-form and per-pair caches (reuse one matcher across steps).
+    """Symmetric equivalence of answers with per-form and per-pair caches (reuse one matcher across steps).
 
-    ``use_math_verify=False`` keeps only the canonical-form stage (fast, exact-rational and letter aware).
+    ``use_math_verify=False`` keeps only the canonical-form stage (fast, exact-rational and letter aware;
+    two expressions are equal only when their normalised texts are).
     """
 
     def __init__(self, *, use_math_verify: bool = True, timeout_s: float = 1.0, max_cache: int = 200_000):
@@ -164,81 +105,87 @@ class AnswerMatcher:
         self.timeout_s = timeout_s
         self.max_cache = max_cache
         self._forms: dict[str, CanonicalAnswer] = {}
-        self._parsed: dict[str, Any] = {}
-        self._fingerprints: dict[str, complex | None] = {}
+        self._parsed: dict[str, list[Any]] = {}
+        self._fingerprints: dict[str, Fingerprint | None] = {}
         self._pairs: dict[tuple[str, str], bool] = {}
         self.num_symbolic_calls = 0
         self.num_timeouts = 0
 
+    def _bounded(self, cache: dict, key: Any, value: Any) -> Any:
+        if len(cache) >= self.max_cache:
+            cache.clear()
+        cache[key] = value
+        return value
+
     def form(self, answer: str) -> CanonicalAnswer:
         cached = self._forms.get(answer)
-        if cached is None:
-            if len(self._forms) >= self.max_cache:
-                self._forms.clear()
-            cached = self._forms[answer] = canonical_form(answer)
-        return cached
+        return cached if cached is not None else self._bounded(self._forms, answer, canonical_form(answer))
 
-    def _parse(self, key: str) -> Any:
-        if key not in self._parsed:
+    def _parse(self, text: str) -> list[Any]:
+        """math-verify's reading of ``$text$`` (cached); raises _Timeout (never cached)."""
+        if text not in self._parsed:
             parse, _ = _math_verify()
             try:
-                self._parsed[key] = _call_with_time_limit(
-                    lambda text: parse(f"${text}$", parsing_timeout=None), self.timeout_s, key
-                )
+                parsed = _call_with_time_limit(lambda t: parse(f"${t}$", parsing_timeout=None), self.timeout_s, text)
             except _Timeout:
                 self.num_timeouts += 1
-                self._parsed[key] = []
-            except Exception:  # math-verify raises many kinds on malformed LaTeX: treat as unparseable
-                self._parsed[key] = []
-        return self._parsed[key]
+                raise
+            except Exception:  # noqa: BLE001  math-verify raises many kinds on malformed LaTeX: unparseable
+                parsed = []
+            self._bounded(self._parsed, text, parsed)
+        return self._parsed[text]
 
-    def _fingerprint(self, key: str) -> complex | None:
-        if key not in self._fingerprints:
-            parsed = self._parse(key)
-            value = None
-            if parsed and hasattr(parsed[0], "free_symbols"):
-                try:
-                    value = _call_with_time_limit(_numeric_value, self.timeout_s, parsed[0])
-                except _Timeout:
-                    self.num_timeouts += 1
-                except Exception:  # sets, equations, matrices...: no fingerprint, math-verify decides
-                    value = None
-            self._fingerprints[key] = value
-        return self._fingerprints[key]
+    def _fingerprint(self, text: str) -> Fingerprint | None:
+        if text not in self._fingerprints:
+            parsed = self._parse(text)
+            try:
+                value = _call_with_time_limit(fingerprint, self.timeout_s, parsed[0]) if parsed else None
+            except _Timeout:
+                self.num_timeouts += 1
+                return None  # no shortcut this time; not cached
+            self._bounded(self._fingerprints, text, value)
+        return self._fingerprints[text]
+
+    def _verify(self, gold: list[Any], pred: list[Any]) -> bool:
+        _, verify = _math_verify()
+        self.num_symbolic_calls += 1
+        try:
+            return bool(_call_with_time_limit(lambda x, y: verify(x, y, timeout_seconds=None), self.timeout_s, gold, pred))
+        except _Timeout:
+            self.num_timeouts += 1
+            raise
+        except Exception:  # noqa: BLE001  an error inside verify is its "not equal"
+            return False
+
+    def _decide(self, text_a: str, text_b: str) -> bool:
+        """math-verify's symmetric verdict on two texts (see module docstring); may raise _Timeout."""
+        parsed_a, parsed_b = self._parse(text_a), self._parse(text_b)
+        if not parsed_a or not parsed_b:
+            return False
+        kinds = {_equation_kind(parsed_a), _equation_kind(parsed_b)}
+        if "none" in kinds and "equation" in kinds:
+            return False  # an equation never equals a bare value
+        if differ(self._fingerprint(text_a), self._fingerprint(text_b)):
+            return False
+        return self._verify(parsed_a, parsed_b) or self._verify(parsed_b, parsed_a)
 
     def _symbolic_equal(self, a: CanonicalAnswer, b: CanonicalAnswer) -> bool:
-        pair = (a.key, b.key) if a.key <= b.key else (b.key, a.key)
-        if pair not in self._pairs:
-            _, verify = _math_verify()
-            parsed_a, parsed_b = self._parse(pair[0]), self._parse(pair[1])
-            value_a, value_b = self._fingerprint(pair[0]), self._fingerprint(pair[1])
-            if not parsed_a or not parsed_b or value_a is not None and value_b is not None and abs(value_a - value_b) > 1e-6 * max(
-                1.0, abs(value_a)
-            ):
-                result = False
-            else:
-                self.num_symbolic_calls += 1
-                try:
-                    result = bool(
-                        _call_with_time_limit(
-                            lambda x, y: verify(x, y, timeout_seconds=None), self.timeout_s, parsed_a, parsed_b
-                        )
-                    )
-                except _Timeout:
-                    self.num_timeouts += 1
-                    result = False
-                except Exception:
-                    result = False
-            if len(self._pairs) >= self.max_cache:
-                self._pairs.clear()
-            self._pairs[pair] = result
-        return self._pairs[pair]
+        pair = (a.text, b.text) if a.text <= b.text else (b.text, a.text)
+        cached = self._pairs.get(pair)
+        if cached is None:
+            try:
+                cached = self._bounded(self._pairs, pair, self._decide(*pair))
+            except _Timeout:
+                return False  # for this call only
+        return cached
 
     def forms_equal(self, a: CanonicalAnswer, b: CanonicalAnswer) -> bool:
+        if a.kind == "number" and b.kind == "number":
+            return numbers_equal(a, b)
         if a == b:
             return True
         if a.kind != "expr" and b.kind != "expr":
-            return False  # distinct exact numbers / letters, or a letter against a number
+            return False  # distinct letters, or a letter against a number
         if "choice" in (a.kind, b.kind) or not self.use_math_verify:
             return False
         return self._symbolic_equal(a, b)
@@ -247,9 +194,17 @@ class AnswerMatcher:
         return self.forms_equal(self.form(a), self.form(b))
 
     def cluster(self, answers: list[str]) -> list[int]:
-        """Cluster ids (0..k-1, numbered by each cluster's smallest canonical key) for a list of answers."""
+        """Cluster ids (0..k-1, numbered by each cluster's smallest canonical form) for a list of answers.
+
+        Answers with equal forms share a cluster; clusters joined by an equal pair merge. A form is
+        represented by its smallest spelling, so the result depends only on the multiset of answers.
+        """
         forms = [self.form(answer) for answer in answers]
-        distinct = sorted(set(forms), key=lambda f: (f.kind, f.key))
+        representative: dict[CanonicalAnswer, CanonicalAnswer] = {}
+        for form in forms:
+            if form not in representative or form.text < representative[form].text:
+                representative[form] = form
+        distinct = sorted(representative.values(), key=lambda f: (f.kind, f.key, f.var))
         parent = list(range(len(distinct)))
 
         def root(i: int) -> int:
