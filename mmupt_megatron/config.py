@@ -103,8 +103,10 @@ class RolloutConfig:
     refit_transport: str = "auto"
     """How buckets reach the engines: ipc (one bucket tensor on the sender's device the engines open by handle:
     CUDA IPC for colocated engines on its GPU; on CPU a shared-memory file), shm (host shared memory the engines
-    map; the TP ranks write their pieces into it, no gather), ray (Ray's object store), auto (ipc on GPU when
-    every engine shares the sender's GPU, else shm when every engine is on its host, else ray)."""
+    map; the TP ranks write their pieces into it, no gather), broadcast (from the sender's device over a refit
+    process group: NCCL to engines on other GPUs or nodes, gloo on CPU; not for an engine on the sender's GPU),
+    ray (Ray's object store), auto (ipc on GPU when every engine shares the sender's GPU, else shm when every
+    engine is on its host, else broadcast on GPU, ray on CPU)."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3
@@ -122,8 +124,8 @@ class RolloutConfig:
             out.append(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             out.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.refit_transport not in ("auto", "ipc", "shm", "ray"):
-            out.append(f"rollout.refit_transport must be auto, ipc, shm or ray, got {self.refit_transport!r}")
+        if self.refit_transport not in ("auto", "ipc", "shm", "broadcast", "ray"):
+            out.append(f"rollout.refit_transport must be auto, ipc, shm, broadcast or ray, got {self.refit_transport!r}")
         for name in ("max_new_tokens", "max_prompt_length", "tensor_parallel_size", "refit_bucket_mib"):
             if getattr(self, name) < 1:
                 out.append(f"rollout.{name} must be >= 1, got {getattr(self, name)}")

@@ -275,7 +275,8 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ memory (the colocated schedule)
     def _inner_optimizers(self) -> list:
-        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        inner = [getattr(o, "optimizer", None) for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        return [o for o in inner if o is not None]  # a frozen model (the reference) has no torch optimizer
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         """Optimizer state (Adam moments, step) and main parameters that are not the model's own storage

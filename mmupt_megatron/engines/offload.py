@@ -22,13 +22,16 @@ def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 @dataclass
 class HostStash:
-    """Storages moved off their device: (storage, its host copy or None when dropped, its size in bytes)."""
+    """Storages moved off their device: (storage, its host copy or None when dropped, its size in bytes); and
+    tensors whose storage cannot be resized (memory-mapped from a checkpoint, say), whose ``.data`` was swapped
+    for an empty tensor instead: (tensor, its host copy)."""
 
     moved: list[tuple[torch.UntypedStorage, torch.Tensor | None, int]] = field(default_factory=list)
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        return sum(size for _, _, size in self.moved)
+        return sum(size for _, _, size in self.moved) + sum(host.nbytes for _, host in self.swapped)
 
     def restore(self) -> None:
         """Every storage back at its size; copied bytes restored exactly, dropped ones zeroed."""
@@ -39,9 +42,12 @@ class HostStash:
                 data.zero_()
             else:
                 data.copy_(host, non_blocking=host.is_pinned())
-        if any(storage.device.type == "cuda" for storage, _, _ in self.moved):
+        for tensor, host in self.swapped:
+            tensor.data = host.to(tensor.device, non_blocking=host.is_pinned())
+        if any(s.device.type == "cuda" for s, _, _ in self.moved) or any(t.is_cuda for t, _ in self.swapped):
             torch.cuda.synchronize()
         self.moved.clear()
+        self.swapped.clear()
 
 
 def stash(tensors: Iterable[torch.Tensor | None], *, keep: bool = True, into: HostStash | None = None) -> HostStash:
@@ -57,9 +63,15 @@ def stash(tensors: Iterable[torch.Tensor | None], *, keep: bool = True, into: Ho
         if size == 0 or storage.data_ptr() in seen:
             continue
         seen.add(storage.data_ptr())
+        pinned = storage.device.type == "cuda"
+        if not storage.resizable():  # swap this tensor's data instead (its identity stays; views of it do not)
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned).copy_(tensor.detach())
+            out.swapped.append((tensor, host))
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            continue
         host = None
         if keep:
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=storage.device.type == "cuda")
+            host = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
             host.copy_(_as_bytes(storage))
         out.moved.append((storage, host, size))
     for storage, _, _ in out.moved:

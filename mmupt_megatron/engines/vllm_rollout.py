@@ -117,6 +117,7 @@ class VLLMRolloutEngine:
         ``multiprocess``: the engine core in its own process (vLLM's default; on CPU machines in-process unless
         this says otherwise, for a 3-4 s start)."""
         self.model_dir = Path(model_dir)
+        self.tensor_parallel_size = tensor_parallel_size
         self.on_cpu = not torch.cuda.is_available()
         self.expected_shapes = checkpoint_shapes(self.model_dir)
         if multiprocess is not None:

@@ -11,7 +11,9 @@ the data), found
 - in the call itself (``mmupt_load_frame``: the frame's bytes, e.g. from Ray's object store), or
 - behind a tensor handle (``mmupt_load_shared``: what ``torch.multiprocessing.reductions.reduce_tensor`` made of
   the sender's bucket tensor, pickled: a CUDA IPC handle for a GPU tensor on this device, a shared-memory file
-  for a CPU tensor; the receiver maps it without a copy).
+  for a CPU tensor; the receiver maps it without a copy), or
+- in a broadcast over a refit group of the sender's (``mmupt_join_broadcast`` once, then ``mmupt_load_broadcast``
+  per bucket: NCCL between GPUs and nodes, gloo on CPU).
 Each method loads through the worker's in-place ``reload_weights`` (which re-runs vLLM's post-load processing)
 and returns the number of tensors loaded. The caller resets the engine's prefix and encoder caches.
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 EXTENSION = "mmupt_megatron.engines.vllm_worker.RefitExtension"
 
@@ -31,17 +35,34 @@ def share_tensor(tensor: torch.Tensor) -> bytes:
     """A handle to ``tensor`` another process on this host can open (``mmupt_load_shared``): CUDA IPC on GPU; on
     CPU the tensor must be in shared memory (``share_memory_()``) and torch's ``file_system`` sharing strategy
     must be on (``torch.multiprocessing.set_sharing_strategy``), so the handle is a file name, not a descriptor."""
-    from torch.multiprocessing.reductions import reduce_tensor
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's tensor and storage reductions with ForkingPickler
 
     if tensor.device.type == "cpu" and not tensor.is_shared():
         raise ValueError("share_tensor: a CPU tensor must be in shared memory (call share_memory_() first)")
-    return pickle.dumps(reduce_tensor(tensor))
+    # ForkingPickler, not pickle: torch's reductions turn the storage into a handle (plain pickle would copy it)
+    return bytes(ForkingPickler.dumps(tensor))
+
+
+def refit_group(host: str, port: int, rank: int, world: int, device: torch.device) -> Any:
+    """A process group of its own for refit broadcasts (not torch.distributed's default group: vLLM and the
+    trainer have theirs): NCCL between GPUs, gloo on CPU; rank 0 (the sender) hosts the rendezvous store."""
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=600))
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=600))
+
+
+def broadcast(group: Any, tensor: torch.Tensor, *, root: int = 0) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = root
+    group.broadcast([tensor], options).wait()
 
 
 def open_shared(handle: bytes) -> torch.Tensor:
     """The tensor behind a ``share_tensor`` handle (our own trainer's, on this host)."""
-    rebuild, args = pickle.loads(handle)  # noqa: S301 - made by share_tensor in the trainer, never user data
-    return rebuild(*args)
+    return pickle.loads(handle)  # noqa: S301 - made by share_tensor in the trainer, never user data
 
 
 class RefitExtension:
@@ -70,6 +91,16 @@ class RefitExtension:
         with warnings.catch_warnings():  # read-only bytes: the tensors are only read
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return self._reload(frame)
+
+    def mmupt_join_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
+        """Join the sender's refit group as rank ``first_rank`` + this worker's rank in its engine."""
+        self._refit_group = refit_group(host, port, first_rank + self.rank, world, self.device)  # type: ignore[attr-defined]
+
+    def mmupt_load_broadcast(self, size: int) -> int:
+        """Receive the next ``size``-byte bucket frame broadcast by the sender, and load it."""
+        frame = torch.empty(size, dtype=torch.uint8, device=self.device)  # type: ignore[attr-defined]
+        broadcast(self._refit_group, frame)
+        return self._reload(frame)
 
     def mmupt_load_shared(self, handle: bytes, size: int) -> int:
         return self._reload(open_shared(handle)[:size])

@@ -99,12 +99,34 @@ def ray_handle_sender(engines: list[Any]) -> Any:
     this GPU; CPU: a shared-memory file), all at once; the call returns once all are done with it."""
     import ray
 
-    from mmupt_megatron.engines.handle_transport import HandleSender
+    from mmupt_megatron.engines.device_transport import HandleSender
 
     def notify(handle: bytes, size: int) -> None:
         ray.get([engine.load_shared_bucket.remote(handle, size) for engine in engines])
 
     return HandleSender(offer=lambda manifest: offer_manifest(engines, manifest), notify=notify)
+
+
+def ray_broadcast_sender(engines: list[Any]) -> Any:
+    """A ``BroadcastSender`` to ``RolloutWorker`` actors anywhere: each bucket is broadcast from this rank's device
+    to every engine worker over a refit group of its own (NCCL on GPU, gloo on CPU)."""
+    import ray
+
+    from mmupt_megatron.engines.device_transport import BroadcastSender
+
+    sizes = ray.get([engine.num_workers.remote() for engine in engines])
+    firsts = [1 + sum(sizes[:i]) for i in range(len(engines))]
+
+    def join(host: str, port: int, world: int):  # noqa: ANN202 - a wait function
+        refs = [e.join_refit_broadcast.remote(host, port, first, world) for e, first in zip(engines, firsts)]
+        return lambda: ray.get(refs)
+
+    def receive(size: int):  # noqa: ANN202 - a wait function
+        refs = [engine.load_broadcast_bucket.remote(size) for engine in engines]
+        return lambda: ray.get(refs)
+
+    return BroadcastSender(offer=lambda manifest: offer_manifest(engines, manifest), workers=sum(sizes), join=join,
+                           receive=receive, host=ray.util.get_node_ip_address())
 
 
 def ray_local_device() -> int:
@@ -226,19 +248,20 @@ class PolicyWorker:
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
 
     def refit_transport(self) -> str | None:
-        """ipc, shm or ray once this rank has sent a refit; None on ranks that do not send."""
-        from mmupt_megatron.engines.handle_transport import HandleSender
+        """ipc, shm, broadcast or ray once this rank has sent a refit; None on ranks that do not send."""
+        from mmupt_megatron.engines.device_transport import BroadcastSender, HandleSender
         from mmupt_megatron.engines.weight_transport import ShmSender
 
+        kinds = {HandleSender: "ipc", ShmSender: "shm", BroadcastSender: "broadcast"}
         if self._sender is None:
             return None
-        return "ipc" if isinstance(self._sender, HandleSender) else "shm" if isinstance(self._sender, ShmSender) else "ray"
+        return next((kind for cls, kind in kinds.items() if isinstance(self._sender, cls)), "ray")
 
     @staticmethod
     def _make_sender(engines: list[Any], transport: str) -> Any:
-        """``rollout.refit_transport``: ipc (bucket shared by tensor handle), shm (host shared memory), ray
-        (object store); auto: ipc on GPU when every engine is on this rank's GPU, else shm when every engine is
-        on this host, else ray."""
+        """``rollout.refit_transport``: ipc (bucket shared by tensor handle), shm (host shared memory), broadcast
+        (a refit process group), ray (object store); auto: ipc on GPU when every engine is on this rank's GPU,
+        else shm when every engine is on this host, else broadcast on GPU, else ray."""
         import ray
 
         if transport == "auto":
@@ -250,8 +273,9 @@ class PolicyWorker:
             elif all(node == here for node, _ in where) and os.path.isdir("/dev/shm"):
                 transport = "shm"
             else:
-                transport = "ray"
-        return {"ipc": ray_handle_sender, "shm": ray_shm_sender, "ray": RaySender}[transport](engines)
+                transport = "broadcast" if torch.cuda.is_available() else "ray"
+        return {"ipc": ray_handle_sender, "shm": ray_shm_sender, "broadcast": ray_broadcast_sender,
+                "ray": RaySender}[transport](engines)
 
     def save(self, folder: str) -> None:
         """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
@@ -315,6 +339,17 @@ class RolloutWorker:
         import ray
 
         return ray.get_runtime_context().get_node_id(), tuple(str(i) for i in ray.get_gpu_ids())
+
+    def num_workers(self) -> int:
+        """vLLM workers of this engine (its tensor-parallel degree): each joins a refit broadcast group."""
+        return self.engine.tensor_parallel_size
+
+    def join_refit_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
+        self.engine.llm.collective_rpc("mmupt_join_broadcast", args=(host, port, first_rank, world))
+
+    def load_broadcast_bucket(self, size: int) -> int:
+        """Take part in the sender's next broadcast (a ``size``-byte bucket frame) and load it."""
+        return self.engine.load_bucket("mmupt_load_broadcast", size)
 
     def load_shared_bucket(self, handle: bytes, size: int) -> int:
         """Load the bucket frame in the first ``size`` bytes of the tensor behind ``handle`` (``share_tensor``)."""

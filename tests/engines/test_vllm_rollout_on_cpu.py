@@ -126,48 +126,62 @@ def test_large_seeded_batches_do_not_chunk_prefill(setup):
     assert len(rollouts) == 192 and all(r.response_token_ids for r in rollouts)
 
 
-@pytest.mark.slow
-def test_refit_inside_the_workers_with_the_engine_core_in_its_own_process(tmp_path):
-    """What the GPU path needs: the engine core in another process, weights reaching vLLM's workers as plain
-    data (a frame's bytes, a shared-memory segment's name, a tensor handle), never as a Python iterator."""
+def refit_in_workers(root: str) -> dict:
+    """In a fresh process (vLLM caches its environment once an engine started): the engine core in a process of
+    its own; weights reach its workers as a frame's bytes, a shared-memory segment's name, a tensor handle."""
     from multiprocessing.shared_memory import SharedMemory
+    from pathlib import Path
 
     import torch.multiprocessing
     from safetensors.torch import save
 
     from mmupt_megatron.engines.vllm_worker import share_tensor
 
-    model_dir = make_tiny_qwen2_5_vl(tmp_path / "tiny", seed=3)
-    image = png_image(tmp_path / "img.png", height=56, width=84, seed=1)
+    tmp = Path(root)
+    model_dir = make_tiny_qwen2_5_vl(tmp / "tiny", seed=3)
+    image = png_image(tmp / "img.png", height=56, width=84, seed=1)
     requests = [RolloutRequest(group_id=0, prompt=PROMPT.format(q="How many?"), images=[image])]
     engine = VLLMRolloutEngine(model_dir, max_model_len=256, cpu_kvcache_gib=0.5, seed=0, multiprocess=True)
+    out = {"client": type(engine.llm.llm_engine.engine_core).__name__}
     try:
         completions = [r.response_token_ids for r in engine.generate(requests, SamplingSpec(n=1, max_new_tokens=5, seed=3))]
-        before = engine.prompt_logprobs(requests, completions)
+        before = engine.prompt_logprobs(requests, completions)[0]
         weights = load_file(str(model_dir / "model.safetensors"))
         layer = {k: v for k, v in weights.items() if ".layers.0." in k and not k.startswith("visual")}
         changed, original = save({k: v * 1.5 for k, v in layer.items()}), save(layer)
+        out["layer"] = len(layer)
 
-        assert engine.load_bucket("mmupt_load_frame", changed) == len(layer)
-        after = engine.prompt_logprobs(requests, completions)
-        assert (after[0] - before[0]).abs().max() > 1e-3
+        out["frame"] = engine.load_bucket("mmupt_load_frame", changed)
+        after = engine.prompt_logprobs(requests, completions)[0]
+        out["frame_moved"] = float((after - before).abs().max())
 
         segment = SharedMemory(create=True, size=len(original))
         try:
             segment.buf[: len(original)] = original
-            assert engine.load_bucket("mmupt_load_shm", segment.name, len(original)) == len(layer)
+            out["shm"] = engine.load_bucket("mmupt_load_shm", segment.name, len(original))
         finally:
             segment.close()
             segment.unlink()
-        assert torch.equal(engine.prompt_logprobs(requests, completions)[0], before[0])
+        out["shm_restored"] = torch.equal(engine.prompt_logprobs(requests, completions)[0], before)
 
-        strategy = torch.multiprocessing.get_sharing_strategy()
         torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors shared by file name
-        try:
-            shared = torch.frombuffer(bytearray(changed), dtype=torch.uint8).clone().share_memory_()
-            assert engine.load_bucket("mmupt_load_shared", share_tensor(shared), len(changed)) == len(layer)
-        finally:
-            torch.multiprocessing.set_sharing_strategy(strategy)
-        assert torch.equal(engine.prompt_logprobs(requests, completions)[0], after[0])
+        shared = torch.zeros(len(changed), dtype=torch.uint8).share_memory_()
+        handle = share_tensor(shared)  # before the bytes are written: a handle, not a copy
+        shared.copy_(torch.frombuffer(bytearray(changed), dtype=torch.uint8))
+        out["shared"] = engine.load_bucket("mmupt_load_shared", handle, len(changed))
+        out["shared_equals_frame"] = torch.equal(engine.prompt_logprobs(requests, completions)[0], after)
     finally:
         engine.close()
+    return out
+
+
+@pytest.mark.slow
+def test_refit_inside_the_workers_with_the_engine_core_in_its_own_process(tmp_path):
+    """What the GPU path needs: the engine core in another process, weights reaching vLLM's workers as plain
+    data, never as a Python iterator."""
+    from mmupt_megatron.distributed.parallel import run_workers
+
+    [out] = run_workers(refit_in_workers, world_size=1, args=(str(tmp_path),))
+    assert out["client"] == "SyncMPClient"  # the engine core really runs in a process of its own
+    assert out["frame"] == out["shm"] == out["shared"] == out["layer"]
+    assert out["frame_moved"] > 1e-3 and out["shm_restored"] and out["shared_equals_frame"]

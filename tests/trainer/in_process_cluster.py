@@ -35,9 +35,9 @@ class InProcessCluster:
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
         self.num_engines = 1
+        self.moved_bytes: list[int] = []
         self.schedule = MemorySchedule(self, colocated=True)  # DeviceOps: the methods below
         self.schedule.before_first_rollout()
-        self.moved_bytes: list[int] = []
 
     # -- DeviceOps ------------------------------------------------------------------------------------
     def engines_sleep(self) -> None:

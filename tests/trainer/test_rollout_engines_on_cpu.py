@@ -1,5 +1,5 @@
 """Data-parallel rollout through Ray: two vLLM engines sample exactly what one engine samples for the same
-batch, both take every refit by tensor handle (checked against the policy after the step), and an impossible
+batch, both take every refit by tensor handle or by broadcast (checked against the policy after the step), and an impossible
 placement fails with an error naming what was asked."""
 
 import pytest
@@ -14,17 +14,9 @@ from tests.trainer.boxed_model import teach_boxed_answers
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray_local):
+@pytest.mark.parametrize("transport", ["ipc", "broadcast"])
+def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray_local, transport):
     import ray
 
     from mmupt_megatron.trainer.loop import Trainer
@@ -37,8 +29,9 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         "trainer.prompts_per_update=3", "rollout.n=4", "rollout.max_new_tokens=8", "trainer.num_cpus=2",
         "rollout.verify_refit=true", "rollout.verify_refit_tol=1e-4", "checkpoint.export_hf=false",
         "logging.plots=false", "logging.tensorboard=false",
-        # buckets shared by tensor handle: on GPU a CUDA IPC handle, here a shared-memory file (the same calls)
-        "rollout.refit_transport=ipc",
+        # ipc: buckets shared by tensor handle (GPU: CUDA IPC; here a shared-memory file, the same calls);
+        # broadcast: over a refit process group (GPU: NCCL; here gloo, the same calls)
+        f"rollout.refit_transport={transport}",
     ])
     trainer = Trainer(cfg)
     cluster = trainer.cluster
@@ -57,7 +50,7 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         # one training step: the refit reaches both engines, and verify_refit checks each (it raises otherwise)
         [metrics] = trainer.fit()
         assert metrics["train/refit_max_diff"] < 1e-4 and metrics["train/grad_norm"] > 0
-        assert ray.get(cluster.workers[0].refit_transport.remote()) == "ipc"
+        assert ray.get(cluster.workers[0].refit_transport.remote()) == transport
     finally:
         cluster.shutdown()
 

@@ -13,15 +13,6 @@ from tests.trainer.boxed_model import teach_boxed_answers
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_steps_tp2_through_ray(tmp_path, ray_local):
     from mmupt_megatron.trainer.loop import Trainer
 
