@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from mmupt_megatron.engines.parallel import ParallelDims, init_parallel, run_workers
 from mmupt_megatron.models.hf_config import LMArch, load_arch, read_hf_config
+from mmupt_megatron.models.safe_files import check_dist_checkpoint
 from mmupt_megatron.models.safetensors_io import tensor_bytes
 from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
 from mmupt_megatron.output_dirs import check_apart, prepare_owned_dir
@@ -169,6 +170,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> No
     from megatron.core import dist_checkpointing
 
     read_checkpoint_meta(ckpt_dir)
+    check_dist_checkpoint(Path(ckpt_dir) / MEGATRON_SUBDIR)  # before megatron-core unpickles its index
     requested = checkpoint_state(model)
     targets = {key: [item.data for item in value] for key, value in requested.items() if isinstance(value, list)}
     state = dist_checkpointing.load(requested, str(Path(ckpt_dir) / MEGATRON_SUBDIR))
@@ -236,6 +238,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = F
     """Convert a Megatron checkpoint made here into an HF folder that transformers loads. Runs at the
     checkpoint's own TP/PP unless ``tp`` / ``pp`` say otherwise."""
     meta = read_checkpoint_meta(ckpt_dir)
+    check_dist_checkpoint(Path(ckpt_dir) / MEGATRON_SUBDIR)  # refused here, before any worker starts
     arch = checkpoint_arch(ckpt_dir)
     tp, pp = tp or meta["tp"], pp or meta["pp"]
     _validate(arch, tp, pp)

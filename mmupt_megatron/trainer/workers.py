@@ -66,7 +66,7 @@ class RaySender:
         pass
 
 
-def ray_shm_sender(engine: Any) -> Any:
+def ray_shm_sender(engine: Any, *, name_prefix: str) -> Any:
     """A ``ShmSender`` whose notifications go to a ``RolloutWorker`` actor on this host: each bucket is
     written into a reused host shared-memory segment (by every TP rank, ``weight_sync``), and the engine
     maps the segment by name and loads from it; the call returns once the engine is done with it."""
@@ -76,7 +76,7 @@ def ray_shm_sender(engine: Any) -> Any:
 
     class RayShmSender(ShmSender):
         def __init__(self) -> None:
-            super().__init__(conn=None)
+            super().__init__(conn=None, name_prefix=name_prefix)
 
         def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
             self._next = 0  # as ShmSender.offer: every refit fills the ring from its first slot
@@ -157,18 +157,31 @@ class PolicyWorker:
         for group in self.policy.optimizer.param_groups:
             group["lr"] = lr
 
-    def refit(self, engine: Any, *, bucket_bytes: int, transport: str = "auto") -> int:
+    def refit(self, engine: Any, *, bucket_bytes: int, transport: str = "auto", shm_prefix: str = "mmupt_") -> int:
         """Stream this rank's stage into the engine actor (collective over the model's ranks): TP rank 0 of
-        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers."""
+        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers. Its
+        shared-memory segments are named ``shm_prefix...`` and live until ``release_refit``."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         g = self.groups
         sender = None
         if g.tp_rank == 0 and g.dp_rank == 0:
             if self._sender is None:  # kept across refits: its shared-memory buffer is reused
-                self._sender = ray_shm_sender(engine) if self._use_shm(engine, transport) else RaySender(engine)
+                use_shm = self._use_shm(engine, transport)
+                self._sender = ray_shm_sender(engine, name_prefix=shm_prefix) if use_shm else RaySender(engine)
             sender = self._sender
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
+
+    def release_refit(self) -> list[str]:
+        """Unlink the refit sender's shared-memory segments (before the actor is killed: a kill runs no
+        finalizer); returns their names."""
+        from mmupt_megatron.engines.weight_transport import ShmSender
+
+        if not isinstance(self._sender, ShmSender):
+            return []
+        names = self._sender.segments
+        self._sender.release()
+        return names
 
     def refit_transport(self) -> str | None:
         """shm or ray once this rank has sent a refit; None on ranks that do not send."""
@@ -186,23 +199,21 @@ class PolicyWorker:
         return same_host and os.path.isdir("/dev/shm")
 
     def save(self, folder: str) -> None:
-        """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
+        """Collective: the policy and the optimizer's state (Adam moments, fp32 main params: every rank's
+        shard), each a dist-checkpoint that loads at another layout."""
         from mmupt_megatron.models.convert import save_megatron_checkpoint
+        from mmupt_megatron.trainer.optim_checkpoint import save_optimizer
 
         save_megatron_checkpoint(self.policy.model, Path(folder) / "policy", hf_meta_dir=self.model_dir)
-        optim_dir = Path(folder) / "optimizer"
-        optim_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.policy.optimizer.state_dict(), optim_dir / f"rank_{self.groups.rank:05d}.pt")
+        save_optimizer(self.policy, Path(folder) / "optimizer")
 
     def load(self, folder: str) -> None:
-        """Collective: restore what ``save`` wrote (same TP/PP/DP for the optimizer state)."""
+        """Collective: restore what ``save`` wrote. Nothing in it is unpickled freely (``safe_files``)."""
         from mmupt_megatron.models.convert import load_megatron_checkpoint
+        from mmupt_megatron.trainer.optim_checkpoint import load_optimizer
 
         load_megatron_checkpoint(self.policy.model, Path(folder) / "policy")
-        optim_file = Path(folder) / "optimizer" / f"rank_{self.groups.rank:05d}.pt"
-        if not optim_file.is_file():
-            raise ValueError(f"{folder}: no optimizer state for rank {self.groups.rank} (saved with another layout?)")
-        self.policy.optimizer.load_state_dict(torch.load(optim_file, weights_only=False))
+        load_optimizer(self.policy, Path(folder) / "optimizer")
 
     def export_hf(self, out_dir: str) -> None:
         from mmupt_megatron.models.weights import export_hf_weights

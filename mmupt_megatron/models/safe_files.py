@@ -1,0 +1,91 @@
+"""Reading checkpoint files without running code from them.
+
+A pickle can call any importable function while it loads (``os.system`` included), so files a user hands us
+are never unpickled freely: ``torch.load(..., weights_only=True)`` for our own ``.pt`` files (plain tensors,
+numbers, strings, lists, dicts), and a restricted unpickler that only builds torch's checkpoint-index classes
+for a dist-checkpoint's ``.metadata`` (torch.distributed.checkpoint reads that file with plain ``pickle``), run
+before torch or megatron-core read the folder.
+
+    state = load_plain(folder / "rng.pt")        # ValueError naming the file if it holds anything else
+    check_dist_checkpoint(folder / "megatron")   # ValueError if its index would run code or is damaged
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_INDEX_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                  "torch.distributed.checkpoint.planner")
+"""Modules whose classes a dist-checkpoint index (``.metadata``) is made of."""
+_INDEX_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "slice"), ("builtins", "set"),
+                  ("builtins", "frozenset"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
+_LAYOUTS = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.layout)}
+_MEMORY_FORMATS = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.memory_format)}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            (module in _INDEX_MODULES and isinstance(getattr(sys.modules.get(module), name, None), type))  # the
+            # index's dataclasses and enums (building one runs no user code), not functions
+            or (module, name) in _INDEX_GLOBALS
+            or (module == "torch" and name in _DTYPES | _LAYOUTS | _MEMORY_FORMATS)
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_plain(path: str | Path) -> Any:
+    """``torch.load`` of a file holding only tensors and plain Python values; ValueError naming the file if it
+    holds anything else (a pickle that would call code is refused before it runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: refused to load: it holds more than tensors and plain values ({first})") from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{path}: cannot be read ({error})") from None
+
+
+def check_dist_checkpoint(folder: str | Path) -> None:
+    """ValueError unless ``folder``'s dist-checkpoint index loads with torch's index classes alone, names no
+    pickled objects (the loader would unpickle them freely), and its data files are all there, whole."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 - the index's classes, for find_class
+    import torch.distributed.checkpoint.planner  # noqa: F401
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as file:
+            index = _IndexUnpickler(file).load()
+    except FileNotFoundError:
+        raise ValueError(f"{folder} is not a complete dist-checkpoint: {path.name} is missing") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: refused to load this checkpoint index ({error})") from None
+    entries = getattr(index, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: not a dist-checkpoint index")
+    pickled = [key for key, entry in entries.items() if isinstance(entry, BytesStorageMetadata)]
+    if pickled:
+        raise ValueError(f"{path}: refused to load pickled objects from this checkpoint ({pickled[:3]})")
+    needed: dict[str, int] = {}  # data file -> the bytes the index says it holds
+    for info in (getattr(index, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if isinstance(name, str):
+            needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        data = Path(folder) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{path}: names a data file outside the checkpoint ({name})")
+        if not data.is_file():
+            raise ValueError(f"{folder} is damaged: its data file {name} is missing")
+        if data.stat().st_size < size:
+            raise ValueError(f"{folder} is damaged: {name} holds {data.stat().st_size} bytes, the index expects {size}")
