@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__)
     add_convert_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+    from mmupt_megatron.cli_errors import run_command
+
+    return run_command(args.func, args, prog=parser.prog)

@@ -10,6 +10,7 @@ with ``ray.init(num_cpus=...)``; with ``trainer.ray_address`` set it attaches to
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from mmupt_megatron.config import Config
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
 from mmupt_megatron.engines.parallel import ParallelDims
+from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import shard_for_rank
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
@@ -114,6 +116,8 @@ class Cluster:
         self.tokens = ray.get(self.engine.tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_transport = cfg.rollout.refit_transport
+        # this cluster's shared-memory refit segments: /dev/shm/<shm_prefix>*, released at shutdown
+        self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
@@ -163,8 +167,8 @@ class Cluster:
 
         if self.colocated:
             ray.get(self.engine.wake_up.remote())
-        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes, transport=self.refit_transport)
-                        for w in self.workers])
+        sent = ray.get([w.refit.remote(self.engine, bucket_bytes=self.bucket_bytes, transport=self.refit_transport,
+                                       shm_prefix=self.shm_prefix) for w in self.workers])
         return sum(sent)
 
     def save(self, folder: str) -> None:
@@ -183,8 +187,15 @@ class Cluster:
         ray.get([w.export_hf.remote(out_dir) for w in self.workers])
 
     def shutdown(self) -> None:
+        """Release the refit's shared memory, stop the actors. Also after an error: a worker that died
+        cannot release its segments, so this host's leftovers of this cluster are unlinked here."""
         import ray
 
+        try:
+            ray.get([w.release_refit.remote() for w in self.workers], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead or stuck worker: its segments are swept below
+            pass
         for actor in [*self.workers, self.engine]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement)
+        sweep_segments(self.shm_prefix)
