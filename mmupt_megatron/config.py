@@ -291,9 +291,11 @@ class TrainerConfig:
     deterministic: bool = False
     """Deterministic algorithms (CPU: bitwise-reproducible runs and resumes)."""
     output_dir: str = "runs/default"
-    """Where checkpoints, metrics and plots go."""
+    """Where checkpoints, metrics and plots go. A folder holding an earlier run is continued (resume), never
+    overwritten: checked before Ray starts."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in output_dir), never, or a checkpoint folder."""
+    """auto (the newest complete checkpoint in output_dir that loads; a damaged newer one is passed over with
+    a log line), never (output_dir must not hold a run), or a checkpoint folder."""
     max_bad_steps: int = 3
     """Stop after this many steps skipped for a NaN/inf loss."""
     eval_every: int = 0

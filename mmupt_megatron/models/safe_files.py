@@ -12,6 +12,7 @@ before torch or megatron-core read the folder.
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 from pathlib import Path
@@ -56,8 +57,9 @@ def load_plain(path: str | Path) -> Any:
 
 
 def check_dist_checkpoint(folder: str | Path) -> None:
-    """ValueError unless ``folder``'s dist-checkpoint index loads with torch's index classes alone, names no
-    pickled objects (the loader would unpickle them freely), and its data files are all there, whole."""
+    """ValueError unless ``folder``'s dist-checkpoint index loads with torch's index classes alone, its data
+    files are all there, whole, and every pickled object in them (the loader unpickles those freely, e.g.
+    megatron-core's ``_extra_state``) loads with ``weights_only=True``."""
     import torch.distributed.checkpoint.filesystem  # noqa: F401 - the index's classes, for find_class
     import torch.distributed.checkpoint.planner  # noqa: F401
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -73,19 +75,32 @@ def check_dist_checkpoint(folder: str | Path) -> None:
     entries = getattr(index, "state_dict_metadata", None)
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: not a dist-checkpoint index")
-    pickled = [key for key, entry in entries.items() if isinstance(entry, BytesStorageMetadata)]
-    if pickled:
-        raise ValueError(f"{path}: refused to load pickled objects from this checkpoint ({pickled[:3]})")
+    pickled = {key for key, entry in entries.items() if isinstance(entry, BytesStorageMetadata)}
     needed: dict[str, int] = {}  # data file -> the bytes the index says it holds
-    for info in (getattr(index, "storage_data", None) or {}).values():
+    objects = []  # (file, offset, length) of each pickled object (megatron-core's ShardedObjects)
+    for where, info in (getattr(index, "storage_data", None) or {}).items():
         name = getattr(info, "relative_path", None)
-        if isinstance(name, str):
-            needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: not a dist-checkpoint index")
+        if Path(name).is_absolute() or ".." in Path(name).parts or "/" in name:
+            raise ValueError(f"{path}: names a data file outside the checkpoint ({name})")
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError(f"{path}: transformed (e.g. compressed) items are not read here ({name})")
+        needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+        if getattr(where, "fqn", None) in pickled:
+            objects.append((name, int(info.offset), int(info.length), where.fqn))
     for name, size in sorted(needed.items()):
         data = Path(folder) / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(f"{path}: names a data file outside the checkpoint ({name})")
         if not data.is_file():
             raise ValueError(f"{folder} is damaged: its data file {name} is missing")
         if data.stat().st_size < size:
             raise ValueError(f"{folder} is damaged: {name} holds {data.stat().st_size} bytes, the index expects {size}")
+    for name, offset, length, key in objects:  # the loader unpickles these freely: they must be plain data
+        with open(Path(folder) / name, "rb") as file:
+            file.seek(offset)
+            raw = file.read(length)
+        try:
+            torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - anything but plain data is refused
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{folder}: refused to load the pickled object {key!r} in {name} ({first})") from None

@@ -64,13 +64,15 @@ def test_dist_checkpoint_index_that_runs_code_is_refused(tmp_path, marker):
         check_dist_checkpoint(folder)
 
 
-def test_index_naming_pickled_objects_is_refused(tmp_path, marker):
-    """An index entry of pickled bytes would make the loader unpickle that item freely (weights_only=False)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+def test_pickled_object_inside_a_dist_checkpoint_that_runs_code_is_refused(tmp_path, marker):
+    """Objects in a dist-checkpoint (megatron-core's ShardedObjects, e.g. ``_extra_state``) are unpickled by the
+    loader with weights_only=False: each is checked with weights_only=True first."""
+    from tests.reliability.hostile import RunsCode
 
-    folder = dist_checkpoint(tmp_path / "optimizer", {"exp_avg": torch.zeros(4)})
-    metadata_with(folder, lambda index: index.state_dict_metadata.update(payload=BytesStorageMetadata()))
-    with pytest.raises(ValueError, match=r"refused to load pickled objects from this checkpoint \(\['payload'\]\)"):
+    plain = dist_checkpoint(tmp_path / "plain", {"w": torch.zeros(2), "extra_state": {"format": 1, "scale": None}})
+    check_dist_checkpoint(plain)  # plain objects pass
+    folder = dist_checkpoint(tmp_path / "policy", {"w": torch.zeros(2), "extra_state": RunsCode(marker)})
+    with pytest.raises(ValueError, match=r"refused to load the pickled object 'extra_state' in __0_0.distcp"):
         check_dist_checkpoint(folder)
 
 
