@@ -60,8 +60,8 @@ def check_dist_checkpoint(folder: str | Path) -> None:
     """ValueError unless ``folder``'s dist-checkpoint index loads with torch's index classes alone, its data
     files are all there, whole, and every pickled object in them (the loader unpickles those freely, e.g.
     megatron-core's ``_extra_state``) loads with ``weights_only=True``."""
-    import torch.distributed.checkpoint.filesystem  # noqa: F401 - the index's classes, for find_class
-    import torch.distributed.checkpoint.planner  # noqa: F401
+    import torch.distributed.checkpoint.filesystem  # the index's classes, for find_class
+    import torch.distributed.checkpoint.planner
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     path = Path(folder) / ".metadata"

@@ -56,8 +56,8 @@ def model_problems(cfg: Config) -> list[str]:
         dims.validate(world_size=dims.world_size, num_attention_heads=arch.num_attention_heads,
                       num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers)
     except ValueError as error:
-        return [f"parallel.tensor_parallel_size={dims.tp} / parallel.pipeline_parallel_size={dims.pp} do not fit the "
-                f"model at model.path={path}: {error}"]
+        return [(f"parallel.tensor_parallel_size={dims.tp} / parallel.pipeline_parallel_size={dims.pp} do not fit "
+                 f"the model at model.path={path}: {error}")]
     return []
 
 

@@ -4,7 +4,6 @@ after a resume is the update the uninterrupted run makes. Without the optimizer 
 kind loaded into the other is a clear error."""
 
 import pytest
-import torch
 
 from mmupt_megatron.engines.parallel import ParallelDims, run_workers
 from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
