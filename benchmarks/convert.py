@@ -181,7 +181,7 @@ def main() -> None:
     work = Path(args.keep or tempfile.mkdtemp(prefix="convert_bench_"))
     hf_dir, ckpt, back = work / "hf", work / "ckpt", work / "back"
     for path in (hf_dir, ckpt, back):
-        prepare_output_dir(path, force=True)
+        prepare_output_dir(path, force=True, inputs={}, kind="benchmark")
     model_bytes = make_random_qwen2(hf_dir, layers=args.layers, dtype=getattr(torch, args.dtype))
     world = args.tp * args.pp
     layer_bytes = sum(p.stat().st_size for p in hf_dir.glob("model-layer000.safetensors"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmupt_megatron.cli_errors import run_command
 from mmupt_megatron.config_docs import describe_keys
 from mmupt_megatron.demo.run import add_demo_subcommand
 from mmupt_megatron.eval.cli import add_eval_subcommand
@@ -76,13 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures (bad input, OSError, worker and Ray errors) print one line and exit non-zero."""
     args = build_parser().parse_args(argv)
-    try:
-        handler = getattr(args, "handler", None) or args.func
-        return handler(args)
-    except ValueError as error:  # user errors: one clear message, no stack trace
-        print(f"mmupt: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(getattr(args, "handler", None) or args.func, args, prog="mmupt")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,35 @@ every offending ``section.key``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig
 from mmupt_megatron.algorithms.synthesis import MODES as SYNTHESIS_MODES
 from mmupt_megatron.algorithms.synthesis import SEED_ANSWER_POLICIES
+
+
+_NOT_A_RESUME = {"true", "false", "yes", "no", "on", "off", "none", "null", "latest", "last"}
+"""trainer.resume values that are a mistake (a YAML boolean, a guess at a keyword), not a folder's name."""
+
+
+def _non_negative(section: object, name: str, keys: tuple[str, ...]) -> list[str]:
+    """``section.key must be >= 0`` for each of ``keys`` that is negative or not finite."""
+    return [f"{name}.{key} must be a finite number >= 0, got {getattr(section, key)}" for key in keys
+            if not (math.isfinite(getattr(section, key)) and getattr(section, key) >= 0)]
+
+
+def _non_finite(config: object, prefix: str = "") -> list[str]:
+    """Every float field (nested sections included) that is NaN or infinite."""
+    out = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            out += _non_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{prefix}{f.name} must be a finite number, got {value}")
+    return out
 
 
 @dataclass(kw_only=True)
@@ -133,6 +156,7 @@ class RolloutConfig:
             out.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_engines < 0:
             out.append(f"rollout.num_engines must be >= 0 (0: auto), got {self.num_engines}")
+        out += _non_negative(self, "rollout", ("cpu_kvcache_gib", "verify_refit_tol"))
         return out
 
     def engines(self, world_size: int, colocated: bool) -> int:
@@ -262,9 +286,11 @@ class TrainerConfig:
     deterministic: bool = False
     """Deterministic algorithms (CPU: bitwise-reproducible runs and resumes)."""
     output_dir: str = "runs/default"
-    """Where checkpoints, metrics and plots go."""
+    """Where checkpoints, metrics and plots go. A folder holding an earlier run is continued (resume), never
+    overwritten: checked before Ray starts."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in output_dir), never, or a checkpoint folder."""
+    """auto (the newest complete checkpoint in output_dir that loads; a damaged newer one is passed over with
+    a log line), never (output_dir must not hold a run), or a checkpoint folder."""
     max_bad_steps: int = 3
     """Stop after this many steps skipped for a NaN/inf loss."""
     eval_every: int = 0
@@ -295,12 +321,16 @@ class TrainerConfig:
                 f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"trainer.prompts_per_update ({self.prompts_per_update})"
             )
-        if self.lr <= 0:
-            out.append(f"trainer.lr must be > 0, got {self.lr}")
-        if self.grad_clip < 0:
-            out.append(f"trainer.grad_clip must be >= 0, got {self.grad_clip}")
-        if not self.placement_timeout_s > 0:
-            out.append(f"trainer.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"trainer.lr must be finite and > 0, got {self.lr}")
+        out += _non_negative(self, "trainer", ("grad_clip", "weight_decay", "warmup_steps", "eval_every", "num_cpus",
+                                               "max_bad_steps"))
+        if not self.resume.strip() or self.resume.strip().lower() in _NOT_A_RESUME:
+            out.append(f"trainer.resume must be auto, never or a checkpoint folder, got {self.resume!r}")
+        if not self.output_dir.strip():
+            out.append("trainer.output_dir must name a folder, got ''")
+        if not (math.isfinite(self.placement_timeout_s) and self.placement_timeout_s > 0):
+            out.append(f"trainer.placement_timeout_s must be finite and > 0, got {self.placement_timeout_s}")
         return out
 
 
@@ -314,7 +344,8 @@ class CheckpointConfig:
     """Export the final policy as a Hugging Face folder."""
 
     def problems(self) -> list[str]:
-        return [] if self.keep_last >= 1 else [f"checkpoint.keep_last must be >= 1, got {self.keep_last}"]
+        out = [] if self.keep_last >= 1 else [f"checkpoint.keep_last must be >= 1, got {self.keep_last}"]
+        return out + _non_negative(self, "checkpoint", ("save_every",))
 
 
 @dataclass(kw_only=True)
@@ -480,6 +511,8 @@ class Config:
 
     def problems(self) -> list[str]:
         out = [p for section in fields(self) for p in getattr(self, section.name).problems()]
+        named = {p.split(" ", 1)[0] for p in out}
+        out += [p for p in _non_finite(self) if p.split(" ", 1)[0] not in named]
         if self.reward.kind == "majority" and self.rollout.num_voters < 2:
             out.append(
                 f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "

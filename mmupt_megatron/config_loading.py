@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -89,10 +90,34 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
 
 
+COMMAND_LINE = "the command line"
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _origin(problem: str, origins: dict[str, tuple[str, Any]]) -> str:
+    """Where the value a problem names came from: the command line (with the key=value given), a recipe file."""
+    named = [key for key in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", problem) if key in origins]
+    given = [key for key in named if origins[key][0] == COMMAND_LINE]
+    if given:
+        return ", ".join(f"from {COMMAND_LINE}: {key}={origins[key][1]}" for key in given)
+    return f"from {origins[named[0]][0]}" if named else "default"
+
+
 def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """The validated ``Config`` of a recipe with overrides; ValueError naming every problem."""
+    """The validated ``Config`` of a recipe with overrides; ValueError naming every problem and where each
+    offending value came from (the command line or a recipe file)."""
     merged = OmegaConf.structured(Config)
-    layers = recipe_layers(recipe) + [("command line", _parse_overrides(overrides))]
+    layers = recipe_layers(recipe) + [(COMMAND_LINE, _parse_overrides(overrides))]
+    origins: dict[str, tuple[str, Any]] = {}
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -101,13 +126,18 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
             raise ValueError(f"{source}: unknown config key {key!r}{_did_you_mean(key)}") from None
         except OmegaConfBaseException as error:
             message = str(error).splitlines()[0]
-            raise ValueError(f"{source}: bad value for {error.full_key!r}: {message}") from None
+            given = dict(item.split("=", 1) for item in overrides).get(str(error.full_key))
+            where = f"from {COMMAND_LINE}: {error.full_key}={given}" if source == COMMAND_LINE else source
+            raise ValueError(f"{where}: bad value for {error.full_key!r}: {message}") from None
+        origins.update({key: (source, value) for key, value in _flatten(layer).items()})
+    # the command line's values as typed (``trainer.lr=1e-3``, not the parsed 0.001)
+    origins.update({key: (COMMAND_LINE, text) for key, _, text in (item.partition("=") for item in overrides)})
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if not config.logging.wandb_group:
         config.logging.wandb_group = resolve_recipe(recipe).stem
     problems = config.problems()
     if problems:
-        raise ValueError(f"invalid config from {layers[-2][0]}:\n  - " + "\n  - ".join(problems))
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(f"{p} ({_origin(p, origins)})" for p in problems))
     return config
 
 

@@ -12,14 +12,14 @@ PACKAGE = Path(mmupt_megatron.__file__).parent
 FORBIDDEN = ("megatron", "vllm", "ray", "nemo_run", "torch.distributed", "transformers")
 LAYERS = (
     ("algorithms",),
-    ("config", "config_loading", "config_docs"),
+    ("config", "config_loading", "config_docs", "output_dirs"),
     ("data", "distributed"),
     ("models",),
     ("engines",),
     ("eval",),
     ("synthesis",),
     ("trainer",),
-    ("demo", "launch", "cli"),
+    ("demo", "launch", "cli", "cli_errors"),
 )
 """Bottom to top. A module may import its own layer and the ones below. Each package's ``cli.py`` (and
 ``convert_cli.py``) is a command-line front and belongs to the top layer."""

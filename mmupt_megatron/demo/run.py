@@ -69,8 +69,10 @@ def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra:
     import ray
 
     from mmupt_megatron.trainer.loop import Trainer
+    from mmupt_megatron.trainer.preflight import remove_previous_run
 
     out = plan.out / name
+    remove_previous_run(out)  # an earlier demo's run of the same name: trained again from scratch
     overrides = [f"model.path={base}", f"data.train_files=[{train_file}]", f"trainer.output_dir={out}",
                  f"trainer.seed={plan.seed}", f"rollout.seed={plan.seed}", "trainer.resume=never",
                  *([f"trainer.steps={plan.steps}"] if plan.steps else []), *plan.overrides, *extra]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
 import weakref
 from collections.abc import Iterator, Sequence
@@ -335,6 +336,25 @@ def map_shared_segment(name: str, cache: dict[str, torch.Tensor]) -> torch.Tenso
 _SEGMENT_ALIGN = 1 << 20
 """Shared-memory segments are sized in multiples of this (fewer regrowths when later buckets are larger)."""
 
+SEGMENT_PREFIX = "mmupt_"
+"""Every refit segment's name starts with this (``/dev/shm/mmupt_*``): leftovers are recognisable."""
+
+
+def sweep_segments(prefix: str) -> list[str]:
+    """Unlink this host's shared-memory segments whose names start with ``prefix`` (what a sender that died
+    before releasing them left behind); returns their names."""
+    if not prefix.startswith(SEGMENT_PREFIX) or "/" in prefix or not os.path.isdir("/dev/shm"):
+        return []
+    removed = []
+    for name in sorted(os.listdir("/dev/shm")):
+        if name.startswith(prefix):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
 
 class ShmSender(PipeSender):
     """Each bucket frame is written into POSIX shared memory (``/dev/shm``); the connection carries only
@@ -347,10 +367,13 @@ class ShmSender(PipeSender):
     collection). With one buffer, the packer waits for the acknowledgement of bucket k before filling
     k + 1 (extra memory: one bucket); with two, it gathers bucket k + 1 while the engine loads k."""
 
-    def __init__(self, conn: Any, *, num_buffers: int = 1) -> None:
+    def __init__(self, conn: Any, *, num_buffers: int = 1, name_prefix: str = SEGMENT_PREFIX) -> None:
         super().__init__(conn)
         if num_buffers < 1:
             raise ValueError(f"num_buffers must be >= 1, got {num_buffers}")
+        if not name_prefix.startswith(SEGMENT_PREFIX) or "/" in name_prefix:
+            raise ValueError(f"segment names start with {SEGMENT_PREFIX!r} and have no '/', got {name_prefix!r}")
+        self._prefix = name_prefix
         self._ring: list[SharedMemory | None] = [None] * num_buffers
         self._awaiting = [False] * num_buffers
         self._next = 0
@@ -385,7 +408,8 @@ class ShmSender(PipeSender):
         if shm is None or shm.size < size:
             if shm is not None:
                 _unlink_all([shm])
-            shm = self._ring[slot] = SharedMemory(create=True, size=-(-size // _SEGMENT_ALIGN) * _SEGMENT_ALIGN)
+            shm = self._ring[slot] = SharedMemory(create=True, size=-(-size // _SEGMENT_ALIGN) * _SEGMENT_ALIGN,
+                                                  name=f"{self._prefix}{secrets.token_hex(6)}")
         shm.buf[: len(prefix)] = prefix
         self._current, self._size, self._layout_nbytes = slot, size, layout.nbytes
         return torch.frombuffer(shm.buf, dtype=torch.uint8, offset=len(prefix), count=layout.nbytes)

@@ -3,7 +3,10 @@
 A Megatron checkpoint folder made here holds:
     megatron/                 megatron-core dist-checkpoint (torch_dist): loads at any TP/PP
     hf/                       the HF config, tokenizer and preprocessor files (no weights)
-    mmupt_checkpoint.json     the TP/PP/dtype it was written with
+    mmupt_checkpoint.json     the TP/PP/dtype it was written with: written last, it marks the folder complete
+An output folder must not be, contain or sit inside an input; ``force`` replaces only a folder an earlier
+conversion wrote (``output_dirs``). An HF output gets its config.json last (after the weights), so a killed
+conversion leaves neither a Megatron nor an HF checkpoint that tools would load.
 ``hf_to_megatron`` / ``megatron_to_hf`` spawn tp*pp gloo workers on CPU (``convert_on_cpu_workers``);
 inside an already-initialised job use ``save_megatron_checkpoint`` / ``load_megatron_checkpoint`` /
 ``load_hf_weights`` / ``export_hf_weights`` directly. Each worker streams one layer at a time, and the
@@ -23,25 +26,25 @@ import torch.distributed as dist
 
 from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel, run_workers
 from mmupt_megatron.models.hf_config import LMArch, load_arch, read_hf_config
+from mmupt_megatron.models.safe_files import check_dist_checkpoint
 from mmupt_megatron.models.safetensors_io import tensor_bytes
 from mmupt_megatron.models.weights import export_hf_weights, load_hf_weights
+from mmupt_megatron.output_dirs import check_apart, prepare_owned_dir
 
 META_FILE = "mmupt_checkpoint.json"
 MEGATRON_SUBDIR = "megatron"
+DIST_CHECKPOINT_FILES = ("metadata.json", ".metadata")
+"""Files every megatron-core torch_dist checkpoint has (its format and the tensor index)."""
 HF_SUBDIR = "hf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def prepare_output_dir(out_dir: str | Path, *, force: bool) -> Path:
-    """Create ``out_dir``; ValueError if it is non-empty unless ``force`` (then it is emptied)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"output dir {out} is not empty; pass force=True (--force) to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def prepare_output_dir(out_dir: str | Path, *, force: bool, inputs: dict[str, str | Path], kind: str) -> Path:
+    """Create ``out_dir`` (marked as ours). ValueError if it is, contains or sits inside one of ``inputs``,
+    or is non-empty, unless ``force`` and an earlier conversion wrote it (then it is replaced)."""
+    check_apart(out_dir, inputs, out_label="--out")
+    return prepare_owned_dir(out_dir, kind=kind, force=force, out_label="--out")
 
 
 def copy_hf_metadata(src: str | Path, dst: str | Path) -> None:
@@ -60,10 +63,19 @@ def hf_dtype(hf_dir: str | Path) -> torch.dtype:
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    """The checkpoint's metadata; ValueError unless ``ckpt_dir`` is a complete checkpoint made here."""
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
-        raise ValueError(f"{ckpt_dir} is not an mmupt Megatron checkpoint: {path} does not exist")
-    return json.loads(path.read_text())
+        raise ValueError(f"{ckpt_dir} is not a complete mmupt Megatron checkpoint: {path} does not exist "
+                         "(not a checkpoint, or its writing was interrupted)")
+    data = Path(ckpt_dir) / MEGATRON_SUBDIR
+    missing = [name for name in DIST_CHECKPOINT_FILES if not (data / name).is_file()]
+    if missing:
+        raise ValueError(f"{ckpt_dir} is an incomplete Megatron checkpoint: {data} lacks {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged: {error}") from None
 
 
 def checkpoint_arch(ckpt_dir: str | Path) -> LMArch:
@@ -140,12 +152,14 @@ def save_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, *, hf
         (ckpt / HF_SUBDIR).mkdir(exist_ok=True)
         if hf_meta_dir is not None:
             copy_hf_metadata(hf_meta_dir, ckpt / HF_SUBDIR)
+    dist.barrier()
+    dist_checkpointing.save(checkpoint_state(model), str(ckpt / MEGATRON_SUBDIR))
+    dist.barrier()
+    if dist.get_rank() == 0:  # the completion marker, once every rank's data is written
         dims = model.groups.dims
         meta = {"tp": dims.tp, "pp": dims.pp, "dtype": str(model.config.params_dtype).removeprefix("torch."),
                 "model_type": model.arch.model_type, "format": "megatron-core dist-checkpoint (torch_dist)"}
         (ckpt / META_FILE).write_text(json.dumps(meta, indent=2))
-    dist.barrier()
-    dist_checkpointing.save(checkpoint_state(model), str(ckpt / MEGATRON_SUBDIR))
     dist.barrier()
 
 
@@ -156,6 +170,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> No
     from megatron.core import dist_checkpointing
 
     read_checkpoint_meta(ckpt_dir)
+    check_dist_checkpoint(Path(ckpt_dir) / MEGATRON_SUBDIR)  # before megatron-core unpickles its index
     requested = checkpoint_state(model)
     targets = {key: [item.data for item in value] for key, value in requested.items() if isinstance(value, list)}
     state = dist_checkpointing.load(requested, str(Path(ckpt_dir) / MEGATRON_SUBDIR))
@@ -213,7 +228,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
     """Convert an HF Qwen2 / Qwen2.5-VL folder into a Megatron dist-checkpoint at TP=tp, PP=pp."""
     arch = load_arch(hf_dir)
     _validate(arch, tp, pp)
-    out = prepare_output_dir(out_dir, force=force)
+    out = prepare_output_dir(out_dir, force=force, inputs={"--hf": hf_dir}, kind="convert hf-to-megatron")
     convert_on_cpu_workers(_hf_to_megatron_worker, world_size=tp * pp, args=(str(hf_dir), str(out), tp, pp))
     return out
 
@@ -223,11 +238,10 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool = F
     """Convert a Megatron checkpoint made here into an HF folder that transformers loads. Runs at the
     checkpoint's own TP/PP unless ``tp`` / ``pp`` say otherwise."""
     meta = read_checkpoint_meta(ckpt_dir)
+    check_dist_checkpoint(Path(ckpt_dir) / MEGATRON_SUBDIR)  # refused here, before any worker starts
     arch = checkpoint_arch(ckpt_dir)
     tp, pp = tp or meta["tp"], pp or meta["pp"]
     _validate(arch, tp, pp)
-    if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
-        raise ValueError(f"output dir {out_dir} is the checkpoint dir itself")
-    out = prepare_output_dir(out_dir, force=force)
+    out = prepare_output_dir(out_dir, force=force, inputs={"--ckpt": ckpt_dir}, kind="convert megatron-to-hf")
     convert_on_cpu_workers(_megatron_to_hf_worker, world_size=tp * pp, args=(str(ckpt_dir), str(out), tp, pp))
     return out

@@ -17,6 +17,7 @@ do not depend on the number of engines. Refit: every engine receives every bucke
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from typing import Any
 
@@ -27,6 +28,7 @@ from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import shard_for_rank
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
@@ -178,6 +180,8 @@ class Cluster:
         self.tokens = ray.get(self.engines[0].tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_transport = cfg.rollout.refit_transport
+        # this cluster's shared-memory refit segments: /dev/shm/<shm_prefix>*, released at shutdown
+        self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
 
     # -- the rollout engines ---------------------------------------------------------------------------
@@ -250,7 +254,8 @@ class Cluster:
         """Stream the policy's weights into every engine in buckets of whole layers; returns bytes sent per engine.
         Colocated: the policy's training state leaves the device first and the engines wake around it."""
         self.schedule.before_refit()
-        sent = self._all("refit", self.engines, bucket_bytes=self.bucket_bytes, transport=self.refit_transport)
+        sent = self._all("refit", self.engines, bucket_bytes=self.bucket_bytes, transport=self.refit_transport,
+                         shm_prefix=self.shm_prefix)
         self.schedule.after_refit()
         return sum(sent)
 
@@ -266,11 +271,18 @@ class Cluster:
         self._all("export_hf", out_dir)
 
     def shutdown(self) -> None:
+        """Release the refit's shared memory, stop the actors. Also after an error: a worker that died
+        cannot release its segments, so this host's leftovers of this cluster are unlinked here."""
         import ray
 
+        try:
+            ray.get([w.release_refit.remote() for w in self.workers], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead or stuck worker: its segments are swept below
+            pass
         for actor in [*self.workers, *self.engines]:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement)
+        sweep_segments(self.shm_prefix)
 
 
 class _RayDeviceOps:

@@ -33,6 +33,7 @@ from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
 from mmupt_megatron.trainer.metrics_log import MetricsLog, open_metrics_log, plot_metrics
+from mmupt_megatron.trainer.preflight import check_before_start
 
 
 @dataclass
@@ -54,8 +55,7 @@ class StepTimer:
 
 class Trainer:
     def __init__(self, cfg: Config, *, cluster: Any = None) -> None:
-        if not cfg.model.path:
-            raise ValueError("model.path is empty: set it to a Hugging Face Qwen2.5-VL / Qwen2 folder")
+        check_before_start(cfg)  # model, layout, output folder, resume: before Ray starts
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")
         self.cfg = cfg
@@ -236,17 +236,21 @@ class Trainer:
         return out
 
     def _resume(self) -> int:
-        """Load the checkpoint ``trainer.resume`` names (if any); the first step to run."""
-        folder = self.resumed_from = ckpt.resolve_resume(self.cfg.trainer.resume, self.out_dir)
-        if folder is None:
+        """Load the checkpoint ``trainer.resume`` selects (the newest that loads; if any); the first step to run."""
+        found = ckpt.load_latest(self.cfg.trainer.resume, self.out_dir, self._load_checkpoint)
+        if found is None:
             return 0
-        self.cluster.load(str(folder))
-        state = ckpt.read_driver_state(folder)
+        folder, state = found
+        self.resumed_from = folder
         self.sampler.load_state_dict(state["sampler"])
         self.refresher.restore(int(state["step"]))
         self.cluster.refit()  # the engine must serve the restored weights
         print(f"resumed from {folder} (step {state['step']} done)", flush=True)
         return int(state["step"]) + 1
+
+    def _load_checkpoint(self, folder: Path) -> dict:
+        self.cluster.load(str(folder))
+        return ckpt.read_driver_state(folder)
 
     def _save(self, step: int, log: MetricsLog | None = None) -> Path:
         from mmupt_megatron.config_loading import config_to_yaml

@@ -68,17 +68,18 @@ class RaySender:
         pass
 
 
-def ray_shm_sender(engines: list[Any]) -> Any:
+def ray_shm_sender(engines: list[Any], *, name_prefix: str) -> Any:
     """A ``ShmSender`` whose notifications go to ``RolloutWorker`` actors on this host: each bucket is
-    written into a reused host shared-memory segment (by every TP rank, ``weight_sync``), and every engine
-    maps the segment by name and loads from it, all at once; the call returns once all are done with it."""
+    written into a reused host shared-memory segment named ``name_prefix...`` (by every TP rank,
+    ``weight_sync``), and every engine maps the segment by name and loads from it, all at once; the call
+    returns once all are done with it."""
     import ray
 
     from mmupt_megatron.engines.weight_transport import ShmSender
 
     class RayShmSender(ShmSender):
         def __init__(self) -> None:
-            super().__init__(conn=None)
+            super().__init__(conn=None, name_prefix=name_prefix)
 
         def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
             self._next = 0  # as ShmSender.offer: every refit fills the ring from its first slot
@@ -234,18 +235,27 @@ class PolicyWorker:
             self.reference.offload(weights=True)
             _empty_cache()
 
-    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "auto") -> int:
+    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "auto", shm_prefix: str = "mmupt_") -> int:
         """Stream this rank's stage into every engine actor (collective over the model's ranks): TP rank 0 of
-        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers."""
+        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers. Its
+        shared-memory segments (transport shm) are named ``shm_prefix...`` and live until ``release_refit``."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         g = self.groups
         sender = None
         if g.tp_rank == 0 and g.dp_rank == 0:
             if self._sender is None:  # kept across refits: its bucket buffer is reused
-                self._sender = self._make_sender(engines, transport)
+                self._sender = self._make_sender(engines, transport, shm_prefix=shm_prefix)
             sender = self._sender
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
+
+    def release_refit(self) -> list[str]:
+        """Release the refit sender's buffers: unlink its shared-memory segments (before the actor is killed: a
+        kill runs no finalizer), drop its bucket tensor; returns the segments' names."""
+        names = list(getattr(self._sender, "segments", []))
+        if self._sender is not None and hasattr(self._sender, "release"):
+            self._sender.release()
+        return names
 
     def refit_transport(self) -> str | None:
         """ipc, shm, broadcast or ray once this rank has sent a refit; None on ranks that do not send."""
@@ -258,7 +268,7 @@ class PolicyWorker:
         return next((kind for cls, kind in kinds.items() if isinstance(self._sender, cls)), "ray")
 
     @staticmethod
-    def _make_sender(engines: list[Any], transport: str) -> Any:
+    def _make_sender(engines: list[Any], transport: str, *, shm_prefix: str) -> Any:
         """``rollout.refit_transport``: ipc (bucket shared by tensor handle), shm (host shared memory), broadcast
         (a refit process group), ray (object store); auto: ipc on GPU when every engine is on this rank's GPU,
         else shm when every engine is on this host, else broadcast on GPU, else ray."""
@@ -274,27 +284,26 @@ class PolicyWorker:
                 transport = "shm"
             else:
                 transport = "broadcast" if torch.cuda.is_available() else "ray"
-        return {"ipc": ray_handle_sender, "shm": ray_shm_sender, "broadcast": ray_broadcast_sender,
-                "ray": RaySender}[transport](engines)
+        if transport == "shm":
+            return ray_shm_sender(engines, name_prefix=shm_prefix)
+        return {"ipc": ray_handle_sender, "broadcast": ray_broadcast_sender, "ray": RaySender}[transport](engines)
 
     def save(self, folder: str) -> None:
-        """Collective: the policy as a dist-checkpoint, and this rank's optimizer state."""
+        """Collective: the policy and the optimizer's state (Adam moments, fp32 main params: every rank's
+        shard), each a dist-checkpoint that loads at another layout."""
         from mmupt_megatron.models.convert import save_megatron_checkpoint
+        from mmupt_megatron.trainer.optim_checkpoint import save_optimizer
 
         save_megatron_checkpoint(self.policy.model, Path(folder) / "policy", hf_meta_dir=self.model_dir)
-        optim_dir = Path(folder) / "optimizer"
-        optim_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.policy.optimizer.state_dict(), optim_dir / f"rank_{self.groups.rank:05d}.pt")
+        save_optimizer(self.policy, Path(folder) / "optimizer")
 
     def load(self, folder: str) -> None:
-        """Collective: restore what ``save`` wrote (same TP/PP/DP for the optimizer state)."""
+        """Collective: restore what ``save`` wrote. Nothing in it is unpickled freely (``safe_files``)."""
         from mmupt_megatron.models.convert import load_megatron_checkpoint
+        from mmupt_megatron.trainer.optim_checkpoint import load_optimizer
 
         load_megatron_checkpoint(self.policy.model, Path(folder) / "policy")
-        optim_file = Path(folder) / "optimizer" / f"rank_{self.groups.rank:05d}.pt"
-        if not optim_file.is_file():
-            raise ValueError(f"{folder}: no optimizer state for rank {self.groups.rank} (saved with another layout?)")
-        self.policy.optimizer.load_state_dict(torch.load(optim_file, weights_only=False))
+        load_optimizer(self.policy, Path(folder) / "optimizer")
 
     def export_hf(self, out_dir: str) -> None:
         from mmupt_megatron.models.weights import export_hf_weights

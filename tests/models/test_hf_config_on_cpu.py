@@ -93,10 +93,16 @@ def test_output_dir_must_be_empty_unless_forced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match=f"output dir {out} is not empty"):
-        prepare_output_dir(out, force=False)
+    with pytest.raises(ValueError, match=f"--out {out} is not empty"):
+        prepare_output_dir(out, force=False, inputs={}, kind="test")
     assert (out / "keep.txt").exists()
-    prepare_output_dir(out, force=True)
-    assert list(out.iterdir()) == []
-    with pytest.raises(ValueError, match="is not an mmupt Megatron checkpoint"):
+    with pytest.raises(ValueError, match="was not written by mmupt"):  # --force replaces only our own outputs
+        prepare_output_dir(out, force=True, inputs={}, kind="test")
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    prepare_output_dir(out, force=False, inputs={}, kind="test")
+    (out / "partial.bin").write_text("x")  # what an earlier (maybe killed) conversion wrote
+    prepare_output_dir(out, force=True, inputs={}, kind="test")
+    assert [p.name for p in out.iterdir()] == [".mmupt-output"]
+    with pytest.raises(ValueError, match="is not a complete mmupt Megatron checkpoint"):
         megatron_to_hf(tmp_path / "missing", tmp_path / "hf")

@@ -1,5 +1,6 @@
-"""Kill-and-resume: a run SIGKILLed mid-step resumes from its last complete checkpoint and reproduces the
-uninterrupted run's metrics for the following step (deterministic CPU mode)."""
+"""Kill-and-resume at DP=2: a run SIGKILLed mid-step resumes from its last complete checkpoint and reproduces
+the uninterrupted run's metrics for the following steps, including the step after the first resumed update,
+where lost optimizer state (Adam moments, fp32 main params of the distributed optimizer) would show."""
 
 import json
 import os
@@ -22,13 +23,14 @@ COMPARED = ("reward", "majority_share", "no_answer", "response_length", "train/l
 
 def overrides(model, data, out):
     return [
-        f"model.path={model}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=3",
+        f"model.path={model}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=4",
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=2", "trainer.micro_batch_size=8", "rollout.n=4",
         "rollout.max_new_tokens=8", "trainer.lr=1e-4", "algorithm.loss.kl_coef=0.1", "trainer.num_cpus=2",
         "checkpoint.save_every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=false", "logging.progress=true",
         # the engine on a bundle of its own, buckets through Ray's object store (the e2e test covers the
         # colocated engine and the shared-memory refit)
         "trainer.colocate=false", "rollout.refit_transport=ray",
+        "parallel.data_parallel_size=2",  # Megatron's distributed optimizer: its state is sharded over DP
     ]
 
 
@@ -52,7 +54,7 @@ def test_sigkill_mid_step_then_resume_reproduces_the_run(tmp_path):
     model = teach_boxed_answers(make_tiny_qwen2_5_vl(tmp_path / "model", seed=0))
     data = write_splits(tmp_path / "data", num_train=12, num_test=2, seed=0)["train"]
     reference = run_in_process(overrides(model, data, tmp_path / "straight"))
-    assert [m["step"] for m in reference] == [0, 1, 2]
+    assert [m["step"] for m in reference] == [0, 1, 2, 3]
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -70,8 +72,9 @@ def test_sigkill_mid_step_then_resume_reproduces_the_run(tmp_path):
     assert not (killed / "checkpoints" / "step_000002" / "COMPLETE").exists()
 
     resumed = run_in_process(overrides(model, data, killed))
-    assert [m["step"] for m in resumed] == [2]
-    for key in COMPARED:
-        assert resumed[0][key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-6), key
+    assert [m["step"] for m in resumed] == [2, 3]
+    for got, want in zip(resumed, reference[2:], strict=True):  # step 3 follows the first resumed update
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
     logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [0, 1, 2]
+    assert logged == [0, 1, 2, 3]

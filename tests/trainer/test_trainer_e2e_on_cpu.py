@@ -58,4 +58,11 @@ def test_two_steps_tp2_through_ray(tmp_path, ray_local):
     assert len(ray.util.placement_group_table(trainer.cluster.placement)["bundles"]) == 2
     # same host: buckets went through shared memory (the TP ranks wrote their pieces into it)
     assert ray.get([w.refit_transport.remote() for w in trainer.cluster.workers]) == ["shm", None]
+    import os
+
+    def segments():
+        return [name for name in os.listdir("/dev/shm") if name.startswith(trainer.cluster.shm_prefix)]
+
+    assert len(segments()) == 1  # the sender's reused segment, alive between refits
     trainer.cluster.shutdown()
+    assert segments() == []  # released at shutdown: nothing left in /dev/shm
