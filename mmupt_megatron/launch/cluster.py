@@ -99,6 +99,9 @@ class ClusterConfig:
         if self.job_dir and not SHELL_SAFE_PATH.fullmatch(self.job_dir):
             out.append(f"job_dir {self.job_dir!r} may hold only letters, digits and ._+-/ (nemo-run 0.11.1 writes it "
                        "unquoted into the sbatch script and its srun lines)")
+        if re.search(r"/nemo_run(/|$)", self.job_dir) and not self.container_image:
+            out.append(f"job_dir {self.job_dir!r} holds '/nemo_run', which nemo-run 0.11.1 rewrites in the sbatch script "
+                       "of a job without container_image (its in-container job folder); pick another folder name")
         if self.kind == "slurm" and not self.python:
             out.append("python must name the job's Python executable when kind=slurm")
         out += [f"env key {k!r} must be a shell variable name (letters, digits, _)" for k in self.env

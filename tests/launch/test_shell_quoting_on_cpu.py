@@ -141,3 +141,10 @@ def test_env_keys_must_be_shell_names(tmp_path):
     path.write_text(json.dumps({"kind": "slurm", "account": "a", "env": {"A;touch x": "1", "OK_1": "2"}}))
     with pytest.raises(ValueError, match=r"env key 'A;touch x' must be a shell variable name"):
         load_cluster(path)
+
+
+def test_job_dir_nemo_run_would_rewrite_is_refused():
+    """nemo-run replaces '/nemo_run' (its in-container job folder) everywhere in a container-less sbatch script."""
+    problems = ClusterConfig(kind="slurm", account="a", job_dir="runs/nemo_run").problems()
+    assert problems and "holds '/nemo_run', which nemo-run 0.11.1 rewrites" in problems[0]
+    assert not ClusterConfig(kind="slurm", account="a", job_dir="runs/nemo_run", container_image="img").problems()
