@@ -92,21 +92,11 @@ def check_capacity(*, cluster: ClusterConfig, tunnel: Any) -> None:
     if result.return_code != 0:
         raise ValueError(f"cannot ask Slurm for its nodes (sinfo exited {result.return_code}: "
                          f"{(result.stderr or result.stdout).strip()[:300]}); is SLURM_CONF set?")
-    nodes: dict[str, int] = {}
-    default = ""
-    for line in result.stdout.splitlines():
-        name, _, rest = line.strip().partition("|")
-        partition, _, gres = rest.partition("|")
-        if partition.endswith("*"):
-            partition = partition[:-1]
-            default = default or partition
-        if partition == (cluster.partition or default) or (not cluster.partition and not default):
-            nodes[name] = _gres_gpus(gres)
-    # the default partition may be listed after some of its nodes were skipped: read again once it is known
-    if not cluster.partition and default:
-        nodes = {line.split("|")[0]: _gres_gpus(line.split("|")[2]) for line in result.stdout.splitlines()
-                 if line.split("|")[1].rstrip("*") == default}
-    partition = cluster.partition or default or "(default)"
+    rows = [line.strip().split("|") for line in result.stdout.splitlines() if line.count("|") == 2]
+    default = next((part[:-1] for _, part, _ in rows if part.endswith("*")), "")
+    partition = cluster.partition or default
+    nodes = {name: _gres_gpus(gres) for name, part, gres in rows if not partition or part.rstrip("*") == partition}
+    partition = partition or "(default)"
     short = []
     if len(nodes) < cluster.nodes:
         short.append(f"it has {len(nodes)} node(s) ({', '.join(sorted(nodes)) or 'none'}) and the cluster file asks "

@@ -52,3 +52,33 @@ def test_any_mmupt_subcommand_is_the_job(cluster, capsys, command):
 def test_wrong_usage_is_one_clear_message(cluster, capsys, argv, message):
     assert main([a.format(cluster=cluster) for a in argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+class FakeTunnel:
+    """What `sinfo -h -N -o "%N|%P|%G"` prints on a cluster with a default GPU partition and a CPU one."""
+
+    def run(self, command, **kwargs):
+        from types import SimpleNamespace
+
+        out = "g1|gpu*|gpu:h100:8(S:0-1)\ng2|gpu*|gpu:h100:4\nc1|cpu|(null)\nc2|cpu|(null)\nc3|cpu|(null)\n"
+        return SimpleNamespace(return_code=0, stdout=out, stderr="")
+
+
+@pytest.mark.parametrize("keys, shortfall", [
+    ({"nodes": 2, "gpus_per_node": 4}, None),
+    ({"nodes": 1, "gpus_per_node": 8}, None),  # the best node suffices
+    ({"nodes": 2, "gpus_per_node": 8}, "partition 'gpu' cannot run this job: its nodes have 4 GPU(s) each and the cluster file asks gpus_per_node=8"),
+    ({"nodes": 3, "gpus_per_node": 8}, "it has 2 node(s) (g1, g2) and the cluster file asks nodes=3: 1 node(s) short; its nodes have 4 GPU"),
+    ({"nodes": 3, "gpus_per_node": 0, "partition": "cpu"}, None),
+    ({"nodes": 4, "gpus_per_node": 1, "partition": "cpu"}, "partition 'cpu' cannot run this job: it has 3 node(s) (c1, c2, c3)"),
+])
+def test_capacity_check_names_the_shortfall(keys, shortfall):
+    from mmupt_megatron.launch.cluster import ClusterConfig
+    from mmupt_megatron.launch.experiment import check_capacity
+
+    cluster = ClusterConfig(kind="slurm", account="a", **keys)
+    if shortfall is None:
+        check_capacity(cluster=cluster, tunnel=FakeTunnel())
+    else:
+        with pytest.raises(ValueError, match=re.escape(shortfall)):
+            check_capacity(cluster=cluster, tunnel=FakeTunnel())
