@@ -43,8 +43,9 @@ def slurm(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)  # `ray start --head` then turns token auth on
-    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF), "HOME": str(home), "NEMORUN_HOME": str(home / "nemo_run"),
-           "PYTHONPATH": str(REPO)}
+    # the job decides Ray's settings as a user's would: from the token file, not from a RAY_* this process set
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(SLURM_CONF=str(SLURM_CONF), HOME=str(home), NEMORUN_HOME=str(home / "nemo_run"), PYTHONPATH=str(REPO))
     jobs = tmp_path_factory.mktemp("jobs")
     return SimpleNamespace(env=env, jobs=jobs, cluster=["--cluster", str(CLUSTER), "--cluster-set", f"job_dir={jobs}"])
 

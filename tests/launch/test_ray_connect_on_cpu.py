@@ -70,6 +70,8 @@ def test_local_run_starts_its_own_ray_on_loopback(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster a plain ray.init() would try to join
     monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "1")  # restored afterwards
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.setenv("RAY_AUTH_MODE", "")  # ray.init sets it for the process: recorded so it is undone afterwards
+    monkeypatch.delenv("RAY_AUTH_MODE")
     start_ray(load_config("demo", ["trainer.num_cpus=1"]))
     try:
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
