@@ -23,6 +23,7 @@ export SLURM_CONF=$ETC/slurm.conf
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; stop runs it backwards
 
 die() { echo "local_slurm: error: $*" >&2; exit 1; }
+trap 'echo "local_slurm: error: \"$BASH_COMMAND\" failed (line $LINENO; logs in $LOG)" >&2' ERR
 note() { echo "local_slurm: $*"; }
 
 pid_of() { [[ -s $RUN/$1.pid ]] && cat "$RUN/$1.pid" || true; }
@@ -163,10 +164,15 @@ start_mariadbd() {
 start_slurmdbd() {
     slurmdbd
     wait_for 60 "slurmdbd start" sacctmgr -n list cluster
-    sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
-    sacctmgr -n list account format=account | grep -qw "$ACCOUNT" \
+    # (read each list whole: `grep -q` on a pipe would stop sacctmgr early and fail the pipeline)
+    local listed
+    listed=$(sacctmgr -n -P list cluster format=cluster)
+    grep -qxF "$CLUSTER" <<<"$listed" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+    listed=$(sacctmgr -n -P list account format=account)
+    grep -qxF "$ACCOUNT" <<<"$listed" \
         || sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" description=mmupt-tests organization=mmupt >/dev/null
-    sacctmgr -n list user format=user | grep -qw root || sacctmgr -i add user root account="$ACCOUNT" >/dev/null
+    listed=$(sacctmgr -n -P list assoc format=account,user)
+    grep -qxF "$ACCOUNT|root" <<<"$listed" || sacctmgr -i add user root account="$ACCOUNT" >/dev/null
 }
 
 start_slurmctld() { slurmctld; wait_for 60 "slurmctld start" scontrol ping; }
