@@ -1,8 +1,13 @@
 """The ``mmupt launch`` and ``mmupt plan`` subcommands (mounted by ``mmupt_megatron/cli.py``).
 
     mmupt launch qwen2_5_vl_7b_1n8g_tp2 --cluster configs/clusters/example_slurm.yaml --dryrun trainer.steps=10
+    mmupt launch --cluster CLUSTER.yaml -- eval --model /ckpt/hf --data test.parquet   # any mmupt subcommand
     mmupt launch --sweep configs/sweeps/qwen2_5_vl_7b_lr_temperature.yaml --cluster CLUSTER.yaml --dryrun
+    mmupt launch --status EXP_ID --cluster CLUSTER.yaml      # also --logs EXP_ID, --cancel EXP_ID
     mmupt plan qwen2_5_vl_72b_8n8g_tp8pp4 [--cluster CLUSTER.yaml] [--mfu 0.16 0.23]
+
+Options and positional words mix freely (``RECIPE --cluster F --dryrun key=value``); everything after ``--``
+is the job's ``mmupt`` command line.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.launch.arch import QWEN2_5_VL, arch_for
 from mmupt_megatron.launch.cluster import load_cluster
 from mmupt_megatron.launch.planner import Plan, PlanAssumptions, check_fits, plan
+from mmupt_megatron.launch.sweep import load_sweep
 
 
 def _split(words: list[str]) -> tuple[list[str], list[str]]:
@@ -23,21 +29,59 @@ def _split(words: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mmupt_megatron.launch.experiment import launch, launch_sweep
-    from mmupt_megatron.launch.sweep import load_sweep
+    from mmupt_megatron.launch import experiment
 
+    follow = [(flag, value) for flag, value in (("--status", args.status), ("--logs", args.logs), ("--cancel", args.cancel)) if value]
+    if follow:
+        if len(follow) > 1 or args.words or args.job_command or args.sweep or args.dryrun:
+            raise ValueError(f"{follow[0][0]} EXP_ID takes no recipe, command, --sweep or --dryrun (and one of "
+                             "--status/--logs/--cancel at a time)")
+        cluster = load_cluster(args.cluster, args.cluster_set) if args.cluster else None
+        flag, exp_id = follow[0]
+        action = {"--status": experiment.experiment_status, "--logs": experiment.experiment_logs,
+                  "--cancel": experiment.cancel_experiment}[flag]
+        print(action(exp_id, cluster=cluster))
+        return 0
+    if not args.cluster:
+        raise ValueError("mmupt launch needs --cluster CLUSTER.yaml (configs/clusters/*.yaml)")
     recipes, overrides = _split(args.words)
     cluster = load_cluster(args.cluster, args.cluster_set)
     if args.sweep:
-        if recipes:
-            raise ValueError(f"--sweep takes its recipe from the sweep file; drop {recipes}")
-        result = launch_sweep(sweep=load_sweep(args.sweep), cluster=cluster, overrides=overrides, dryrun=args.dryrun)
+        if recipes or args.job_command:
+            raise ValueError(f"--sweep takes its recipe from the sweep file; drop {recipes or args.job_command}")
+        result = experiment.launch_sweep(sweep=load_sweep(args.sweep), cluster=cluster, overrides=overrides, dryrun=args.dryrun)
+    elif args.job_command:
+        if args.words:
+            raise ValueError(f"give either RECIPE [key=value ...] or -- COMMAND, not both (got {args.words} and "
+                             f"-- {' '.join(args.job_command)})")
+        result = experiment.launch_command(command=args.job_command, cluster=cluster, dryrun=args.dryrun)
     else:
         if len(recipes) != 1:
-            raise ValueError(f"mmupt launch takes one RECIPE (or --sweep FILE), got {recipes or 'none'}")
-        result = launch(recipe=recipes[0], cluster=cluster, overrides=overrides, dryrun=args.dryrun)
+            raise ValueError(f"mmupt launch takes one RECIPE (or --sweep FILE, or -- COMMAND), got {recipes or 'none'}")
+        result = experiment.launch(recipe=recipes[0], cluster=cluster, overrides=overrides, dryrun=args.dryrun)
     print(result if args.dryrun else f"submitted experiment {result}")
     return 0
+
+
+class _LaunchParser(argparse.ArgumentParser):
+    """Options and positionals in any order (``RECIPE --cluster F --dryrun k=v``); the words after ``--`` are
+    kept apart as the job's command."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        args = list(sys.argv[1:] if args is None else args)
+        command = args[args.index("--") + 1:] if "--" in args else []
+        args = args[: args.index("--")] if "--" in args else args
+        self._inner = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+        namespace.job_command = command
+        return namespace, extras
 
 
 def format_plan(recipe: str, p: Plan, assumptions: PlanAssumptions) -> str:
@@ -86,13 +130,20 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def add_launch_parser(commands: argparse._SubParsersAction) -> None:
-    launch = commands.add_parser("launch", help="launch a recipe (or a sweep) on Slurm or locally with nemo-run")
+    launch = commands.add_parser("launch", help="launch a recipe, any mmupt command or a sweep on Slurm or locally with "
+                                 "nemo-run; follow it with --status/--logs/--cancel")
+    launch.__class__ = _LaunchParser
     launch.add_argument("words", nargs="*", metavar="RECIPE|key=value", help="a recipe, then section.key=value overrides")
-    launch.add_argument("--cluster", required=True, help="cluster YAML (configs/clusters/*.yaml)")
+    launch.add_argument("--cluster", help="cluster YAML (configs/clusters/*.yaml); required to launch")
     launch.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster key")
     launch.add_argument("--sweep", help="sweep YAML: a grid over config keys, one task per point")
     launch.add_argument("--dryrun", action="store_true", help="print the rendered sbatch script(s); submit nothing")
-    launch.set_defaults(handler=_launch)
+    launch.add_argument("--status", metavar="EXP_ID", help="state of each task of a submitted experiment (a failed "
+                        "task shows its log's last lines)")
+    launch.add_argument("--logs", metavar="EXP_ID", help="print the logs of a submitted experiment's tasks")
+    launch.add_argument("--cancel", metavar="EXP_ID", help="cancel a submitted experiment's tasks")
+    launch.epilog = "-- COMMAND ...: run `mmupt COMMAND ...` (eval, synthesize, convert, train) as the job"
+    launch.set_defaults(handler=_launch, job_command=[])
 
 
 def add_plan_parser(commands: argparse._SubParsersAction) -> None:

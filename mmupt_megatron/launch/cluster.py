@@ -10,6 +10,7 @@ node and ``ssh`` (host + user) from elsewhere.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_.+/-]+")
+"""Paths nemo-run may write unquoted into a shell script."""
 
 
 @dataclass(kw_only=True)
@@ -49,7 +53,7 @@ class ClusterConfig:
     nodes: int = 1
     """Nodes of the job; the recipe's TP x PP x DP must equal nodes x gpus_per_node."""
     gpus_per_node: int = 8
-    """GPUs per node (8 for a DGX H100)."""
+    """GPUs per node (8 for a DGX H100); 0 for a CPU partition (no --gpus-per-node; Ray counts CPUs)."""
     cpus_per_node: int = 0
     """CPUs Ray may use per node; 0 lets Ray detect them."""
     time: str = "04:00:00"
@@ -61,9 +65,12 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables exported in the job."""
     job_dir: str = ""
-    """Where nemo-run keeps job files and logs (on the cluster for ssh tunnels); empty: ~/.nemo_run/experiments."""
+    """Where nemo-run keeps experiments, job files and logs (kind=slurm with a local tunnel: a folder the nodes
+    share; ssh: a folder on the cluster); empty: ~/.nemo_run. Letters, digits and ``._+-/`` only (nemo-run writes
+    it unquoted into the sbatch script)."""
     packager: str = "git"
-    """How the code reaches the job: git (git archive of HEAD, unpacked as the container workdir) or none."""
+    """How the code reaches the job: git (git archive of HEAD, unpacked as the job's working folder) or none
+    (the job runs in this checkout, which the nodes must share)."""
     python: str = "python"
     """Python executable in the job (kind=local: empty means the current interpreter)."""
     ray_port: int = 6379
@@ -83,9 +90,22 @@ class ClusterConfig:
             out.append(f"kind must be slurm or local, got {self.kind!r}")
         if self.kind == "slurm" and not self.account:
             out.append("account is required when kind=slurm")
-        for name in ("nodes", "gpus_per_node", "ray_port", "ray_wait_s"):
+        for name in ("nodes", "ray_port", "ray_wait_s"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "cpus_per_node"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.job_dir and not SHELL_SAFE_PATH.fullmatch(self.job_dir):
+            out.append(f"job_dir {self.job_dir!r} may hold only letters, digits and ._+-/ (nemo-run 0.11.1 writes it "
+                       "unquoted into the sbatch script and its srun lines)")
+        if re.search(r"/nemo_run(/|$)", self.job_dir) and not self.container_image:
+            out.append(f"job_dir {self.job_dir!r} holds '/nemo_run', which nemo-run 0.11.1 rewrites in the sbatch script "
+                       "of a job without container_image (its in-container job folder); pick another folder name")
+        if self.kind == "slurm" and not self.python:
+            out.append("python must name the job's Python executable when kind=slurm")
+        out += [f"env key {k!r} must be a shell variable name (letters, digits, _)" for k in self.env
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
         if self.kind == "local" and self.nodes != 1:
             out.append(f"nodes must be 1 when kind=local, got {self.nodes}")
         if self.packager not in ("git", "none"):

@@ -34,18 +34,44 @@ from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
 
+def connect_ray(address: str, **kwargs: Any) -> None:
+    """``ray.init(address=...)`` of a cluster started by ``ray start``, with the authentication it chose.
+
+    Ray 2.60's ``ray start --head`` turns token authentication on when a token exists (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset, but ``ray.init`` with an
+    explicit address never does, and then waits out its timeout on "InvalidAuthToken". Make the same choice."""
+    import ray
+
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        pass
+    else:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.init(address=address, **kwargs)
+
+
 def start_ray(cfg: Config) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if cfg.trainer.ray_address:
-        ray.init(address=cfg.trainer.ray_address, log_to_driver=True)
+        connect_ray(cfg.trainer.ray_address, log_to_driver=True)
         return
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if cfg.logging.quiet_engines:
         env.update(VLLM_LOGGING_LEVEL="ERROR", TQDM_DISABLE="1")
+    # A local run gets its own Ray (address="local": never a cluster an earlier `ray start` left behind) that
+    # listens on loopback only: Ray 2.60 binds its servers to 127.0.0.1 when it runs "without clusters".
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
+        address="local",
         num_cpus=cfg.trainer.num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=256 * 2**20,

@@ -9,7 +9,7 @@ from mmupt_megatron.launch.cluster import load_cluster
 @pytest.mark.parametrize("path", sorted((CONFIG_DIR / "clusters").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_cluster_files_load(path):
     cluster = load_cluster(path)
-    assert cluster.num_gpus == cluster.nodes * cluster.gpus_per_node >= 1
+    assert cluster.num_gpus == cluster.nodes * cluster.gpus_per_node >= 0 and cluster.nodes >= 1
 
 
 def test_overrides_and_problems_name_the_key(tmp_path):

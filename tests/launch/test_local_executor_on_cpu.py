@@ -2,12 +2,10 @@
 minutes on 2 cores, so the task is `mmupt config show demo rollout.n=12`, built by the same `train_task`
 helper with another subcommand; the test reads the task's log."""
 
-import pytest
+import nemo_run as run
 
 from mmupt_megatron.launch.cluster import load_cluster
 from mmupt_megatron.launch.executors import build_executor, train_task
-
-run = pytest.importorskip("nemo_run")
 
 
 def test_local_executor_runs_mmupt_for_real(tmp_path):

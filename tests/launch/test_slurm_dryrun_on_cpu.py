@@ -10,8 +10,6 @@ from mmupt_megatron.launch.cluster import load_cluster
 from mmupt_megatron.launch.experiment import launch, launch_sweep
 from mmupt_megatron.launch.sweep import load_sweep
 
-pytest.importorskip("nemo_run")
-
 IMAGE = "nvcr.io/acme/mmupt:1.0"
 
 
@@ -38,8 +36,9 @@ def test_four_nodes_head_then_workers_then_wait_then_train(tmp_path):
         assert f"#SBATCH {flag}" in script
     assert "export NCCL_DEBUG=WARN" in script
     head, wait_head, loop, worker, wait_all, train = positions(
-        script, "ray start --head", "--gpus 8 --timeout", "for ((i = 1; i < ${#ray_nodes[@]}; i++))",
-        'ray start --address="$ray_address"', "--gpus 32 --timeout", "mmupt_megatron.cli train",
+        script, "ray.scripts.scripts start --head", "--nodes 1 --gpus 8 --timeout",
+        "for ((i = 1; i < ${#ray_nodes[@]}; i++))", 'ray.scripts.scripts start --address="$ray_address"',
+        "--nodes 4 --gpus 32 --timeout", "mmupt_megatron.cli train",
     )
     assert head < wait_head < loop < worker < wait_all < train
     srun_lines = [line for line in script.splitlines() if line.strip().startswith("srun ")]
@@ -51,14 +50,15 @@ def test_four_nodes_head_then_workers_then_wait_then_train(tmp_path):
     train_line = next(line for line in srun_lines if "mmupt_megatron.cli train" in line)
     assert "--nodes=1 --ntasks=1 --relative=0" in train_line
     assert re.search(r"train qwen2_5_vl_72b_4n8g_tp8pp4 trainer.steps=5 \"trainer.ray_address=\$ray_address\"$", train_line)
-    assert "exit 1" in script.split("ray start --head")[1]  # an incomplete cluster stops the job
+    assert "exit 1" in script.split("start --head")[1]  # an incomplete cluster stops the job
+    assert "trap stop_ray EXIT" in script  # the Ray steps end with the job
 
 
 def test_one_node_has_no_workers(tmp_path):
     script = launch(recipe="qwen2_5_vl_7b_1n8g_tp2", cluster=cluster_file(tmp_path, 1), dryrun=True)
     assert "#SBATCH --nodes=1" in script
-    assert "ray start --head" in script and "--gpus 8 --timeout" in script
-    assert 'ray start --address=' not in script and "ray_nodes[$i]" not in script
+    assert "python -m ray.scripts.scripts start --head" in script and "--gpus 8 --timeout" in script
+    assert 'start --address=' not in script and "ray_nodes[$i]" not in script
     assert "train qwen2_5_vl_7b_1n8g_tp2" in script
 
 
