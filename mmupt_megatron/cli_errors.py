@@ -41,7 +41,7 @@ def describe_failure(error: BaseException) -> tuple[str, int] | None:
         return f"{error.strerror or error}{where}", FAILURE
     if isinstance(error, RuntimeError):
         text = str(error)
-        if text.startswith("worker failure: "):  # engines.parallel.run_workers: the worker's traceback follows
+        if text.startswith("worker failure: "):  # distributed.parallel.run_workers: the worker's traceback follows
             head = text.splitlines()[0].removeprefix("worker failure: ").rstrip(":")
             return f"worker failure ({head}): {_last_line(text)}", FAILURE
         return _last_line(text) or type(error).__name__, FAILURE

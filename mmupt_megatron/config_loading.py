@@ -33,8 +33,8 @@ def _all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _did_you_mean(key: str) -> str:
-    known = _all_keys()
+def _did_you_mean(key: str, schema: Any = Config) -> str:
+    known = _all_keys(schema)
     leaf = key.rsplit(".", 1)[-1]
     # a right name in the wrong section first, then the closest spelling
     matches = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
@@ -54,20 +54,21 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ValueError(f"recipe {str(recipe)!r} is neither a file nor one of configs/: {available}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, *, what: str = "a recipe") -> dict[str, Any]:
+    """A YAML file's mapping; ValueError naming the file when it is not one."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise ValueError(f"{path}: {what} must be a mapping, got {type(data).__name__}")
     return data
 
 
 def recipe_layers(recipe: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """[(source, mapping)] from parent to child; ``defaults:`` names one parent, which may not have one."""
     path = resolve_recipe(recipe)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parent_name = data.pop("defaults", None)
     if parent_name is None:
         return [(str(path), data)]
@@ -75,7 +76,7 @@ def recipe_layers(recipe: str | Path) -> list[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: defaults must name one parent recipe, got {parent_name!r}")
     sibling = path.parent / parent_name
     parent_path = sibling if sibling.is_file() else resolve_recipe(parent_name)
-    parent = _read_yaml(parent_path)
+    parent = read_yaml(parent_path)
     if "defaults" in parent:
         raise ValueError(
             f"{path}: its parent {parent_path} has a defaults: of its own; recipes compose one level deep"
@@ -83,7 +84,7 @@ def recipe_layers(recipe: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return [(str(parent_path), parent), (str(path), data)]
 
 
-def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -112,18 +113,19 @@ def _origin(problem: str, origins: dict[str, tuple[str, Any]]) -> str:
     return f"from {origins[named[0]][0]}" if named else "default"
 
 
-def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """The validated ``Config`` of a recipe with overrides; ValueError naming every problem and where each
-    offending value came from (the command line or a recipe file)."""
-    merged = OmegaConf.structured(Config)
-    layers = recipe_layers(recipe) + [(COMMAND_LINE, _parse_overrides(overrides))]
+def merge_layers(schema: Any, layers: Sequence[tuple[str, dict[str, Any]]], overrides: Sequence[str] = ()
+                 ) -> tuple[Any, dict[str, tuple[str, Any]]]:
+    """A ``schema`` dataclass from (source, mapping) layers merged in order (the command line's last), and where
+    each key's value came from. ValueError naming the source and the key for an unknown key (with a suggestion)
+    or a value of the wrong type. The one loader of recipes and cluster files."""
+    merged = OmegaConf.structured(schema)
     origins: dict[str, tuple[str, Any]] = {}
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except (ConfigKeyError, ConfigAttributeError) as error:
             key = error.full_key or str(error.key)
-            raise ValueError(f"{source}: unknown config key {key!r}{_did_you_mean(key)}") from None
+            raise ValueError(f"{source}: unknown config key {key!r}{_did_you_mean(key, schema)}") from None
         except OmegaConfBaseException as error:
             message = str(error).splitlines()[0]
             given = dict(item.split("=", 1) for item in overrides).get(str(error.full_key))
@@ -132,12 +134,24 @@ def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
         origins.update({key: (source, value) for key, value in _flatten(layer).items()})
     # the command line's values as typed (``trainer.lr=1e-3``, not the parsed 0.001)
     origins.update({key: (COMMAND_LINE, text) for key, _, text in (item.partition("=") for item in overrides)})
-    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if not config.logging.wandb_group:
-        config.logging.wandb_group = resolve_recipe(recipe).stem
+    return OmegaConf.to_object(merged), origins
+
+
+def check_problems(config: Any, origins: dict[str, tuple[str, Any]], *, what: str = "config") -> None:
+    """ValueError listing every ``config.problems()``, each with where its value came from."""
     problems = config.problems()
     if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(f"{p} ({_origin(p, origins)})" for p in problems))
+        raise ValueError(f"invalid {what}:\n  - " + "\n  - ".join(f"{p} ({_origin(p, origins)})" for p in problems))
+
+
+def load_config(recipe: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The validated ``Config`` of a recipe with overrides; ValueError naming every problem and where each
+    offending value came from (the command line or a recipe file)."""
+    layers = recipe_layers(recipe) + [(COMMAND_LINE, parse_overrides(overrides))]
+    config, origins = merge_layers(Config, layers, overrides)
+    if not config.logging.wandb_group:
+        config.logging.wandb_group = resolve_recipe(recipe).stem
+    check_problems(config, origins)
     return config
 
 

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from mmupt_megatron.config_loading import COMMAND_LINE, check_problems, merge_layers, parse_overrides, read_yaml
 
 SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_.+/-]+")
 """Paths nemo-run may write unquoted into a shell script."""
@@ -116,23 +114,12 @@ class ClusterConfig:
 
 
 def load_cluster(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
-    """The validated ``ClusterConfig`` of a YAML file plus ``key=value`` overrides; ValueError naming the file."""
+    """The validated ``ClusterConfig`` of a YAML file plus ``key=value`` overrides (the recipe loader's rules:
+    unknown keys with a suggestion, bad values and problems naming the file or the command line)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"cluster file {str(path)!r} does not exist")
-    try:
-        data: Any = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a cluster file must be a mapping, got {type(data).__name__}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), data, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        known = ", ".join(f.name for f in fields(ClusterConfig))
-        raise ValueError(f"{path}: bad cluster key {error.full_key!r}: {str(error).splitlines()[0]} (known: {known})") from None
-    cluster: ClusterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    problems = cluster.problems()
-    if problems:
-        raise ValueError(f"invalid cluster file {path}:\n  - " + "\n  - ".join(problems))
+    layers = [(str(path), read_yaml(path, what="a cluster file")), (COMMAND_LINE, parse_overrides(overrides))]
+    cluster, origins = merge_layers(ClusterConfig, layers, overrides)
+    check_problems(cluster, origins, what=f"cluster file {path}")
     return cluster

@@ -20,5 +20,5 @@ def test_overrides_and_problems_name_the_key(tmp_path):
     assert "tunnel.user is required" in str(info.value) and "'/no-colon' must look like SRC:DST" in str(info.value)
     path.write_text("kind: slurm\naccount: a\n")
     assert load_cluster(path, ["nodes=4"]).num_gpus == 32
-    with pytest.raises(ValueError, match=r"c.yaml: bad cluster key 'gpu_per_node'"):
+    with pytest.raises(ValueError, match=r"command line: unknown config key 'gpu_per_node' \(did you mean 'gpus_per_node'"):
         load_cluster(path, ["gpu_per_node=4"])

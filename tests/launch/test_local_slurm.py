@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from mmupt_megatron.config_loading import CONFIG_DIR
-from mmupt_megatron.data.synthetic import synthesize
-from mmupt_megatron.models.tiny import make_tiny_qwen2_5_vl
+from mmupt_megatron.data.synthetic import write_splits
+from tests.tiny_models import make_tiny_qwen2_5_vl
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -54,7 +54,7 @@ def slurm(tmp_path_factory):
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     model = make_tiny_qwen2_5_vl(folder / "model", seed=0)
-    data = synthesize(folder / "data", num_train=8, num_test=2, seed=0)
+    data = write_splits(folder / "data", num_train=8, num_test=2, seed=0)
     return [f"model.path={model}", f"data.train_files=[{data['train']}]", f"data.eval_files=[{data['test']}]"]
 
 
