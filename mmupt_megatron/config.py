@@ -22,6 +22,9 @@ from mmupt_megatron.algorithms.loss import PolicyLossConfig
 from mmupt_megatron.algorithms.synthesis import MODES as SYNTHESIS_MODES
 from mmupt_megatron.algorithms.synthesis import SEED_ANSWER_POLICIES
 
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+"""megatron-core 0.16.1's FP8 recipes, less ``custom`` (it needs a quantizer factory we do not expose)."""
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -30,16 +33,24 @@ class ModelConfig:
     dtype: str = "auto"
     """Training dtype: float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)."""
     fp8: bool = False
-    """Transformer Engine FP8 linear layers (Hopper GPUs only; an error elsewhere)."""
+    """Transformer Engine FP8 linear layers. Needs Transformer Engine and a Hopper-or-newer GPU: without them
+    training stops at start with an error naming model.fp8. Sequences are padded to a multiple of 16 x TP."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe (megatron-core 0.16.1's Fp8Recipe, used when model.fp8=true): delayed (per-tensor
+    scales from an amax history), tensorwise (per-tensor current scaling), blockwise (1x128 / 128x128 block
+    scales), mxfp8 (MX block scaling: Blackwell or newer only)."""
     gradient_checkpointing: bool = False
     """Recompute transformer layers in the backward pass to save activation memory."""
     freeze_vision: bool = False
     """Keep the vision tower fixed during RL (measured on the demo: training it made GRPO swing wildly)."""
 
     def problems(self) -> list[str]:
-        return [] if self.dtype in ("auto", "float32", "bfloat16") else [
+        out = [] if self.dtype in ("auto", "float32", "bfloat16") else [
             f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}"
         ]
+        if self.fp8_recipe not in FP8_RECIPES:
+            out.append(f"model.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+        return out
 
 
 @dataclass(kw_only=True)
@@ -88,6 +99,9 @@ class RolloutConfig:
     """Maximum prompt length in tokens (image tokens included); longer prompts are an error."""
     tensor_parallel_size: int = 1
     """vLLM tensor-parallel degree."""
+    num_engines: int = 0
+    """Data-parallel vLLM engines; 0 = auto: colocated (trainer.colocate) one per rollout.tensor_parallel_size
+    policy devices (policy world size / rollout.tensor_parallel_size), not colocated 1."""
     gpu_memory_utilization: float = 0.6
     """Fraction of GPU memory vLLM may use (GPU only)."""
     cpu_kvcache_gib: float = 1.0
@@ -123,7 +137,15 @@ class RolloutConfig:
                 out.append(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_engines < 0:
+            out.append(f"rollout.num_engines must be >= 0 (0 = auto), got {self.num_engines}")
         return out
+
+    def engines(self, world_size: int, colocated: bool) -> int:
+        """The effective number of engines for a policy of ``world_size`` ranks (the one definition)."""
+        if self.num_engines > 0:
+            return self.num_engines
+        return max(1, world_size // self.tensor_parallel_size) if colocated else 1
 
     @property
     def num_voters(self) -> int:
@@ -420,6 +442,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+    def num_engines(self) -> int:
+        """rollout.engines for this recipe's policy world size and trainer.colocate."""
+        return self.rollout.engines(self.parallel.world_size, self.trainer.colocate)
 
     def problems(self) -> list[str]:
         out = [p for section in fields(self) for p in getattr(self, section.name).problems()]
