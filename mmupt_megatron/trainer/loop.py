@@ -27,6 +27,7 @@ from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_f
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.eval.evaluator import evaluate, held_out_items
+from mmupt_megatron.models.qwen2_5_vl import check_fp8
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
@@ -56,6 +57,7 @@ class Trainer:
             raise ValueError("model.path is empty: set it to a Hugging Face Qwen2.5-VL / Qwen2 folder")
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")
+        check_fp8(cfg.model.fp8, cfg.model.fp8_recipe)  # before any data or model is loaded
         self.cfg = cfg
         d = cfg.data
         self.dataset = open_dataset(d.train_files, d)
