@@ -23,9 +23,10 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   layer input (2h) stays, plus one layer being recomputed. The first stage holds min(PP, micro-batches)
   micro-batches (1F1B). Tokens per micro-batch = micro_batch_size x (max_prompt_length + max_new_tokens) (the
   padded worst case). The ViT (not TP-sharded) adds (16v + 6f_v) bytes per patch and layer (2v with
-  recomputation), patches = micro_batch_size x data.max_pixels / 14^2. The last stage holds logits: tokens x
-  vocab/TP x 8 bytes (the output layer's bf16 [T, B, V] logits, their [B, T, V] copy, and both gradients in
-  the backward). Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation). Checked against the real
+  recomputation), patches = micro_batch_size x data.max_pixels / 14^2. The last stage's backward peaks with
+  the logits: tokens x vocab/TP x 5 bytes (measured: the output layer's bf16 [T, B, V] logits, their [B, T, V]
+  copy, and 1 more) + the output layer's bf16 weight gradient (2 x vocab/TP x h) before it is added to its
+  fp32 main grad; with recomputation, whichever is larger of that and one recomputed layer. Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation). Checked against the real
   code built at full size on fake tensors: ``mmupt_megatron/launch/fake_rank.py``.
 Rollout phase (engine GPUs): 4 GiB + vLLM's pool (rollout.gpu_memory_utilization x 80 GiB), which holds the
 engine's weights (2 bytes x params / rollout TP), 2 GiB of activations, and the KV cache; colocated, the
@@ -51,8 +52,9 @@ from mmupt_megatron.config import Config
 from mmupt_megatron.launch.arch import QwenVLArch
 
 GIB = 2**30
-LOGIT_BYTES = 8
-"""Bytes per logit entry at the training peak: bf16 [T, B, V] logits, their [B, T, V] copy, both gradients."""
+LOGIT_BYTES = 5
+"""Bytes per logit entry the forward leaves for the backward, measured on the real code (fake_rank.py): the
+output layer's bf16 [T, B, V] logits and their [B, T, V] copy (4), plus 1; their gradients replace them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +94,8 @@ class Plan:
     rollout_gib: dict[str, float] = field(default_factory=dict)
     kv_sequences: float = 0.0
     logprob_gib: dict[str, float] = field(default_factory=dict)
+    activation_parts: dict[str, float] = field(default_factory=dict)
+    """The first stage's activation GiB by part: language model, vision tower, logits."""
     num_engines: int = 1
     colocated: bool = True
     refit_transport: str = "cuda_ipc"
@@ -137,24 +141,37 @@ def _stage_params(cfg: Config, arch: QwenVLArch) -> tuple[float, float]:
     return first, last
 
 
-def _activation_gib(cfg: Config, arch: QwenVLArch) -> tuple[float, float, float]:
-    """(first-stage LM + ViT, last-stage LM, logits) activation GiB for the in-flight micro-batches."""
+def _tokens(cfg: Config) -> int:
+    """Tokens of one micro-batch at full length (the padded worst case)."""
+    return cfg.trainer.micro_batch_size * (cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens)
+
+
+def _activation_gib(cfg: Config, arch: QwenVLArch) -> tuple[float, float, dict[str, float]]:
+    """Activation GiB of the first and the last pipeline stage (equal objects when PP = 1), and the first
+    stage's parts: language model (what the in-flight micro-batches keep for the backward), vision tower, and
+    the backward's peak on top of them (the logits stage: logits + the largest weight's bf16 gradient before it
+    reaches its fp32 main grad; or one recomputed layer, whichever is larger)."""
     p, r, t = cfg.parallel, cfg.rollout, cfg.trainer
     tp, pp, gc = p.tensor_parallel_size, p.pipeline_parallel_size, cfg.model.gradient_checkpointing
-    tokens = t.micro_batch_size * (r.max_prompt_length + r.max_new_tokens)
+    tokens = _tokens(cfg)
     h, kv, f = arch.hidden, arch.kv_dim, arch.ffn
     full_layer = 8 * h + (4 * h + 4 * kv + 6 * f) / tp
     saved_layer = 2 * h if gc else full_layer
     layers = arch.layers / pp
     microbatches = max(1, t.prompts_per_update * r.n // p.data_parallel_size // t.micro_batch_size)
     inflight = min(pp, microbatches)
-    lm_one = tokens * (layers * saved_layer + (full_layer if gc else 0))
+    lm_saved = tokens * layers * saved_layer
+    recompute = tokens * full_layer if gc else 0.0
     v, vf = arch.vit_hidden, arch.vit_ffn
     patches = t.micro_batch_size * cfg.data.max_pixels / arch.vit_patch**2
     vit_full = 16 * v + 6 * vf
     vit = patches * (arch.vit_layers * (2 * v if gc else vit_full) + (vit_full if gc else 0))
-    logits = tokens * arch.vocab / tp * LOGIT_BYTES
-    return (inflight * (lm_one + vit)) / GIB, lm_one / GIB, logits / GIB
+    head_peak = tokens * arch.vocab / tp * LOGIT_BYTES + 2 * arch.vocab / tp * h
+    first_peak = max(recompute, head_peak) if pp == 1 else recompute
+    first = inflight * (lm_saved + vit) + first_peak
+    last = lm_saved + max(recompute, head_peak)
+    parts = {"language model": inflight * lm_saved, "vision tower": inflight * vit, "backward peak": first_peak}
+    return first / GIB, last / GIB, {k: v / GIB for k, v in parts.items()}
 
 
 def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAssumptions(), num_gpus: int = 0) -> Plan:
@@ -164,10 +181,11 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
     gpus = num_gpus or p.world_size
     out = Plan(arch=arch, num_gpus=gpus, problems=_topology_problems(cfg, arch))
     first, last = _stage_params(cfg, arch)
-    act_first, act_last, logits = _activation_gib(cfg, arch)
-    stages = [(first, act_first + (logits if p.pipeline_parallel_size == 1 else 0))]
+    act_first, act_last, out.activation_parts = _activation_gib(cfg, arch)
+    stages = [(first, act_first)]
     if p.pipeline_parallel_size > 1:
-        stages.append((last, act_last + logits))
+        stages.append((last, act_last))
+    logits = _tokens(cfg) * arch.vocab / p.tensor_parallel_size / GIB
     dp_shards = p.data_parallel_size if p.distributed_optimizer else 1
 
     def state_rows(params: float) -> dict[str, float]:
@@ -180,7 +198,7 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
         (state_rows(params) | {"activations": act, "overhead": a.overhead_gib} for params, act in stages),
         key=lambda rows: sum(rows.values()),
     )
-    forward_logits = logits / LOGIT_BYTES * 2 * 2  # forward only: bf16 logits and their copy
+    forward_logits = logits * 2 * 2  # forward only: bf16 logits and their [B, T, V] copy
     out.logprob_gib = max(
         (state_rows(params) | ({"reference (bf16)": 2 * params / GIB} if cfg.algorithm.loss.kl_coef > 0 else {})
          | {"forward logits": forward_logits, "overhead": a.overhead_gib} for params, _ in stages),
