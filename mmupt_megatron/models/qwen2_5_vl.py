@@ -117,7 +117,9 @@ def uses_te_spec(spec: Any) -> bool:
 
 
 def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype, fp8_mode: str | None,
-                       init_weights: bool, fp8_recipe: str = "delayed") -> Any:
+                       init_weights: bool, fp8_recipe: str = "delayed", recompute: bool = False) -> Any:
+    """Megatron's config for ``arch``; ``recompute`` (model.gradient_checkpointing) keeps only each layer's
+    input for the backward and recomputes the layer (full, uniform, one layer per checkpoint)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cpu = not torch.cuda.is_available()
@@ -157,6 +159,9 @@ def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dty
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=not cpu,
         persist_layer_norm=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -166,7 +171,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
 
     def __init__(self, arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
                  init_weights: bool = True, fp8: bool = False, fp8_recipe: str = "delayed",
-                 layer_spec: str = "auto") -> None:
+                 layer_spec: str = "auto", recompute: bool = False) -> None:
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
@@ -182,7 +187,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
         self.arch = arch
         self.groups = groups
         self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights,
-                                         fp8_recipe=fp8_recipe)
+                                         fp8_recipe=fp8_recipe, recompute=recompute)
         self.padded_vocab = padded_vocab_size(arch.vocab_size, tp=groups.dims.tp)
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
@@ -314,7 +319,15 @@ def build_vision_tower(arch: LMArch, *, dtype: torch.dtype) -> torch.nn.Module:
     assert arch.vision_config is not None
     config = Qwen2_5_VLVisionConfig(**{k: v for k, v in arch.vision_config.items() if k != "model_type"})
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Qwen2_5_VisionTransformerPretrainedModel(config).to(device=device, dtype=dtype)
+    # Built in place in its dtype and on its device, as transformers' from_pretrained does (buffers created
+    # with an explicit fp32 dtype, the rotary inv_freq, stay fp32); no .to(), which fake tensors cannot take.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen2_5_VisionTransformerPretrainedModel(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def gather_logits(local_logits_BTV: torch.Tensor, groups: ParallelGroups, *, vocab_size: int) -> torch.Tensor:
