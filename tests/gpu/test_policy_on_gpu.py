@@ -45,10 +45,16 @@ def _policy(hf_dir: str, spec: str, *, fp8: bool = False, optimizer: str = "adam
 
 
 def logits_worker(hf_dir: str, spec: str, inputs: tuple, fp8: bool) -> torch.Tensor:
-    from tests.models.test_qwen2_5_vl_on_cpu import megatron_logits
+    from mmupt_megatron.models.qwen2_5_vl import gather_logits
+    from mmupt_megatron.models.rope_index import causal_attention_mask, mrope_position_ids
 
     groups, model, _ = _policy(hf_dir, spec, fp8=fp8)
-    logits = megatron_logits(groups, model, *(t.cuda() for t in inputs))
+    ids, pixels, grid = (t.cuda() for t in inputs)
+    positions = mrope_position_ids(ids, image_token_id=model.arch.image_token_id, image_grid_thw=grid)
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, positions, causal_attention_mask(ids.shape[1], device=ids.device), pixels, grid)
+        logits = gather_logits(out, groups, vocab_size=model.arch.vocab_size)
     return logits.float().cpu()
 
 
