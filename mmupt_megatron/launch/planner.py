@@ -24,8 +24,8 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   micro-batches (1F1B). Tokens per micro-batch = micro_batch_size x (max_prompt_length + max_new_tokens) (the
   padded worst case). The ViT (not TP-sharded) adds (16v + 6f_v) bytes per patch and layer (2v with
   recomputation), patches = micro_batch_size x data.max_pixels / 14^2. The last stage's backward peaks with
-  the logits: tokens x vocab/TP x 5 bytes (measured: the output layer's bf16 [T, B, V] logits, their [B, T, V]
-  copy, and 1 more) + the output layer's bf16 weight gradient (2 x vocab/TP x h) before it is added to its
+  the logits: tokens x vocab/TP x 5.5 bytes (measured 5.0-6.1: the output layer's bf16 [T, B, V] logits,
+  their [B, T, V] copy, and more) + the output layer's bf16 weight gradient (2 x vocab/TP x h) before it is added to its
   fp32 main grad; with recomputation, whichever is larger of that and one recomputed layer. Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation). Checked against the real
   code built at full size on fake tensors: ``mmupt_megatron/launch/fake_rank.py``.
 Rollout phase (engine GPUs): 4 GiB + vLLM's pool (rollout.gpu_memory_utilization x 80 GiB), which holds the
@@ -52,9 +52,10 @@ from mmupt_megatron.config import Config
 from mmupt_megatron.launch.arch import QwenVLArch
 
 GIB = 2**30
-LOGIT_BYTES = 5
-"""Bytes per logit entry the forward leaves for the backward, measured on the real code (fake_rank.py): the
-output layer's bf16 [T, B, V] logits and their [B, T, V] copy (4), plus 1; their gradients replace them."""
+LOGIT_BYTES = 5.5
+"""Bytes per logit entry at the backward's peak, measured on the real code (fake_rank.py): the output layer's
+bf16 [T, B, V] logits and their [B, T, V] copy (4) plus 1.0 (3B: TP 1, tied embeddings) to 2.1 (7B: TP 2,
+untied); their gradients replace them."""
 
 
 @dataclass(frozen=True, kw_only=True)
