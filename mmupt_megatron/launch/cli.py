@@ -79,8 +79,10 @@ def _plan(args: argparse.Namespace) -> int:
     refused = []
     for recipe in recipes:
         cfg = load_config(recipe, overrides)
-        if num_gpus and cfg.parallel.world_size > num_gpus:
-            raise ValueError(f"{recipe} needs {cfg.parallel.world_size} GPUs (TP x PP x DP), the cluster has {num_gpus}")
+        engine_gpus = 0 if cfg.trainer.colocate else cfg.num_engines() * cfg.rollout.tensor_parallel_size
+        if num_gpus and cfg.parallel.world_size + engine_gpus > num_gpus:
+            raise ValueError(f"{recipe} needs {cfg.parallel.world_size + engine_gpus} GPUs (TP x PP x DP"
+                             f"{' + engines x rollout TP' if engine_gpus else ''}), the cluster has {num_gpus}")
         result = plan(cfg, arch_for(model_path=cfg.model.path, model=args.model), assumptions=assumptions, num_gpus=num_gpus)
         print(format_plan(Path(recipe).stem, result, assumptions), flush=True)
         try:

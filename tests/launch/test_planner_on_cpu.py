@@ -143,3 +143,10 @@ def test_recipe_comments_match_what_the_code_builds(recipe):
     assert ("share the GPUs" in header) == cfg.trainer.colocate and "offloaded to CPU" in header
     gpus = re.search(r"\((\d+) GPUs\)", header)
     assert gpus and int(gpus.group(1)) == plan(cfg, arch_for(model_path=cfg.model.path)).num_gpus
+
+
+def test_cli_counts_the_engines_own_gpus(capsys):
+    code = main(["plan", "qwen2_5_vl_7b_1n8g_tp2", "trainer.colocate=false", "--cluster",
+                 str(CONFIG_DIR / "clusters" / "example_slurm.yaml"), "--cluster-set", "nodes=1"])
+    assert code == 2
+    assert "needs 10 GPUs (TP x PP x DP + engines x rollout TP), the cluster has 8" in capsys.readouterr().err
