@@ -23,6 +23,9 @@ from mmupt_megatron.algorithms.loss import PolicyLossConfig
 from mmupt_megatron.algorithms.synthesis import MODES as SYNTHESIS_MODES
 from mmupt_megatron.algorithms.synthesis import SEED_ANSWER_POLICIES
 
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+"""megatron-core 0.16.1's FP8 recipes, less ``custom`` (it needs a quantizer factory we do not expose)."""
+
 
 _NOT_A_RESUME = {"true", "false", "yes", "no", "on", "off", "none", "null", "latest", "last"}
 """trainer.resume values that are a mistake (a YAML boolean, a guess at a keyword), not a folder's name."""
@@ -53,16 +56,24 @@ class ModelConfig:
     dtype: str = "auto"
     """Training dtype: float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)."""
     fp8: bool = False
-    """Transformer Engine FP8 linear layers (Hopper GPUs only; an error elsewhere)."""
+    """Transformer Engine FP8 linear layers. Needs Transformer Engine and a Hopper-or-newer GPU: without them
+    training stops at start with an error naming model.fp8. Sequences are padded to a multiple of 16 x TP."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe (megatron-core 0.16.1's Fp8Recipe, used when model.fp8=true): delayed (per-tensor
+    scales from an amax history), tensorwise (per-tensor current scaling), blockwise (1x128 / 128x128 block
+    scales), mxfp8 (MX block scaling: Blackwell or newer only)."""
     gradient_checkpointing: bool = False
     """Recompute transformer layers in the backward pass to save activation memory."""
     freeze_vision: bool = False
     """Keep the vision tower fixed during RL (measured on the demo: training it made GRPO swing wildly)."""
 
     def problems(self) -> list[str]:
-        return [] if self.dtype in ("auto", "float32", "bfloat16") else [
+        out = [] if self.dtype in ("auto", "float32", "bfloat16") else [
             f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}"
         ]
+        if self.fp8_recipe not in FP8_RECIPES:
+            out.append(f"model.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+        return out
 
 
 @dataclass(kw_only=True)
@@ -113,8 +124,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     """vLLM tensor-parallel degree (devices per engine)."""
     num_engines: int = 0
-    """Data-parallel rollout engines; 0 = auto: colocated, one per rollout.tensor_parallel_size devices of the
-    policy (policy world size / rollout.tensor_parallel_size); otherwise 1. Prompt groups are split across them."""
+    """Data-parallel rollout engines; 0 = auto: colocated (trainer.colocate), one per rollout.tensor_parallel_size
+    devices of the policy (policy world size / rollout.tensor_parallel_size); otherwise 1. Prompt groups are split
+    across them."""
     gpu_memory_utilization: float = 0.6
     """Fraction of GPU memory vLLM may use (GPU only)."""
     cpu_kvcache_gib: float = 1.0
@@ -155,13 +167,13 @@ class RolloutConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_engines < 0:
-            out.append(f"rollout.num_engines must be >= 0 (0: auto), got {self.num_engines}")
+            out.append(f"rollout.num_engines must be >= 0 (0 = auto), got {self.num_engines}")
         out += _non_negative(self, "rollout", ("cpu_kvcache_gib", "verify_refit_tol"))
         return out
 
     def engines(self, world_size: int, colocated: bool) -> int:
-        """The number of rollout engines for a policy of ``world_size`` ranks (``num_engines``, or its auto value)."""
-        if self.num_engines:
+        """The effective number of engines for a policy of ``world_size`` ranks (the one definition)."""
+        if self.num_engines > 0:
             return self.num_engines
         return max(1, world_size // self.tensor_parallel_size) if colocated else 1
 
@@ -509,6 +521,10 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def num_engines(self) -> int:
+        """rollout.engines for this recipe's policy world size and trainer.colocate."""
+        return self.rollout.engines(self.parallel.world_size, self.trainer.colocate)
+
     def problems(self) -> list[str]:
         out = [p for section in fields(self) for p in getattr(self, section.name).problems()]
         named = {p.split(" ", 1)[0] for p in out}
@@ -540,4 +556,4 @@ class Config:
         world = self.parallel.world_size
         if self.trainer.colocate:
             return world
-        return world + self.rollout.engines(world, False) * self.rollout.tensor_parallel_size
+        return world + self.num_engines() * self.rollout.tensor_parallel_size

@@ -106,7 +106,7 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _origin(problem: str, origins: dict[str, tuple[str, Any]]) -> str:
     """Where the value a problem names came from: the command line (with the key=value given), a recipe file."""
-    named = [key for key in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", problem) if key in origins]
+    named = list(dict.fromkeys(key for key in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", problem) if key in origins))
     given = [key for key in named if origins[key][0] == COMMAND_LINE]
     if given:
         return ", ".join(f"from {COMMAND_LINE}: {key}={origins[key][1]}" for key in given)

@@ -98,3 +98,26 @@ def test_cli_prints_resolved_config_and_clean_errors():
         capture_output=True, text=True, check=False,
     )
     assert bad.returncode == 2 and "did you mean 'rollout.n'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_num_engines_one_definition():
+    cfg = load_config("demo", ["parallel.tensor_parallel_size=2", "parallel.data_parallel_size=4",
+                               "rollout.tensor_parallel_size=2"])
+    assert cfg.rollout.num_engines == 0
+    assert cfg.rollout.engines(8, colocated=True) == 4
+    assert cfg.rollout.engines(8, colocated=False) == 1
+    assert cfg.num_engines() == (4 if cfg.trainer.colocate else 1)
+    assert load_config("demo", ["rollout.num_engines=3", "trainer.colocate=false"]).num_engines() == 3
+    # colocated engines cover the policy's devices exactly
+    with pytest.raises(ValueError, match=r"rollout.num_engines=3 x rollout.tensor_parallel_size=1 devices != the policy's 1"):
+        load_config("demo", ["rollout.num_engines=3"])
+    with pytest.raises(ValueError, match=r"rollout.tensor_parallel_size=3 does not divide the policy's 2 devices"):
+        load_config("demo", ["parallel.tensor_parallel_size=2", "rollout.tensor_parallel_size=3"])
+    with pytest.raises(ValueError, match=r"rollout.num_engines must be >= 0"):
+        load_config("demo", ["rollout.num_engines=-1"])
+
+
+def test_fp8_recipe_is_checked():
+    assert load_config("demo", ["model.fp8_recipe=blockwise"]).model.fp8_recipe == "blockwise"
+    with pytest.raises(ValueError, match=r"model.fp8_recipe must be one of delayed, tensorwise, blockwise, mxfp8"):
+        load_config("demo", ["model.fp8_recipe=hybrid"])

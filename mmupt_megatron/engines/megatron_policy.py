@@ -11,6 +11,9 @@ than averaged) and finalize the grads without a token count.
 
 Log-prob convention: ``logprobs_BT[b, t]`` = log p(ids[b, t+1] | ids[b, :t+1]) (shape [B, T-1]).
 Log-probs and metrics exist on the last pipeline stage; other stages get None / {}.
+
+FP8 (Transformer Engine) needs sequence lengths divisible by 16 x TP: ``_run`` pads every batch with
+``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut back to [B, T-1].
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
 from mmupt_megatron.distributed.cpu_compat import cuda_type_names
 from mmupt_megatron.distributed.parallel import ParallelGroups
+from mmupt_megatron.models.qwen2_5_vl import fp8_sequence_multiple
 from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 
@@ -72,6 +77,27 @@ class PolicyBatch:
     advantages_B: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+
+
+def pad_sequences(batch: PolicyBatch, multiple: int, *, pad_id: int = 0) -> PolicyBatch:
+    """``batch`` with its sequence length rounded up to a multiple of ``multiple`` (FP8 needs 16 x TP).
+    New positions (at the end) hold ``pad_id`` with attention 0, loss mask 0 and log-probs 0, so they take
+    no part in attention or the loss; the same ``batch`` back when nothing is added."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    extra = -batch.input_ids_BT.shape[1] % multiple
+    if extra == 0:
+        return batch
+    attention = batch.attention_mask_BT if batch.attention_mask_BT is not None else torch.ones_like(batch.input_ids_BT)
+
+    def pad(tensor: torch.Tensor | None, value: float) -> torch.Tensor | None:
+        return None if tensor is None else F.pad(tensor, (0, extra), value=value)
+
+    return replace(
+        batch, input_ids_BT=pad(batch.input_ids_BT, pad_id), attention_mask_BT=pad(attention, 0),
+        loss_mask_BT=pad(batch.loss_mask_BT, 0), old_logprobs_BT=pad(batch.old_logprobs_BT, 0),
+        ref_logprobs_BT=pad(batch.ref_logprobs_BT, 0),
+    )
 
 
 def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None, merge: int) -> list[dict]:
@@ -137,6 +163,8 @@ class MegatronPolicy:
 
             self.p2p = P2PCommunicator(pp_group=groups.pp_group, config=config)
         config.finalize_model_grads_func = self._finalize_grads
+        self.seq_multiple = fp8_sequence_multiple(config)
+        """Sequences are padded to a multiple of this before the forward (FP8: 16 x TP; else 1)."""
 
     # ------------------------------------------------------------------ collectives for the loss
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
@@ -180,6 +208,7 @@ class MegatronPolicy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         arch = self.model.arch
+        batch = pad_sequences(batch, self.seq_multiple)
         mbs = _micro_batches(batch, self.cfg.micro_batch_size, image_token_id=arch.image_token_id,
                              merge=arch.spatial_merge_size if arch.is_multimodal else 1)
         seq_len = batch.input_ids_BT.shape[1]
@@ -218,7 +247,7 @@ class MegatronPolicy:
         self.ddp.train()
         if not self.groups.is_last_stage:
             return None
-        return torch.cat([out["logprobs"] for out in outputs], dim=0)
+        return torch.cat([out["logprobs"] for out in outputs], dim=0)[:, : batch.input_ids_BT.shape[1] - 1]
 
     def train_step(self, batch: PolicyBatch, *, global_num_tokens: int | None = None,
                    global_num_seqs: int | None = None) -> dict[str, float]:

@@ -86,18 +86,25 @@ class _LaunchParser(argparse.ArgumentParser):
 
 def format_plan(recipe: str, p: Plan, assumptions: PlanAssumptions) -> str:
     a = p.arch
+    layout = "colocated with the policy (offloaded during rollout)" if p.colocated else "on GPUs of their own"
     lines = [
         (f"{recipe}: {a.name} ({a.total_params / 1e9:.2f}B params: LM {a.lm_params / 1e9:.2f}B + ViT "
-         f"{a.vision_params / 1e9:.2f}B) on {p.num_gpus} x H100 {assumptions.gpu_memory_gib:g} GiB"),
+         f"{a.vision_params / 1e9:.2f}B) on {p.num_gpus} x H100 {assumptions.gpu_memory_gib:g} GiB; "
+         f"{p.num_engines} vLLM engine(s) {layout}"),
         f"  training phase, per GPU (GiB)          {p.train_total:7.1f}",
         *(f"    {k:<36}{v:7.1f}" for k, v in p.train_gib.items()),
-        f"  rollout phase, per GPU (GiB)           {p.rollout_total:7.1f}",
+        f"  log-prob phase, per GPU (GiB)          {sum(p.logprob_gib.values()):7.1f}",
+        *(f"    {k:<36}{v:7.1f}" for k, v in p.logprob_gib.items()),
+        f"  rollout phase, per engine GPU (GiB)    {p.rollout_total:7.1f}",
         *(f"    {k:<36}{v:7.1f}" for k, v in p.rollout_gib.items()),
         f"    KV capacity at full length (seqs)   {p.kv_sequences:7.0f}",
-        f"  refit: {p.refit_gb:.1f} GB of bf16 weights, {p.refit_s[0]:.2f}-{p.refit_s[1]:.2f} s",
+        (f"  refit: {p.refit_gb:.1f} GB of bf16 weights to each engine over {p.refit_transport}, "
+         f"{p.refit_s[0]:.2f}-{p.refit_s[1]:.2f} s"),
         "  FLOPs per step: " + ", ".join(f"{k} {v / 1e15:,.0f} PF" for k, v in p.flops.items())
         + f"; total {sum(p.flops.values()) / 1e15:,.0f} PF",
-        (f"  step time {p.step_s[0]:,.0f}-{p.step_s[1]:,.0f} s at MFU {assumptions.mfu[1]:.0%}-{assumptions.mfu[0]:.0%} "
+        (f"  step time {p.step_s[0]:,.0f}-{p.step_s[1]:,.0f} s: rollout {p.rollout_s[0]:,.0f}-{p.rollout_s[1]:,.0f} s "
+         f"(decode at {assumptions.decode_efficiency[0]:.0%}-{assumptions.decode_efficiency[1]:.0%} of "
+         f"{assumptions.hbm_gb_per_s / 1000:g} TB/s HBM), training at MFU {assumptions.mfu[1]:.0%}-{assumptions.mfu[0]:.0%} "
          f"of {assumptions.peak_tflops:g} TFLOP/s (mean prompt {assumptions.mean_prompt_tokens} / response "
          f"{assumptions.mean_response_tokens} tokens)"),
     ]
@@ -116,8 +123,10 @@ def _plan(args: argparse.Namespace) -> int:
     refused = []
     for recipe in recipes:
         cfg = load_config(recipe, overrides)
-        if num_gpus and cfg.parallel.world_size > num_gpus:
-            raise ValueError(f"{recipe} needs {cfg.parallel.world_size} GPUs (TP x PP x DP), the cluster has {num_gpus}")
+        engine_gpus = 0 if cfg.trainer.colocate else cfg.num_engines() * cfg.rollout.tensor_parallel_size
+        if num_gpus and cfg.parallel.world_size + engine_gpus > num_gpus:
+            raise ValueError(f"{recipe} needs {cfg.parallel.world_size + engine_gpus} GPUs (TP x PP x DP"
+                             f"{' + engines x rollout TP' if engine_gpus else ''}), the cluster has {num_gpus}")
         result = plan(cfg, arch_for(model_path=cfg.model.path, model=args.model), assumptions=assumptions, num_gpus=num_gpus)
         print(format_plan(Path(recipe).stem, result, assumptions), flush=True)
         try:

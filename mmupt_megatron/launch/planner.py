@@ -1,39 +1,61 @@
-"""``mmupt plan``: per-GPU memory, refit bytes and FLOPs per step of a recipe on H100s, and a step-time range.
+"""``mmupt plan``: per-GPU memory, refit bytes and time, FLOPs and a step-time range of a recipe on H100s,
+for the layout the code builds.
 
-Layout assumed (the colocated schedule of NeMo-RL / verl): the Megatron policy and the vLLM engines share every
-GPU. While vLLM generates, Megatron keeps its bf16 weights (the refit source) and has its gradients, optimizer
-and reference model offloaded; while Megatron trains, vLLM sleeps (weights offloaded, KV cache freed).
+Layout: the policy has TP x PP x DP ranks, one GPU each; rollout runs on ``cfg.num_engines()`` vLLM engines
+(rollout.num_engines; auto = one per rollout.tensor_parallel_size policy GPUs when colocated, else 1) of
+rollout.tensor_parallel_size GPUs each. Colocated (trainer.colocate), the engines share the policy's GPUs and
+the memory schedule alternates: during rollout the policy's weights, gradients, optimizer state and the
+reference model are offloaded to CPU and the engine's weights + KV cache hold the GPU; the engine then
+sleeps (weights to CPU, KV cache freed) while the policy onloads, computes old / reference log-probs (the
+reference is resident only then), and trains. Not colocated, the engines have GPUs of their own (TP x PP x DP
++ engines x engine TP in all) and the policy stays resident.
 
-Memory per GPU (GiB), training phase, on the fuller of the first and last pipeline stage:
+Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   stage params P = layers/PP x layer/TP + embedding/TP (first) | lm_head/TP (last) + the ViT (first; the vision
   tower is replicated on every TP rank). weights 2P (bf16), grads 4P (fp32 main grads), optimizer 12P / DP
-  (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P, the
-  reference policy 2P (when algorithm.loss.kl_coef > 0).
-  Activations per micro-batch (bf16, tensor + sequence parallel, flash attention: no s^2 term), per token and
-  layer: attention 8h + 4kv bytes (norm in, QKV in, Q/K/V, attention out) + MLP 4h + 6f bytes (norm in, fc1 in,
-  gate/up out, SwiGLU out) = (12h + 4kv + 6f) / TP; with model.gradient_checkpointing only the layer input
-  (2h / TP) stays, plus one layer being recomputed. The first stage holds min(PP, micro-batches) micro-batches
-  (1F1B). Tokens per micro-batch = micro_batch_size x (max_prompt_length + max_new_tokens) (the padded worst
-  case). The ViT (not TP-sharded) adds (16v + 6f_v) bytes per patch and layer (2v with recomputation), patches =
-  micro_batch_size x data.max_pixels / 14^2. The last stage holds logits: tokens x vocab/TP x 6 bytes (bf16
-  logits + fp32 log-softmax). Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation).
-Rollout phase: Megatron's bf16 weights + 4 GiB + vLLM's pool (rollout.gpu_memory_utilization x 80 GiB), which
-holds the engine's weights (2 bytes x params / rollout TP), 2 GiB of activations, and the KV cache.
-FLOPs per step: rollout 2 x params x (generated tokens + prompt tokens, prefilled once per prompt) + log-prob
-forwards 2 x params x trained tokens (old policy, and reference when KL is on) + training 6 x params x trained
-tokens x ppo_epochs (recomputation and attention-score FLOPs excluded, as in MFU accounting). Step time =
-FLOPs / (GPUs x 989 TFLOP/s (H100 SXM bf16 dense) x MFU) + refit, MFU 16-23% (EasyR1's measured actor MFU on
-8xH100) unless given.
+  (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P.
+  Log-prob phase: those + the reference policy 2P (when algorithm.loss.kl_coef > 0) + forward-only logits.
+  Training phase: those + activations (the reference is offloaded).
+  Activations per micro-batch (bf16, tensor parallel without sequence parallelism: the code does not enable
+  it, so the residual stream is whole on every TP rank; flash attention: no s^2 term), per token and layer:
+  attention 4h + (4h + 4kv)/TP bytes (norm in, QKV in | Q, K/V, attention out) + MLP 4h + 6f/TP bytes (norm
+  in, fc1 in | gate/up out, SwiGLU out); with model.gradient_checkpointing only the
+  layer input (2h) stays, plus one layer being recomputed. The first stage holds min(PP, micro-batches)
+  micro-batches (1F1B). Tokens per micro-batch = micro_batch_size x (max_prompt_length + max_new_tokens) (the
+  padded worst case). The ViT (not TP-sharded) adds (16v + 6f_v) bytes per patch and layer (2v with
+  recomputation), patches = micro_batch_size x data.max_pixels / 14^2. The last stage's backward peaks with
+  the logits: tokens x vocab/TP x 5.5 bytes (measured 5.0-6.1: the output layer's bf16 [T, B, V] logits,
+  their [B, T, V] copy, and more) + the output layer's bf16 weight gradient (2 x vocab/TP x h) before it is added to its
+  fp32 main grad; with recomputation, whichever is larger of that and one recomputed layer. Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation). Checked against the real
+  code built at full size on fake tensors: ``mmupt_megatron/launch/fake_rank.py``.
+Rollout phase (engine GPUs): 4 GiB + vLLM's pool (rollout.gpu_memory_utilization x 80 GiB), which holds the
+engine's weights (2 bytes x params / rollout TP), 2 GiB of activations, and the KV cache; colocated, the
+policy's memory is on CPU then; not colocated, engine GPUs hold only the engine.
+Refit: every engine receives 2 bytes x params, all engines at once; each transport at its own bandwidth:
+CUDA IPC (colocated: each GPU copies its engine shard from the policy's memory, device-memcpy rate), NCCL
+broadcast (engines on other GPUs / nodes: network rate), shared memory (CPU machines).
+Step time: rollout = prefill (2 x params x prompt tokens, once per prompt, compute-bound at the MFU range)
++ decode, memory-bandwidth bound: each decode step of an engine reads its weight shard and the KV cache of
+its running sequences from HBM (3.35 TB/s on H100 SXM, at 50-80% efficiency), one token per running
+sequence per step, running sequences = min(the engine's share, vLLM's max_num_seqs 256, what the KV cache
+holds at mean length); the step's longest response (rollout.max_new_tokens) adds its tail beyond the mean. Log-prob forwards 2 x params x trained tokens (old policy, and reference when KL is
+on) + training 6 x params x trained tokens x ppo_epochs at MFU 16-23% of 989 TFLOP/s (EasyR1's measured
+actor MFU on 8xH100), recomputation and attention-score FLOPs excluded. + refit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mmupt_megatron.config import Config
 from mmupt_megatron.launch.arch import QwenVLArch
 
 GIB = 2**30
+LOGIT_BYTES = 5.5
+"""Bytes per logit entry at the backward's peak, measured on the real code (fake_rank.py): the output layer's
+bf16 [T, B, V] logits and their [B, T, V] copy (4) plus 1.0 (3B: TP 1, tied embeddings) to 2.1 (7B: TP 2,
+untied); their gradients replace them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +70,17 @@ class PlanAssumptions:
     """Mean prompt length (image tokens included) for FLOPs; memory uses rollout.max_prompt_length."""
     mean_response_tokens: int = 512
     """Mean response length for FLOPs; memory uses rollout.max_new_tokens."""
-    refit_gb_per_s: tuple[float, float] = (25.0, 40.0)
-    """Effective refit bandwidth: NeMo-RL moves Qwen3-4B (~8 GB bf16) in 0.21-0.34 s."""
+    refit_gb_per_s: dict[str, tuple[float, float]] = field(default_factory=lambda: {
+        "cuda_ipc": (600.0, 1500.0), "nccl": (25.0, 50.0), "shm": (2.0, 10.0)})
+    """Refit bandwidth (GB/s, low-high) per transport: CUDA IPC ~ a device-to-device copy (H100 ~3 TB/s HBM,
+    read + write), NCCL broadcast ~ the network (400 Gb/s InfiniBand per GPU = 50 GB/s; NeMo-RL moves Qwen3-4B,
+    ~8 GB, in 0.21-0.34 s: 25-40 GB/s), host shared memory ~ CPU memcpy."""
+    hbm_gb_per_s: float = 3350.0
+    """H100 SXM HBM3 bandwidth: decode is bound by it."""
+    decode_efficiency: tuple[float, float] = (0.5, 0.8)
+    """Share of the HBM bandwidth a decode step achieves (low-high)."""
+    max_num_seqs: int = 256
+    """vLLM's default cap on running sequences per engine."""
     overhead_gib: float = 4.0
     """CUDA context, NCCL buffers, allocator fragmentation."""
     vllm_activation_gib: float = 2.0
@@ -63,8 +94,15 @@ class Plan:
     train_gib: dict[str, float] = field(default_factory=dict)
     rollout_gib: dict[str, float] = field(default_factory=dict)
     kv_sequences: float = 0.0
+    logprob_gib: dict[str, float] = field(default_factory=dict)
+    activation_parts: dict[str, float] = field(default_factory=dict)
+    """The first stage's activation GiB by part: language model, vision tower, logits."""
+    num_engines: int = 1
+    colocated: bool = True
+    refit_transport: str = "cuda_ipc"
     refit_gb: float = 0.0
     refit_s: tuple[float, float] = (0.0, 0.0)
+    rollout_s: tuple[float, float] = (0.0, 0.0)
     flops: dict[str, float] = field(default_factory=dict)
     step_s: tuple[float, float] = (0.0, 0.0)
     problems: list[str] = field(default_factory=list)
@@ -104,58 +142,87 @@ def _stage_params(cfg: Config, arch: QwenVLArch) -> tuple[float, float]:
     return first, last
 
 
-def _activation_gib(cfg: Config, arch: QwenVLArch) -> tuple[float, float, float]:
-    """(first-stage LM + ViT, last-stage LM, logits) activation GiB for the in-flight micro-batches."""
+def _tokens(cfg: Config) -> int:
+    """Tokens of one micro-batch at full length (the padded worst case)."""
+    return cfg.trainer.micro_batch_size * (cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens)
+
+
+def _activation_gib(cfg: Config, arch: QwenVLArch) -> tuple[float, float, dict[str, float]]:
+    """Activation GiB of the first and the last pipeline stage (equal objects when PP = 1), and the first
+    stage's parts: language model (what the in-flight micro-batches keep for the backward), vision tower, and
+    the backward's peak on top of them (the logits stage: logits + the largest weight's bf16 gradient before it
+    reaches its fp32 main grad; or one recomputed layer, whichever is larger)."""
     p, r, t = cfg.parallel, cfg.rollout, cfg.trainer
     tp, pp, gc = p.tensor_parallel_size, p.pipeline_parallel_size, cfg.model.gradient_checkpointing
-    tokens = t.micro_batch_size * (r.max_prompt_length + r.max_new_tokens)
+    tokens = _tokens(cfg)
     h, kv, f = arch.hidden, arch.kv_dim, arch.ffn
-    full_layer = (12 * h + 4 * kv + 6 * f) / tp
-    saved_layer = 2 * h / tp if gc else full_layer
+    full_layer = 8 * h + (4 * h + 4 * kv + 6 * f) / tp
+    saved_layer = 2 * h if gc else full_layer
     layers = arch.layers / pp
     microbatches = max(1, t.prompts_per_update * r.n // p.data_parallel_size // t.micro_batch_size)
     inflight = min(pp, microbatches)
-    lm_one = tokens * (layers * saved_layer + (full_layer if gc else 0))
+    lm_saved = tokens * layers * saved_layer
+    recompute = tokens * full_layer if gc else 0.0
     v, vf = arch.vit_hidden, arch.vit_ffn
     patches = t.micro_batch_size * cfg.data.max_pixels / arch.vit_patch**2
     vit_full = 16 * v + 6 * vf
     vit = patches * (arch.vit_layers * (2 * v if gc else vit_full) + (vit_full if gc else 0))
-    logits = tokens * arch.vocab / tp * 6
-    return (inflight * (lm_one + vit)) / GIB, lm_one / GIB, logits / GIB
+    head_peak = tokens * arch.vocab / tp * LOGIT_BYTES + 2 * arch.vocab / tp * h
+    first_peak = max(recompute, head_peak) if pp == 1 else recompute
+    first = inflight * (lm_saved + vit) + first_peak
+    last = lm_saved + max(recompute, head_peak)
+    parts = {"language model": inflight * lm_saved, "vision tower": inflight * vit, "backward peak": first_peak}
+    return first / GIB, last / GIB, {k: v / GIB for k, v in parts.items()}
 
 
 def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAssumptions(), num_gpus: int = 0) -> Plan:
-    """The estimates for ``cfg`` on ``num_gpus`` (default TP x PP x DP) H100s; ``problems`` lists shortfalls."""
+    """The estimates for ``cfg`` on ``num_gpus`` H100s (default: TP x PP x DP, plus the engines' GPUs when not
+    colocated); ``problems`` lists shortfalls."""
     a, p, r, t = assumptions, cfg.parallel, cfg.rollout, cfg.trainer
     gpus = num_gpus or p.world_size
     out = Plan(arch=arch, num_gpus=gpus, problems=_topology_problems(cfg, arch))
     first, last = _stage_params(cfg, arch)
-    act_first, act_last, logits = _activation_gib(cfg, arch)
-    stages = [(first, act_first + (logits if p.pipeline_parallel_size == 1 else 0))]
+    act_first, act_last, out.activation_parts = _activation_gib(cfg, arch)
+    stages = [(first, act_first)]
     if p.pipeline_parallel_size > 1:
-        stages.append((last, act_last + logits))
+        stages.append((last, act_last))
+    logits = _tokens(cfg) * arch.vocab / p.tensor_parallel_size / GIB
     dp_shards = p.data_parallel_size if p.distributed_optimizer else 1
 
-    def train_rows(params: float, activations: float) -> dict[str, float]:
+    def state_rows(params: float) -> dict[str, float]:
         rows = {"weights (bf16)": 2 * params, "grads (fp32)": 4 * params, "optimizer (fp32 x3 / DP)": 12 * params / dp_shards}
         if cfg.model.fp8:
             rows["fp8 weight copies"] = params
-        if cfg.algorithm.loss.kl_coef > 0:
-            rows["reference (bf16)"] = 2 * params
-        rows = {k: v / GIB for k, v in rows.items()}
-        return rows | {"activations": activations, "overhead": a.overhead_gib}
+        return {k: v / GIB for k, v in rows.items()}
 
-    out.train_gib = max((train_rows(*s) for s in stages), key=lambda rows: sum(rows.values()))
-    params_gpu = max(first, last)
+    out.train_gib = max(
+        (state_rows(params) | {"activations": act, "overhead": a.overhead_gib} for params, act in stages),
+        key=lambda rows: sum(rows.values()),
+    )
+    forward_logits = logits * 2 * 2  # forward only: bf16 logits and their [B, T, V] copy
+    out.logprob_gib = max(
+        (state_rows(params) | ({"reference (bf16)": 2 * params / GIB} if cfg.algorithm.loss.kl_coef > 0 else {})
+         | {"forward logits": forward_logits, "overhead": a.overhead_gib} for params, _ in stages),
+        key=lambda rows: sum(rows.values()),
+    )
+    out.colocated = t.colocate
+    out.num_engines = cfg.num_engines()
+    if not num_gpus:
+        gpus = p.world_size if t.colocate else p.world_size + out.num_engines * r.tensor_parallel_size
+        out.num_gpus = gpus
     seq_len = r.max_prompt_length + r.max_new_tokens
     engine_weights = 2 * arch.total_params / r.tensor_parallel_size / GIB
     pool = r.gpu_memory_utilization * a.gpu_memory_gib
     kv_gib = pool - engine_weights - a.vllm_activation_gib
-    out.kv_sequences = kv_gib * GIB / (arch.kv_bytes_per_token(tp=r.tensor_parallel_size) * seq_len)
-    out.rollout_gib = {"policy weights (bf16)": 2 * params_gpu / GIB, "overhead": a.overhead_gib,
-                       "vLLM weights": engine_weights, "vLLM activations": a.vllm_activation_gib, "vLLM KV cache": kv_gib}
+    kv_token = arch.kv_bytes_per_token(tp=r.tensor_parallel_size)
+    out.kv_sequences = kv_gib * GIB / (kv_token * seq_len)
+    out.rollout_gib = {"overhead": a.overhead_gib, "vLLM weights": engine_weights,
+                       "vLLM activations": a.vllm_activation_gib, "vLLM KV cache": kv_gib}
     out.refit_gb = 2 * arch.total_params / 1e9
-    out.refit_s = (out.refit_gb / a.refit_gb_per_s[1], out.refit_gb / a.refit_gb_per_s[0])
+    out.refit_transport = "cuda_ipc" if t.colocate else "nccl"
+    low_bw, high_bw = a.refit_gb_per_s[out.refit_transport]
+    per_gpu_gb = out.refit_gb / r.tensor_parallel_size if t.colocate else out.refit_gb  # IPC: each GPU its shard
+    out.refit_s = (per_gpu_gb / high_bw, per_gpu_gb / low_bw)
 
     n_params, seqs = arch.total_params, t.prompts_per_step * r.n
     prompt_tokens, response_tokens = min(a.mean_prompt_tokens, r.max_prompt_length), min(a.mean_response_tokens, r.max_new_tokens)
@@ -166,9 +233,25 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
         "log-prob forwards": 2 * n_params * trained * passes,
         "training": 6 * n_params * trained * cfg.algorithm.ppo_epochs,
     }
-    rate = gpus * a.peak_tflops * 1e12
-    total = sum(out.flops.values())
-    out.step_s = (total / (rate * a.mfu[1]) + out.refit_s[0], total / (rate * a.mfu[0]) + out.refit_s[1])
+    # Decode: memory-bandwidth bound. Per engine, `running` sequences advance one token per step; a step reads
+    # the engine's weight shard and the running sequences' KV cache (mean context: prompt + half the response).
+    per_engine = math.ceil(seqs / out.num_engines)
+    mean_context = prompt_tokens + response_tokens / 2
+    fits = max(1, int(kv_gib * GIB / (kv_token * (prompt_tokens + response_tokens)))) if kv_gib > 0 else 1
+    running = max(1, min(per_engine, a.max_num_seqs, fits))
+    step_bytes = 2 * n_params / r.tensor_parallel_size + running * mean_context * kv_token
+    # continuous batching keeps `running` sequences busy until the last ones, and the step ends with its longest
+    # response (up to max_new_tokens): the tail beyond the mean runs at the same per-step cost
+    steps = math.ceil(per_engine * response_tokens / running) + (r.max_new_tokens - response_tokens)
+    decode = [steps * step_bytes / (a.hbm_gb_per_s * 1e9 * eff) for eff in a.decode_efficiency]
+    engine_gpus = out.num_engines * r.tensor_parallel_size
+    prefill_flops = 2 * n_params * t.prompts_per_step * prompt_tokens
+    prefill = [prefill_flops / (engine_gpus * a.peak_tflops * 1e12 * mfu) for mfu in a.mfu]
+    out.rollout_s = (decode[1] + prefill[1], decode[0] + prefill[0])
+    policy_rate = p.world_size * a.peak_tflops * 1e12
+    train_flops = out.flops["log-prob forwards"] + out.flops["training"]
+    out.step_s = (out.rollout_s[0] + train_flops / (policy_rate * a.mfu[1]) + out.refit_s[0],
+                  out.rollout_s[1] + train_flops / (policy_rate * a.mfu[0]) + out.refit_s[1])
 
     cap = a.gpu_memory_gib
     if out.train_total > cap:
@@ -178,11 +261,15 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
             f"{rows}); raise parallel.tensor/pipeline/data_parallel_size, set model.gradient_checkpointing=true or "
             "lower trainer.micro_batch_size"
         )
+    logprob_total = sum(out.logprob_gib.values())
+    if logprob_total > cap:
+        rows = ", ".join(f"{k} {v:.1f}" for k, v in out.logprob_gib.items())
+        out.problems.append(f"log-prob phase needs {logprob_total:.1f} GiB per GPU > {cap:g} GiB ({rows})")
     if out.rollout_total > cap + 1e-9:
         out.problems.append(
-            f"rollout phase needs {out.rollout_total:.1f} GiB per GPU > {cap:g} GiB: policy weights "
-            f"{2 * params_gpu / GIB:.1f} + overhead {a.overhead_gib:g} + vLLM pool {pool:.1f} "
-            f"(rollout.gpu_memory_utilization={r.gpu_memory_utilization}); lower rollout.gpu_memory_utilization"
+            f"rollout phase needs {out.rollout_total:.1f} GiB per GPU > {cap:g} GiB: overhead {a.overhead_gib:g} + "
+            f"vLLM pool {pool:.1f} (rollout.gpu_memory_utilization={r.gpu_memory_utilization}); lower "
+            "rollout.gpu_memory_utilization"
         )
     if out.kv_sequences < 1:
         out.problems.append(

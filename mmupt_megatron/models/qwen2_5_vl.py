@@ -7,14 +7,15 @@
   Qwen2.5-VL encoder), replicated on every TP rank of the first pipeline stage; its merged features
   replace the embeddings at the ``<|image_pad|>`` positions.
 - ``select_layer_spec`` is the single place that picks Transformer Engine (GPU, FP8 on Hopper) or
-  Megatron's local torch layers (CPU).
+  Megatron's local torch layers (CPU); ``fp8_problems`` / ``check_fp8`` refuse ``model.fp8`` where it
+  cannot run (no TE, no Hopper), and ``fp8_sequence_multiple`` is the padding FP8 needs.
 - Forward returns the vocab-parallel logits shard [B, T, V_local] on the last pipeline stage (padded
   vocabulary entries masked to the dtype minimum); ``gather_logits`` assembles full logits for tests.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 from typing import Any
 
 import torch
@@ -25,38 +26,84 @@ from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.hf_config import LMArch
 from mmupt_megatron.models.mapping import MEG_LM_PREFIX, padded_vocab_size
 
-logger = logging.getLogger(__name__)
 _TE_NORM_KEYS = {  # TE fuses the norms into the next linear; checkpoints always use the local names.
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
 
-def _transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+FP8_MIN_CAPABILITY = {"delayed": (9, 0), "tensorwise": (9, 0), "blockwise": (9, 0), "mxfp8": (10, 0)}
+"""Oldest GPU (CUDA compute capability) each ``model.fp8_recipe`` runs on: Hopper, or Blackwell for MX."""
+FP8_SEQUENCE_MULTIPLE = 16
+"""Transformer Engine's FP8 GEMMs need token counts divisible by 16 (times TP: sequence-parallel shards)."""
+
+
+def _importable(module: str) -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module(module)
     except (ImportError, RuntimeError):
         return False
     return True
 
 
-def select_layer_spec(*, fp8: bool = False) -> tuple[Any, str | None]:
-    """(layer spec, fp8 mode). Transformer Engine when a GPU and TE are present, FP8 ("hybrid", delayed
-    scaling) only if requested and the GPU is Hopper or newer; Megatron's local torch spec otherwise."""
+def _transformer_engine_importable() -> bool:
+    return _importable("transformer_engine")
+
+
+def _transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and _transformer_engine_importable()
+
+
+def fp8_problems(fp8: bool, recipe: str = "delayed") -> list[str]:
+    """Why ``model.fp8`` cannot run here ([] when it can or is off). Cheap: checked before any model loads."""
+    if not fp8:
+        return []
+    if recipe not in FP8_MIN_CAPABILITY:
+        return [f"model.fp8_recipe must be one of {', '.join(FP8_MIN_CAPABILITY)}, got {recipe!r}"]
+    out = []
+    if not torch.cuda.is_available():
+        out.append("model.fp8=true needs a CUDA GPU (Hopper or newer) but none is visible; set model.fp8=false")
+    else:
+        need, have = FP8_MIN_CAPABILITY[recipe], torch.cuda.get_device_capability()
+        if tuple(have) < need:
+            out.append(
+                f"model.fp8=true with model.fp8_recipe={recipe} needs compute capability >= {need[0]}.{need[1]} but "
+                f"{torch.cuda.get_device_name()} has {have[0]}.{have[1]}; set model.fp8=false"
+            )
+    if not _transformer_engine_importable():
+        out.append("model.fp8=true needs Transformer Engine, which does not import here (pip install -e .[gpu])")
+    return out
+
+
+def check_fp8(fp8: bool, recipe: str = "delayed") -> None:
+    """ValueError naming ``model.fp8`` when FP8 was asked for and this machine cannot run it."""
+    problems = fp8_problems(fp8, recipe)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def fp8_sequence_multiple(config: Any) -> int:
+    """What a Megatron TransformerConfig needs sequence lengths to be a multiple of (1: anything)."""
+    return FP8_SEQUENCE_MULTIPLE * config.tensor_model_parallel_size if config.fp8 else 1
+
+
+def select_layer_spec(*, fp8: bool = False, fp8_recipe: str = "delayed", layer_spec: str = "auto") -> tuple[Any, str | None]:
+    """(layer spec, fp8 mode). ``layer_spec``: auto (Transformer Engine when a GPU and TE are present,
+    Megatron's local torch spec otherwise), te or local. FP8 ("hybrid": E4M3 forward, E5M2 backward) when
+    asked, else None. FP8 where it cannot run (no TE, no Hopper) is a ValueError naming model.fp8, not a
+    silent fallback."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if _transformer_engine_available():
-        fp8_mode = None
-        if fp8:
-            if torch.cuda.get_device_capability()[0] >= 9:
-                fp8_mode = "hybrid"
-            else:
-                logger.warning("fp8 requested but %s is not Hopper or newer: using bf16", torch.cuda.get_device_name())
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), fp8_mode
-    if fp8:
-        logger.warning("fp8 requested but Transformer Engine / a GPU is unavailable: using the local spec")
+    if layer_spec not in ("auto", "te", "local"):
+        raise ValueError(f"layer_spec must be auto, te or local, got {layer_spec!r}")
+    check_fp8(fp8, fp8_recipe)
+    te = _transformer_engine_available() if layer_spec == "auto" else layer_spec == "te"
+    if te and not _transformer_engine_available():
+        raise ValueError("layer_spec=te needs a CUDA GPU and Transformer Engine")
+    if fp8 and not te:
+        raise ValueError("model.fp8=true needs the Transformer Engine layer spec, not the local one")
+    if te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), "hybrid" if fp8 else None
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), None
 
 
@@ -70,7 +117,9 @@ def uses_te_spec(spec: Any) -> bool:
 
 
 def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype, fp8_mode: str | None,
-                       init_weights: bool) -> Any:
+                       init_weights: bool, fp8_recipe: str = "delayed", recompute: bool = False) -> Any:
+    """Megatron's config for ``arch``; ``recompute`` (model.gradient_checkpointing) keeps only each layer's
+    input for the backward and recomputes the layer (full, uniform, one layer per checkpoint)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cpu = not torch.cuda.is_available()
@@ -98,16 +147,21 @@ def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dty
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         fp8=fp8_mode,
-        fp8_recipe="delayed" if fp8_mode else None,
+        fp8_recipe=fp8_recipe,
         use_cpu_initialization=cpu,
         perform_initialization=init_weights,
         # Fusions need CUDA kernels; off on CPU (STACK.md item 4).
         bias_activation_fusion=not cpu,
-        masked_softmax_fusion=not cpu,
+        # Megatron's fused softmax needs its compiled kernel (apex / megatron's build), absent from plain pip
+        # installs: with the kernel missing, shapes it accepts would fail at `import scaled_masked_softmax_cuda`.
+        masked_softmax_fusion=not cpu and _importable("scaled_masked_softmax_cuda"),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=not cpu,
         persist_layer_norm=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -116,7 +170,8 @@ class Qwen2_5_VLModel(torch.nn.Module):
     composes one, so checkpoints carry ``language_model.*`` and ``vision_model.*`` keys."""
 
     def __init__(self, arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
-                 init_weights: bool = True, fp8: bool = False) -> None:
+                 init_weights: bool = True, fp8: bool = False, fp8_recipe: str = "delayed",
+                 layer_spec: str = "auto", recompute: bool = False) -> None:
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
@@ -127,11 +182,12 @@ class Qwen2_5_VLModel(torch.nn.Module):
             world_size=groups.world_size, num_attention_heads=arch.num_attention_heads,
             num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
         )
-        spec, fp8_mode = select_layer_spec(fp8=fp8)
+        spec, fp8_mode = select_layer_spec(fp8=fp8, fp8_recipe=fp8_recipe, layer_spec=layer_spec)
         self.te_spec = uses_te_spec(spec)
         self.arch = arch
         self.groups = groups
-        self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights)
+        self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights,
+                                         fp8_recipe=fp8_recipe, recompute=recompute)
         self.padded_vocab = padded_vocab_size(arch.vocab_size, tp=groups.dims.tp)
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
@@ -263,7 +319,15 @@ def build_vision_tower(arch: LMArch, *, dtype: torch.dtype) -> torch.nn.Module:
     assert arch.vision_config is not None
     config = Qwen2_5_VLVisionConfig(**{k: v for k, v in arch.vision_config.items() if k != "model_type"})
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Qwen2_5_VisionTransformerPretrainedModel(config).to(device=device, dtype=dtype)
+    # Built in place in its dtype and on its device, as transformers' from_pretrained does (buffers created
+    # with an explicit fp32 dtype, the rotary inv_freq, stay fp32); no .to(), which fake tensors cannot take.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen2_5_VisionTransformerPretrainedModel(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def gather_logits(local_logits_BTV: torch.Tensor, groups: ParallelGroups, *, vocab_size: int) -> torch.Tensor:

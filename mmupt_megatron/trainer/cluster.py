@@ -155,7 +155,7 @@ class Cluster:
         if engine_tp > 1 and not on_gpu:
             raise ValueError(f"rollout.tensor_parallel_size={engine_tp}: tensor-parallel engines need GPUs, and this "
                              "Ray cluster has none; use 1")
-        self.num_engines = cfg.rollout.engines(world, self.colocated)
+        self.num_engines = cfg.num_engines()
         devices = cfg.devices()
         have = ray.cluster_resources().get("GPU", 0)
         if on_gpu and have < devices:
@@ -183,6 +183,8 @@ class Cluster:
                 rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
                 model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed,
                 backend=None if p.backend == "auto" else p.backend,
+                model_options={"fp8": cfg.model.fp8, "fp8_recipe": cfg.model.fp8_recipe,
+                               "recompute": cfg.model.gradient_checkpointing},
             )
             for rank in range(world)
         ]

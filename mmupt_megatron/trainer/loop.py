@@ -29,6 +29,7 @@ from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_f
 from mmupt_megatron.data.sampler import ResumableSampler
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.eval.evaluator import evaluate, held_out_items
+from mmupt_megatron.models.qwen2_5_vl import check_fp8
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
@@ -55,6 +56,7 @@ class StepTimer:
 
 class Trainer:
     def __init__(self, cfg: Config, *, cluster: Any = None) -> None:
+        check_fp8(cfg.model.fp8, cfg.model.fp8_recipe)  # the machine can run the config: first of all
         check_before_start(cfg)  # model, layout, output folder, resume: before Ray starts
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")

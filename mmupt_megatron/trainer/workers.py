@@ -162,9 +162,11 @@ class PolicyWorker:
         num_threads: int = 1,
         local_rank: int | None = None,
         backend: str | None = None,
+        model_options: dict[str, Any] | None = None,
     ) -> None:
         """``local_rank``: the device index in this process (default: the GPU Ray assigned this actor);
-        ``backend``: torch.distributed's (default: ``init_parallel``'s choice for the device)."""
+        ``backend``: torch.distributed's (default: ``init_parallel``'s choice for the device);
+        ``model_options``: ``build_model``'s fp8 / fp8_recipe / recompute (model.* keys)."""
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(ray_local_device() if local_rank is None else local_rank),
@@ -181,12 +183,12 @@ class PolicyWorker:
         self.groups = init_parallel(dims, seed=seed, backend=backend)
         self.arch = load_arch(model_dir)
         dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
-        model = build_model(self.arch, self.groups, dtype=dtype)
+        model = build_model(self.arch, self.groups, dtype=dtype, **(model_options or {}))
         load_hf_weights(model, model_dir)
         self.policy = MegatronPolicy(model, self.groups, optim)
         self.reference = None
         if with_reference:
-            reference = build_model(self.arch, self.groups, dtype=dtype)
+            reference = build_model(self.arch, self.groups, dtype=dtype, **(model_options or {}))
             load_hf_weights(reference, model_dir)
             reference.requires_grad_(False)
             # forward-only: plain SGD with lr 0 keeps its optimizer stateless

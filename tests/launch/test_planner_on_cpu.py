@@ -1,6 +1,8 @@
 """The planner against hand-computed numbers, the model cards' parameter counts, EasyR1's published step time,
 and its refusals of recipes that cannot fit in 80 GiB."""
 
+import re
+
 import pytest
 
 from mmupt_megatron.cli import main
@@ -32,14 +34,22 @@ def test_seven_b_tp2_dp4_against_hand_computed_values():
     assert p.train_gib["weights (bf16)"] == pytest.approx(2 * per_gpu / GIB)
     assert p.train_gib["grads (fp32)"] == pytest.approx(4 * per_gpu / GIB)
     assert p.train_gib["optimizer (fp32 x3 / DP)"] == pytest.approx(12 * per_gpu / 4 / GIB)
-    assert p.train_gib["reference (bf16)"] == pytest.approx(2 * per_gpu / GIB)
+    assert p.logprob_gib["reference (bf16)"] == pytest.approx(2 * per_gpu / GIB)  # resident for log-probs only
+    assert "reference (bf16)" not in p.train_gib
     tokens = 2 * 4096
-    lm = tokens * (28 * 2 * 3584 / 2 + (12 * 3584 + 4 * 512 + 6 * 18944) / 2)  # saved inputs + one recomputed layer
+    # no sequence parallelism: layer inputs whole (2h per layer); the backward peaks with the logits (5.5 bytes per
+    # entry, measured 5.0-6.1) + the output layer's bf16 weight gradient, larger than one recomputed layer
+    # 8h + (4h + 4kv + 6f) / TP
+    lm = tokens * 28 * 2 * 3584
+    head = tokens * 152064 / 2 * 5.5 + 2 * 152064 / 2 * 3584
+    assert head > tokens * (8 * 3584 + (4 * 3584 + 4 * 512 + 6 * 18944) / 2)
     patches = 2 * 1003520 / 14**2
     vision = patches * (32 * 2 * 1280 + 16 * 1280 + 6 * 3420)
-    logits = tokens * 152064 / 2 * 6
-    assert p.train_gib["activations"] == pytest.approx((lm + vision + logits) / GIB)
-    assert p.train_total == pytest.approx(55.96, abs=0.01)
+    assert p.train_gib["activations"] == pytest.approx((lm + vision + head) / GIB)
+    assert p.train_total == pytest.approx(48.0, abs=0.05)
+    # 4 engines of TP 2 share the 8 policy GPUs; during rollout the policy is on CPU
+    assert (p.num_engines, p.num_gpus, p.colocated, p.refit_transport) == (4, 8, True, "cuda_ipc")
+    assert set(p.rollout_gib) == {"overhead", "vLLM weights", "vLLM activations", "vLLM KV cache"}
     # vLLM TP2: weights 2 bytes x params / 2; KV per token 2 x 28 layers x 2 KV heads x 128 x 2 bytes
     kv_gib = 0.5 * 80 - 8_292_166_656 / GIB - 2
     assert p.kv_sequences == pytest.approx(kv_gib * GIB / (2 * 28 * 2 * 128 * 2 * 4096))
@@ -48,7 +58,23 @@ def test_seven_b_tp2_dp4_against_hand_computed_values():
     assert p.flops["log-prob forwards"] == 2 * 2 * n * trained  # old policy + reference
     assert p.flops["rollout"] == 2 * n * (5120 * 512 + 512 * 512)
     assert p.refit_gb == pytest.approx(2 * n / 1e9)
+    # IPC: each GPU copies its TP-2 shard of the weights at 600-1500 GB/s
+    assert p.refit_s == pytest.approx((2 * n / 2 / 1500e9, 2 * n / 2 / 600e9))
+    # decode: 1280 sequences per engine, 256 running; a step reads 8.29 GB of weights + 256 x 768 tokens of KV
+    step_bytes = 2 * n / 2 + 256 * 768 * (2 * 28 * 2 * 128 * 2)
+    decode_fast = (5 * 512 + 2048 - 512) * step_bytes / (3350e9 * 0.8)  # 5 waves + the longest response's tail
+    prefill_fast = 2 * n * 512 * 512 / (8 * 989e12 * 0.23)
+    assert p.rollout_s[0] == pytest.approx(decode_fast + prefill_fast)
     assert not p.problems
+
+
+def test_engines_on_their_own_gpus_hold_the_policy_resident():
+    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2", ["trainer.colocate=false", "rollout.num_engines=2"])
+    p = plan(cfg, QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert (p.num_engines, p.num_gpus, p.refit_transport) == (2, 8 + 2 * 2, "nccl")
+    assert p.refit_s == pytest.approx((2 * 8_292_166_656 / 50e9, 2 * 8_292_166_656 / 25e9))
+    colocated = plan(load_config("qwen2_5_vl_7b_1n8g_tp2"), QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert p.rollout_s[0] > colocated.rollout_s[0]  # 2 engines decode what 4 did
 
 
 def test_easyr1_seven_b_step_time():
@@ -86,15 +112,41 @@ def test_recipes_that_cannot_fit_are_refused(recipe, overrides, short):
 
 
 def test_rollout_pool_too_large_is_refused():
-    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2", ["rollout.gpu_memory_utilization=0.9"])
+    # the policy is on CPU during rollout (colocated), so only a pool over 80 GiB - 4 GiB of overhead is refused
+    assert not plan(load_config("qwen2_5_vl_7b_1n8g_tp2", ["rollout.gpu_memory_utilization=0.9"]),
+                    QWEN2_5_VL["qwen2.5-vl-7b"]).problems
+    cfg = load_config("qwen2_5_vl_7b_1n8g_tp2", ["rollout.gpu_memory_utilization=1.0"])
     p = plan(cfg, QWEN2_5_VL["qwen2.5-vl-7b"])
-    assert any("rollout phase needs" in m and "rollout.gpu_memory_utilization=0.9" in m for m in p.problems)
+    assert any("rollout phase needs" in m and "rollout.gpu_memory_utilization=1.0" in m for m in p.problems)
 
 
 def test_cli_prints_the_table_and_refuses_with_exit_code_2(capsys):
     assert main(["plan", "qwen2_5_vl_7b_1n8g_tp2"]) == 0
     out = capsys.readouterr().out
-    assert "training phase, per GPU (GiB)" in out and "step time" in out
+    assert "training phase, per GPU (GiB)" in out and "step time" in out and "4 vLLM engine(s) colocated" in out
+    assert "over cuda_ipc" in out and "log-prob phase" in out
     code = main(["plan", "qwen2_5_vl_72b_4n8g_tp8pp4", "parallel.pipeline_parallel_size=2", "parallel.data_parallel_size=1"])
     assert code == 2
     assert "cannot run on 16 x qwen2.5-vl-72b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", SCALING)
+def test_recipe_comments_match_what_the_code_builds(recipe):
+    cfg = load_config(recipe)
+    header = (CONFIG_DIR / f"{recipe}.yaml").read_text().split("defaults:")[0]
+    found = re.search(r"Megatron TP=(\d+) x PP=(\d+) x DP=(\d+), vLLM TP=(\d+) \((\d+) engines\), FP8 (on|off)", header)
+    assert found, header
+    p, r = cfg.parallel, cfg.rollout
+    assert tuple(int(x) for x in found.groups()[:5]) == (
+        p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size, r.tensor_parallel_size, cfg.num_engines())
+    assert (found.group(6) == "on") == cfg.model.fp8
+    assert ("share the GPUs" in header) == cfg.trainer.colocate and "offloaded to CPU" in header
+    gpus = re.search(r"\((\d+) GPUs\)", header)
+    assert gpus and int(gpus.group(1)) == plan(cfg, arch_for(model_path=cfg.model.path)).num_gpus
+
+
+def test_cli_counts_the_engines_own_gpus(capsys):
+    code = main(["plan", "qwen2_5_vl_7b_1n8g_tp2", "trainer.colocate=false", "--cluster",
+                 str(CONFIG_DIR / "clusters" / "example_slurm.yaml"), "--cluster-set", "nodes=1"])
+    assert code == 2
+    assert "needs 10 GPUs (TP x PP x DP + engines x rollout TP), the cluster has 8" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""The Megatron policy on one GPU (bf16): logits against transformers, one GRPO step, and offload / onload
+freeing and restoring device memory. Local layer spec always; Transformer Engine spec (and FP8 on Hopper)
+where TE imports. Each case runs in its own spawned process (Megatron's parallel state is global)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
+from tests.engines.test_megatron_policy_on_cpu import make_batch
+from tests.gpu import GPU
+from tests.models.tiny_inputs import hf_logits, image_prompt_batch
+from tests.tiny_models import make_tiny_qwen2_5_vl
+
+pytestmark = GPU
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+SPECS = ["local", pytest.param("te", marks=pytest.mark.skipif(not _te_importable(), reason="Transformer Engine does not import"))]
+BF16_ATOL = 0.1
+"""bf16 has 8 bits of mantissa: a tiny model's logits (|x| < ~5) agree with fp32 to a few 1e-2."""
+
+
+def _policy(hf_dir: str, spec: str, *, fp8: bool = False, optimizer: str = "adam", lr: float = 1e-3):
+    from mmupt_megatron.distributed.parallel import init_parallel
+    from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyOptimConfig
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
+    from mmupt_megatron.models.weights import load_hf_weights
+
+    groups = init_parallel(ParallelDims())
+    model = Qwen2_5_VLModel(load_arch(hf_dir), groups, init_weights=False, layer_spec=spec, fp8=fp8)
+    load_hf_weights(model, hf_dir)
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in model.parameters())
+    cfg = PolicyOptimConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, micro_batch_size=2)
+    return groups, model, MegatronPolicy(model, groups, cfg)
+
+
+def logits_worker(hf_dir: str, spec: str, inputs: tuple, fp8: bool) -> torch.Tensor:
+    from mmupt_megatron.models.qwen2_5_vl import gather_logits
+    from mmupt_megatron.models.rope_index import causal_attention_mask, mrope_position_ids
+
+    groups, model, _ = _policy(hf_dir, spec, fp8=fp8)
+    ids, pixels, grid = (t.cuda() for t in inputs)
+    positions = mrope_position_ids(ids, image_token_id=model.arch.image_token_id, image_grid_thw=grid)
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, positions, causal_attention_mask(ids.shape[1], device=ids.device), pixels, grid)
+        logits = gather_logits(out, groups, vocab_size=model.arch.vocab_size)
+    return logits.float().cpu()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_logits_match_transformers_within_bf16(tmp_path, spec):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=1)
+    inputs = image_prompt_batch(hf_dir, tmp_path / "image.png")
+    expected = hf_logits(hf_dir, *inputs)  # transformers, fp32, on the CPU
+    (got,) = run_workers(logits_worker, world_size=1, args=(str(hf_dir), spec, inputs, False))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=BF16_ATOL)
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) > 0.9
+
+
+def _fp8_runs_here() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and _te_importable()
+
+
+@pytest.mark.skipif(not _fp8_runs_here(), reason="FP8 needs Transformer Engine and a Hopper-or-newer GPU")
+def test_fp8_policy_pads_to_16_and_gives_finite_logprobs(tmp_path):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=1)
+    data = make_batch(hf_dir, tmp_path)
+    (out,) = run_workers(fp8_worker, world_size=1, args=(str(hf_dir), data))
+    assert out["seq_multiple"] == 16
+    assert out["logprobs_shape"] == (4, data["ids"].shape[1] - 1)
+    assert out["finite"]
+
+
+def fp8_worker(hf_dir: str, data: dict) -> dict:
+    from mmupt_megatron.engines.megatron_policy import PolicyBatch
+
+    _, _, policy = _policy(hf_dir, "te", fp8=True)
+    batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"], loss_mask_BT=data["loss_mask"],
+                        advantages_B=data["advantages"], pixel_values=data["pixels"], image_grid_thw=data["grid"])
+    logprobs = policy.compute_logprobs(batch)
+    return {"seq_multiple": policy.seq_multiple, "logprobs_shape": tuple(logprobs.shape),
+            "finite": bool(torch.isfinite(logprobs).all())}
+
+
+def grpo_worker(hf_dir: str, spec: str, data: dict) -> dict:
+    from mmupt_megatron.engines.megatron_policy import PolicyBatch
+
+    _, model, policy = _policy(hf_dir, spec)
+    batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"], loss_mask_BT=data["loss_mask"],
+                        advantages_B=data["advantages"], pixel_values=data["pixels"], image_grid_thw=data["grid"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    logprobs = policy.compute_logprobs(batch)
+    batch.old_logprobs_BT = logprobs.detach()
+    metrics = policy.train_step(batch)
+    after = policy.compute_logprobs(batch)
+    changed = sum(not torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+    mask = data["loss_mask"].cuda().bool()
+    # advantages > 0 for samples 0 and 2: their response tokens should become more likely
+    gain = [float((after[b] - logprobs[b])[mask[b]].mean()) for b in range(4)]
+    return {"metrics": metrics, "changed": changed, "num_params": len(before), "gain": gain}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_one_grpo_step(tmp_path, spec):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7)
+    data = make_batch(hf_dir, tmp_path)
+    (out,) = run_workers(grpo_worker, world_size=1, args=(str(hf_dir), spec, data))
+    metrics = out["metrics"]
+    assert metrics["skipped"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert 0 < metrics["grad_norm"] < float("inf")
+    assert out["changed"] >= out["num_params"] // 2
+    adv = data["advantages"].tolist()
+    assert sum(g for g, a in zip(out["gain"], adv) if a > 0) > sum(g for g, a in zip(out["gain"], adv) if a < 0)
+
+
+def offload_worker(hf_dir: str, data: dict) -> dict:
+    from mmupt_megatron.engines.megatron_policy import PolicyBatch
+
+    _, model, policy = _policy(hf_dir, "local")
+    batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"], loss_mask_BT=data["loss_mask"],
+                        advantages_B=data["advantages"], pixel_values=data["pixels"], image_grid_thw=data["grid"])
+    batch.old_logprobs_BT = policy.compute_logprobs(batch).detach()
+    policy.train_step(batch)  # creates gradients and Adam state
+    state = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+    optim = policy.optimizer.state_dict()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated()
+    policy.offload()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    offloaded = torch.cuda.memory_allocated()
+    policy.onload()
+    torch.cuda.synchronize()
+    restored = torch.cuda.memory_allocated()
+    exact = all(torch.equal(p.detach().cpu(), state[name]) for name, p in model.named_parameters())
+    exact_optim = _equal_nested(policy.optimizer.state_dict(), optim)
+    logprobs_again = policy.compute_logprobs(batch)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"resident": resident, "offloaded": offloaded, "restored": restored, "exact": exact, "exact_optim": exact_optim,
+            "param_bytes": param_bytes, "finite": bool(torch.isfinite(logprobs_again).all())}
+
+
+def _equal_nested(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_offload_frees_and_onload_restores_memory(tmp_path):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7, hidden_size=512, num_heads=8, num_kv_heads=2,
+                                  intermediate_size=2048, num_layers=4)
+    data = make_batch(hf_dir, tmp_path)
+    (out,) = run_workers(offload_worker, world_size=1, args=(str(hf_dir), data))
+    # bf16 params + fp32 main grads + fp32 master and Adam m, v: ~16 bytes per 2 bytes of weights
+    assert out["resident"] - out["offloaded"] >= 0.9 * out["param_bytes"] * 8
+    assert out["offloaded"] < 0.1 * out["resident"]
+    assert abs(out["restored"] - out["resident"]) <= 0.05 * out["resident"]
+    assert out["exact"] and out["exact_optim"] and out["finite"]
