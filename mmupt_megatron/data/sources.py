@@ -264,7 +264,20 @@ def _hub_dataset(name: str, split: str | None) -> HFSource:
 
 
 # -- local files ----------------------------------------------------------------------------------------
-def _decode_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str | None, str | None]]:
+def json_document(path: Path, raw: bytes) -> Any:
+    """A whole JSON file's value; ValueError naming the file (and the line, for bytes that are not UTF-8)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def decode_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str | None, str | None]]:
     """(row, text, error) per line; a line that is not UTF-8 comes back as an error naming the byte."""
     for row, line in enumerate(raw.split(b"\n")):
         try:
@@ -281,18 +294,10 @@ def read_file_rows(path: Path, *, columns: Sequence[str], required: Sequence[str
         return
     raw = path.read_bytes()
     if path.suffix == ".json" and raw.lstrip().startswith(b"["):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from e
+        records = json_document(path, raw)
         lines: list[tuple[int, Any, str | None]] = [(row, record, None) for row, record in enumerate(records)]
     else:
-        lines = list(_decode_lines(path, raw))
+        lines = list(decode_lines(path, raw))
     for row, line, error in lines:
         if error is not None:
             yield row, error

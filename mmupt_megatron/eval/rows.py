@@ -31,7 +31,7 @@ from typing import Any
 
 from mmupt_megatron.data.dataset import image_source as dataset_image_source
 from mmupt_megatron.data.images import DEFAULT_MAX_DECODE_PIXELS, ImageError, load_image
-from mmupt_megatron.data.sources import hf_source
+from mmupt_megatron.data.sources import decode_lines, hf_source, json_document
 
 LETTERS = "ABCDEFGHIJ"
 BENCHMARK_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -140,15 +140,7 @@ def read_rows(path: Path) -> Iterator[Row]:
         return
     raw = path.read_bytes()
     if path.suffix == ".json":
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from e
+        data = json_document(path, raw)
         if isinstance(data, list):
             yield from (Row(path, i, record) for i, record in enumerate(data))
         elif isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
@@ -157,11 +149,9 @@ def read_rows(path: Path) -> Iterator[Row]:
             raise ValueError(f"{path}: expected a JSON list of rows or an object of rows keyed by id, "
                              f"got {type(data).__name__}")
         return
-    for i, raw_line in enumerate(raw.splitlines()):
-        try:
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} line {i + 1}: not UTF-8 text (byte {e.start} of the line)") from None
+    for i, line, error in decode_lines(path, raw):
+        if error is not None:
+            raise ValueError(f"{path} line {i + 1}: {error}")
         if line.strip():
             try:
                 yield Row(path, i, json.loads(line))
