@@ -239,6 +239,7 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the checkpoint ``trainer.resume`` selects (the newest that loads; if any); the first step to run."""
+        self.resumed_from = None
         found = ckpt.load_latest(self.cfg.trainer.resume, self.out_dir, self._load_checkpoint)
         if found is None:
             return 0

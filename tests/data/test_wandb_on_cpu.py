@@ -163,7 +163,7 @@ def test_two_trainer_steps_from_a_saved_dataset_reach_wandb(offline, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
         trainer = Trainer(cfg)
-        assert trainer.dataset.files == [f"{saved}@train"] and len(trainer.benchmark_items) == 2
+        assert trainer.dataset.files == [f"{saved}@train"] and len(trainer.held_out) == 2
         try:
             history = trainer.fit()
         finally:
