@@ -356,52 +356,41 @@ def sweep_segments(prefix: str) -> list[str]:
     return removed
 
 
-class ShmSender(PipeSender):
-    """Each bucket frame is written into POSIX shared memory (``/dev/shm``); the connection carries only
-    its name, and the receiver acknowledges once it is done with it (after copying the tensors out, or —
-    ``reuse_buffers`` — after the consumer loaded them from the segment itself). The CPU counterpart of
-    CUDA IPC.
+class ShmBuckets:
+    """Bucket frames in a ring of ``num_buffers`` POSIX shared-memory segments (``/dev/shm/<name_prefix>...``),
+    each grown to the largest bucket it carries and reused for later buckets and refits (``release`` unlinks
+    them; so does garbage collection). A sender fills ``fill(layout)`` (the data section; the frame's header is
+    written here), then hands ``take()`` — (slot, segment name, frame size) — to whoever loads it. TP peers on
+    this host map the segment ``share()`` names and write their own pieces into it (``weight_sync``)."""
 
-    The segments are a ring of ``num_buffers``, each grown to the largest bucket it carries and reused
-    for later buckets and later refits through the same sender (``release`` unlinks them; so does garbage
-    collection). With one buffer, the packer waits for the acknowledgement of bucket k before filling
-    k + 1 (extra memory: one bucket); with two, it gathers bucket k + 1 while the engine loads k."""
-
-    def __init__(self, conn: Any, *, num_buffers: int = 1, name_prefix: str = SEGMENT_PREFIX) -> None:
-        super().__init__(conn)
+    def __init__(self, *, num_buffers: int = 1, name_prefix: str = SEGMENT_PREFIX) -> None:
         if num_buffers < 1:
             raise ValueError(f"num_buffers must be >= 1, got {num_buffers}")
         if not name_prefix.startswith(SEGMENT_PREFIX) or "/" in name_prefix:
             raise ValueError(f"segment names start with {SEGMENT_PREFIX!r} and have no '/', got {name_prefix!r}")
         self._prefix = name_prefix
         self._ring: list[SharedMemory | None] = [None] * num_buffers
-        self._awaiting = [False] * num_buffers
         self._next = 0
         self._current: int | None = None
+        self._size = 0
         self._layout_nbytes = 0
         self._finalizer = weakref.finalize(self, _unlink_all, self._ring)
 
-    def offer(self, manifest: Sequence[ManifestEntry]) -> str | None:
-        self._next = 0  # every refit fills the slots in the same order (slot 0 took the largest bucket)
-        return super().offer(manifest)
+    def __len__(self) -> int:
+        return len(self._ring)
 
-    def share(self) -> tuple[str, int] | None:
-        """(segment name, offset of the data section) of the buffer just handed out: TP peers on this host
-        map it (``/dev/shm/<name>``) and write their pieces into it themselves (``weight_sync``)."""
-        if self._current is None:
-            return None
-        shm = self._ring[self._current]
-        return shm.name, self._size - self._layout_nbytes
+    def restart(self) -> None:
+        """A new refit fills the slots in the same order (slot 0 took the largest bucket)."""
+        self._next = 0
 
-    def _settle(self, slot: int) -> None:
-        if self._awaiting[slot]:
-            _recv_json(self.conn, "done")
-            self._awaiting[slot] = False
+    def next_slot(self) -> int:
+        """The slot the next ``fill`` uses (its previous bucket must be loaded by then)."""
+        return self._next
 
-    def buffer(self, layout: BucketLayout) -> torch.Tensor:
+    def fill(self, layout: BucketLayout) -> torch.Tensor:
+        """The data section of the next slot's frame for ``layout`` (the header is written)."""
         slot = self._next
         self._next = (slot + 1) % len(self._ring)
-        self._settle(slot)  # the receiver is done with what this segment carried last
         prefix = _frame_prefix(layout)
         size = len(prefix) + layout.nbytes
         shm = self._ring[slot]
@@ -414,28 +403,75 @@ class ShmSender(PipeSender):
         self._current, self._size, self._layout_nbytes = slot, size, layout.nbytes
         return torch.frombuffer(shm.buf, dtype=torch.uint8, offset=len(prefix), count=layout.nbytes)
 
-    def send(self, layout: BucketLayout) -> None:
+    def share(self) -> tuple[str, int] | None:
+        """(segment name, offset of the data section) of the frame being filled, for TP peers on this host."""
+        if self._current is None:
+            return None
+        return self._ring[self._current].name, self._size - self._layout_nbytes
+
+    def take(self) -> tuple[int, str, int]:
+        """(slot, segment name, frame size) of the filled frame, handed on; the next ``fill`` starts another."""
         slot, self._current = self._current, None
-        assert slot is not None, "send() without buffer()"
-        shm = self._ring[slot]
-        _send_json(self.conn, "shm", index=layout.index, name=shm.name, size=self._size)
+        if slot is None:
+            raise RuntimeError("ShmBuckets.take() without fill()")
+        return slot, self._ring[slot].name, self._size
+
+    @property
+    def segments(self) -> list[str]:
+        """Names of the segments held (``/dev/shm/<name>`` on Linux)."""
+        return [shm.name for shm in self._ring if shm is not None]
+
+    def release(self) -> None:
+        """Unlink the segments (once no refit is in flight); a later ``fill`` makes new ones."""
+        self._finalizer()
+        self._finalizer = weakref.finalize(self, _unlink_all, self._ring)
+
+
+class ShmSender(PipeSender):
+    """Each bucket frame is written into POSIX shared memory (``ShmBuckets``); the connection carries only
+    its name, and the receiver acknowledges once it is done with it (after copying the tensors out, or —
+    ``reuse_buffers`` — after the consumer loaded them from the segment itself). The CPU counterpart of
+    CUDA IPC. With one buffer, the packer waits for the acknowledgement of bucket k before filling k + 1 (extra
+    memory: one bucket); with two, it gathers bucket k + 1 while the engine loads k."""
+
+    def __init__(self, conn: Any, *, num_buffers: int = 1, name_prefix: str = SEGMENT_PREFIX) -> None:
+        super().__init__(conn)
+        self.buckets = ShmBuckets(num_buffers=num_buffers, name_prefix=name_prefix)
+        self._awaiting = [False] * len(self.buckets)
+
+    def offer(self, manifest: Sequence[ManifestEntry]) -> str | None:
+        self.buckets.restart()
+        return super().offer(manifest)
+
+    def share(self) -> tuple[str, int] | None:
+        return self.buckets.share()
+
+    def _settle(self, slot: int) -> None:
+        if self._awaiting[slot]:
+            _recv_json(self.conn, "done")
+            self._awaiting[slot] = False
+
+    def buffer(self, layout: BucketLayout) -> torch.Tensor:
+        self._settle(self.buckets.next_slot())  # the receiver is done with what this segment carried last
+        return self.buckets.fill(layout)
+
+    def send(self, layout: BucketLayout) -> None:
+        slot, name, size = self.buckets.take()
+        _send_json(self.conn, "shm", index=layout.index, name=name, size=size)
         self._awaiting[slot] = True
 
     def close(self) -> None:
         """End this refit (after the receiver acknowledged every bucket); the segments stay for the next."""
-        for slot in range(len(self._ring)):
+        for slot in range(len(self.buckets)):
             self._settle(slot)
         _send_json(self.conn, "end")
 
     @property
     def segments(self) -> list[str]:
-        """Names of the shared-memory segments this sender holds (``/dev/shm/<name>`` on Linux)."""
-        return [shm.name for shm in self._ring if shm is not None]
+        return self.buckets.segments
 
     def release(self) -> None:
-        """Unlink the shared-memory segments (once no refit is in flight); a later refit makes new ones."""
-        self._finalizer()
-        self._finalizer = weakref.finalize(self, _unlink_all, self._ring)
+        self.buckets.release()
 
 
 def _unlink_all(ring: list[SharedMemory | None]) -> None:

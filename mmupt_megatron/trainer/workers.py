@@ -68,31 +68,42 @@ class RaySender:
         pass
 
 
-def ray_shm_sender(engines: list[Any], *, name_prefix: str) -> Any:
-    """A ``ShmSender`` whose notifications go to ``RolloutWorker`` actors on this host: each bucket is
-    written into a reused host shared-memory segment named ``name_prefix...`` (by every TP rank,
-    ``weight_sync``), and every engine maps the segment by name and loads from it, all at once; the call
-    returns once all are done with it."""
-    import ray
+class RayShmSender:
+    """Buckets in host shared memory (``ShmBuckets``) that ``RolloutWorker`` actors on this host map by name and
+    load from, all at once: each bucket is written into a reused segment named ``name_prefix...`` (by every TP
+    rank, ``weight_sync``); ``send`` returns once every engine is done with it."""
 
-    from mmupt_megatron.engines.weight_transport import ShmSender
+    def __init__(self, engines: list[Any], *, name_prefix: str) -> None:
+        from mmupt_megatron.engines.weight_transport import ShmBuckets
 
-    class RayShmSender(ShmSender):
-        def __init__(self) -> None:
-            super().__init__(conn=None, name_prefix=name_prefix)
+        self.engines = engines
+        self.buckets = ShmBuckets(name_prefix=name_prefix)
 
-        def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
-            self._next = 0  # as ShmSender.offer: every refit fills the ring from its first slot
-            return offer_manifest(engines, manifest)
+    def offer(self, manifest) -> str | None:  # noqa: ANN001 - Sequence[ManifestEntry]
+        self.buckets.restart()
+        return offer_manifest(self.engines, manifest)
 
-        def send(self, layout) -> None:  # noqa: ANN001, ARG002 - BucketLayout
-            slot, self._current = self._current, None
-            ray.get([engine.load_shm_bucket.remote(self._ring[slot].name, self._size) for engine in engines])
+    def buffer(self, layout) -> torch.Tensor:  # noqa: ANN001 - BucketLayout
+        return self.buckets.fill(layout)
 
-        def close(self) -> None:
-            pass
+    def share(self) -> tuple[str, int] | None:
+        return self.buckets.share()
 
-    return RayShmSender()
+    def send(self, layout) -> None:  # noqa: ANN001, ARG002 - BucketLayout
+        import ray
+
+        _, name, size = self.buckets.take()
+        ray.get([engine.load_shm_bucket.remote(name, size) for engine in self.engines])
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def segments(self) -> list[str]:
+        return self.buckets.segments
+
+    def release(self) -> None:
+        self.buckets.release()
 
 
 def ray_handle_sender(engines: list[Any]) -> Any:
@@ -262,9 +273,8 @@ class PolicyWorker:
     def refit_transport(self) -> str | None:
         """ipc, shm, broadcast or ray once this rank has sent a refit; None on ranks that do not send."""
         from mmupt_megatron.engines.device_transport import BroadcastSender, HandleSender
-        from mmupt_megatron.engines.weight_transport import ShmSender
 
-        kinds = {HandleSender: "ipc", ShmSender: "shm", BroadcastSender: "broadcast"}
+        kinds = {HandleSender: "ipc", RayShmSender: "shm", BroadcastSender: "broadcast"}
         if self._sender is None:
             return None
         return next((kind for cls, kind in kinds.items() if isinstance(self._sender, cls)), "ray")
@@ -287,7 +297,7 @@ class PolicyWorker:
             else:
                 transport = "broadcast" if torch.cuda.is_available() else "ray"
         if transport == "shm":
-            return ray_shm_sender(engines, name_prefix=shm_prefix)
+            return RayShmSender(engines, name_prefix=shm_prefix)
         return {"ipc": ray_handle_sender, "broadcast": ray_broadcast_sender, "ray": RaySender}[transport](engines)
 
     def save(self, folder: str) -> None:
