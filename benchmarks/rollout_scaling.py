@@ -1,13 +1,14 @@
 """Data-parallel rollout on CPU: the same batch through 1 engine and through 2, and a refit into each layout.
 
-    .venv/bin/python benchmarks/rollout_scaling.py [--prompts 32] [--n 8] [--tokens 32] [--repeats 2]
+    .venv/bin/python benchmarks/rollout_scaling.py [--prompts 64] [--n 8] [--tokens 64] [--repeats 2]
 
 Builds a tiny random Qwen2.5-VL (the test fixture) and the synthetic world's images, then, for 1 and 2 engines
 (``trainer.colocate=false``, ``rollout.num_engines``; one policy rank), times ``Cluster.generate`` on one batch
 of ``--prompts`` image questions x ``--n`` samples of up to ``--tokens`` new tokens (best of ``--repeats``, after
 a warm-up batch) and ``Cluster.refit`` into every engine. Prints a table: tokens/s, refit seconds, and the
 ratios against 1 engine measured in the same run. Each engine runs on one core (2-core machines: the ideal
-ratio is 2); the responses of both layouts are checked identical.
+ratio is 2); the responses of both layouts are checked identical. Measured 2026-12-01 on a 2-core box: 1.96x
+tokens/s with 2 engines at the defaults (1.17x at 32 prompts x 32 tokens, where per-call overhead dominates).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def measure(engines: int, *, model: Path, data: Path, out: Path, args: argparse.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
