@@ -272,31 +272,28 @@ class VLLMRolloutEngine:
                 counter[0] += 1
                 yield name, tensor
 
-        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
-        finally:
-            quiet.setLevel(level)
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_prefix_cache()
+        self._reload("reload_weights", kwargs={"weights_iterator": stream()})
         return counter[0]
 
     def load_bucket(self, method: str, *args: Any) -> int:
         """Load one bucket frame inside the workers (``vllm_worker.RefitExtension.<method>(*args)``: plain-data
         arguments, so this works with the engine core in its own process and with tensor-parallel workers);
         the caller checked the bucket's manifest (``check_manifest``). Returns the number of tensors loaded."""
+        return self._reload(method, args=args)[0]
+
+    def _reload(self, method: str, **rpc: Any) -> list[Any]:
+        """``collective_rpc(method, **rpc)`` for an in-place reload, then the caches computed with the old weights
+        dropped; the workers' results."""
         quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
         try:
-            counts = self.llm.collective_rpc(method, args=args)
+            results = self.llm.collective_rpc(method, **rpc)
         finally:
             quiet.setLevel(level)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
-        return counts[0]
+        return results
 
     def sleep(self) -> None:
         if not self.on_cpu:  # "sleep mode is not supported on CPU"

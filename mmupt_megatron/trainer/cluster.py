@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -249,15 +250,8 @@ class Cluster:
         import ray
 
         shards = self._per_rank(batch)
-
-        def run() -> list:
-            return ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
-
-        if reference:
-            with self.schedule.reference():
-                results = run()
-        else:
-            results = run()
+        with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
+            results = ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
         return torch.cat(self._gather(results), dim=0)
 
     def train(self, batch: PolicyBatch) -> dict[str, float]:
