@@ -16,6 +16,14 @@ no checkpoint) at TP=2; a third process is the receiver. Rows, all in one run:
   first touched); ``warm``: the next refit through the same sender and receiver (what every training
   step after the first pays). No vLLM engine: starting one on a 0.5B model on 2 cores is too slow for a
   benchmark.
+- ``ipc handle``: ``send_refit`` through ``HandleSender`` (the ``rollout.refit_transport=ipc`` path): the bucket is
+  one tensor on the sender's device shared by handle (``vllm_worker.share_tensor``), the receiver opens it
+  (``open_shared``) and decodes it in place. With CUDA present the bucket is on the GPU and the handle a CUDA IPC
+  handle (the packing then includes the host-to-device copy of this benchmark's CPU-resident shards: on a
+  GPU-resident policy it is a device copy). Only with CUDA present: on CPU the same row (a ``file_system``
+  shared-memory handle) failed in this benchmark's process layout — the receiver could not open the sender's
+  ``/dev/shm/torch_*`` file, not understood yet — while the trainer's CPU test of ``rollout.refit_transport=ipc``
+  (small buckets, vLLM's worker process) passes; on CPU the trainer's ``auto`` never picks ``ipc``.
 - ``+engine copy``: the receiver also copies every tensor into preallocated, resident tensors of the
   model's size (the copy ``load_weights`` makes into the engine's parameters; vLLM's own post-load
   processing is not included), with 1 or 2 shared-memory buffers (2: bucket k+1 is filled while the
@@ -102,6 +110,8 @@ def receiver_main(conn) -> None:
         cold_base = meter.base
         if mode in ("bucketed", "bucketed-engine"):
             nbytes = _receive(receiver, engine if mode == "bucketed-engine" else None)
+        elif mode == "ipc":
+            nbytes = _receive_handles(conn)
         elif mode == "naive":
             tensors = st_load(conn.recv_bytes())
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -125,14 +135,39 @@ def _receive(receiver, engine: dict | None) -> int:
     return nbytes
 
 
+def _receive_handles(conn) -> int:
+    """One refit by handle: (handle, frame size) per bucket until an empty message; each bucket is opened and
+    decoded in place, then acknowledged (the sender may overwrite it)."""
+    import pickle
+
+    import torch
+
+    from mmupt_megatron.engines.vllm_worker import open_shared
+    from mmupt_megatron.engines.weight_transport import decode_bucket
+
+    nbytes = 0
+    while message := conn.recv_bytes():
+        handle, size = pickle.loads(message)  # noqa: S301 - our own sender's handle
+        _, tensors = decode_bucket(open_shared(handle)[:size])
+        nbytes += sum(tensor.numel() * tensor.element_size() for _, tensor in tensors)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        conn.send_bytes(b"ok")
+    return nbytes
+
+
 def _session(conn, mode: str, *, warm: bool = False) -> None:
     conn.send_bytes(json.dumps({"mode": mode, "warm": warm}).encode())
 
 
 def bench_worker(layers: int, bucket_sizes: list[int], repeats: int, conn) -> list[dict]:
+    import pickle
+
     import torch
     import torch.distributed as dist
     from safetensors.torch import save as st_save
+
+    from mmupt_megatron.engines.device_transport import HandleSender
 
     from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
     from mmupt_megatron.engines.weight_sync import release_peer_mappings, send_refit
@@ -175,7 +210,7 @@ def bench_worker(layers: int, bucket_sizes: list[int], repeats: int, conn) -> li
     def _release(sender) -> None:
         """Unlink the sender's segments and drop rank 1's mappings of them (else they stay allocated and
         inflate the next row's base)."""
-        if isinstance(sender, ShmSender):
+        if sender is not None and hasattr(sender, "release"):
             sender.release()
         dist.barrier()
         release_peer_mappings()
@@ -199,12 +234,29 @@ def bench_worker(layers: int, bucket_sizes: list[int], repeats: int, conn) -> li
     class GatherShmSender(ShmSender):
         share = None  # no shared bucket: the TP peers' pieces are gathered over gloo
 
-    variants = [("shm shared", ShmSender), ("shm gloo-gather", GatherShmSender), ("pipe gloo-gather", PipeSender)]
+    class PipeHandleSender(HandleSender):
+        """``HandleSender`` whose handles go through the pipe; an empty message ends the refit."""
+
+        def __init__(self, conn) -> None:
+            def notify(handle: bytes, size: int) -> None:
+                conn.send_bytes(pickle.dumps((handle, size)))
+                conn.recv_bytes()  # decoded: the bucket may be overwritten
+
+            super().__init__(offer=lambda manifest: None, notify=notify)
+            self.conn = conn
+
+        def close(self) -> None:
+            self.conn.send_bytes(b"")
+
+    variants = [("shm shared", ShmSender, "bucketed"), ("shm gloo-gather", GatherShmSender, "bucketed"),
+                ("pipe gloo-gather", PipeSender, "bucketed")]
+    if torch.cuda.is_available():  # see the module docstring: on CPU the handle row is not run
+        variants.insert(1, ("ipc cuda handle", PipeHandleSender, "ipc"))
     for index, bucket in enumerate(bucket_sizes):
-        for label, make in variants if index == 0 else variants[:2]:
+        for label, make, mode in variants if index == 0 else variants[: len(variants) - 1]:
             sender = make(conn) if sender_rank else None
-            base = bucketed(f"{label} cold", sender, bucket)
-            bucketed(f"{label} warm", sender, bucket, base_kib=base)
+            base = bucketed(f"{label} cold", sender, bucket, mode=mode)
+            bucketed(f"{label} warm", sender, bucket, mode=mode, base_kib=base)
             _release(sender)
     if sender_rank:  # the receiver's stand-in engine parameters, resident before the timed sessions
         from mmupt_megatron.engines.weight_sync import refit_manifest

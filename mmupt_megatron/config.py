@@ -140,8 +140,10 @@ class RolloutConfig:
     CUDA IPC for colocated engines on its GPU; on CPU a shared-memory file), shm (host shared memory the engines
     map; the TP ranks write their pieces into it, no gather), broadcast (from the sender's device over a refit
     process group: NCCL to engines on other GPUs or nodes, gloo on CPU; not for an engine on the sender's GPU),
-    ray (Ray's object store), auto (ipc on GPU when every engine shares the sender's GPU, else shm when every
-    engine is on its host, else broadcast on GPU, ray on CPU)."""
+    ray (Ray's object store), auto (on GPU: ipc when every engine of a sender is on its GPU, shm for other
+    colocated engines, broadcast for engines on GPUs of their own; on CPU: shm on one host, else ray; the rule is
+    ``engines/refit_routes.refit_transport``). Each engine takes its weights from the closest data-parallel
+    replica of the policy."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3

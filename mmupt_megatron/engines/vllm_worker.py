@@ -12,8 +12,8 @@ the data), found
 - behind a tensor handle (``mmupt_load_shared``: what ``torch.multiprocessing.reductions.reduce_tensor`` made of
   the sender's bucket tensor, pickled: a CUDA IPC handle for a GPU tensor on this device, a shared-memory file
   for a CPU tensor; the receiver maps it without a copy), or
-- in a broadcast over a refit group of the sender's (``mmupt_join_broadcast`` once, then ``mmupt_load_broadcast``
-  per bucket: NCCL between GPUs and nodes, gloo on CPU).
+- in a broadcast over a refit group of the sender's (``mmupt_join_broadcast`` once per sender, then
+  ``mmupt_load_broadcast`` per bucket naming the group: NCCL between GPUs and nodes, gloo on CPU).
 Each method loads through the worker's in-place ``reload_weights`` (which re-runs vLLM's post-load processing)
 and returns the number of tensors loaded. The caller resets the engine's prefix and encoder caches.
 """
@@ -93,13 +93,17 @@ class RefitExtension:
             return self._reload(frame)
 
     def mmupt_join_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
-        """Join the sender's refit group as rank ``first_rank`` + this worker's rank in its engine."""
-        self._refit_group = refit_group(host, port, first_rank + self.rank, world, self.device)  # type: ignore[attr-defined]
+        """Join the refit group of the sender at ``host:port`` as rank ``first_rank`` + this worker's rank in its
+        engine. A worker belongs to one group per sender (each pipeline stage of the policy sends its own layers)."""
+        if not hasattr(self, "_refit_groups"):
+            self._refit_groups: dict[str, Any] = {}
+        self._refit_groups[f"{host}:{port}"] = refit_group(host, port, first_rank + self.rank, world, self.device)  # type: ignore[attr-defined]
 
-    def mmupt_load_broadcast(self, size: int) -> int:
-        """Receive the next ``size``-byte bucket frame broadcast by the sender, and load it."""
+    def mmupt_load_broadcast(self, size: int, group: str) -> int:
+        """Receive the next ``size``-byte bucket frame broadcast in refit group ``group`` (``host:port``), and
+        load it."""
         frame = torch.empty(size, dtype=torch.uint8, device=self.device)  # type: ignore[attr-defined]
-        broadcast(self._refit_group, frame)
+        broadcast(self._refit_groups[group], frame)
         return self._reload(frame)
 
     def mmupt_load_shared(self, handle: bytes, size: int) -> int:

@@ -245,16 +245,18 @@ def pack_buckets(model: torch.nn.Module, plan: Sequence[BucketLayout], *, sender
 
 
 def send_refit(model: torch.nn.Module, sender: WeightSender | None, *,
-               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SendStats:
-    """Stream this stage's weights through ``sender``. Collective: every rank of the model calls it, with a
-    sender on TP rank 0 of DP rank 0 (None elsewhere). Raises ValueError if the receiver refuses the
-    manifest (on every TP rank of the stage), before any gather."""
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES, active: bool | None = None) -> SendStats:
+    """Stream this stage's weights through ``sender``. Collective over the TP group of every replica that sends
+    (``active``; default: DP rank 0 only), with a sender on its TP rank 0 (None elsewhere). Several DP replicas
+    may send at once, each to its own engines (``engines/refit_routes.py``): they hold the same weights and
+    their TP groups gather independently. Raises ValueError if the receiver refuses the manifest (on every TP
+    rank of the stage), before any gather."""
     groups = model.groups
-    if groups.dp_rank != 0:  # DP replicas hold the same weights; their TP groups gather independently
+    if not (groups.dp_rank == 0 if active is None else active):
         return SendStats()
     is_sender = groups.tp_rank == 0
     if is_sender and sender is None:
-        raise ValueError("sender: required on TP rank 0 of DP rank 0 (this rank sends its stage's weights)")
+        raise ValueError("sender: required on TP rank 0 of a sending replica (this rank sends its stage's weights)")
     grouped = refit_manifest(model)
     plan = plan_buckets(grouped, bucket_bytes=bucket_bytes)
     refusal = _broadcast_refusal(sender.offer(flat_manifest(grouped)) if is_sender else None, groups)

@@ -31,9 +31,13 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
 Rollout phase (engine GPUs): 4 GiB + vLLM's pool (rollout.gpu_memory_utilization x 80 GiB), which holds the
 engine's weights (2 bytes x params / rollout TP), 2 GiB of activations, and the KV cache; colocated, the
 policy's memory is on CPU then; not colocated, engine GPUs hold only the engine.
-Refit: every engine receives 2 bytes x params, all engines at once; each transport at its own bandwidth:
-CUDA IPC (colocated: each GPU copies its engine shard from the policy's memory, device-memcpy rate), NCCL
-broadcast (engines on other GPUs / nodes: network rate), shared memory (CPU machines).
+Refit: every engine receives 2 bytes x params from the closest DP replica of the policy, all replicas at once
+(``engines/refit_routes.py``), by the transport ``rollout.refit_transport=auto`` picks there: CUDA IPC when every
+engine sits on its replica's GPU (colocated, policy and engines TP 1, PP 1: device-memcpy rate), host shared
+memory for other colocated layouts (a tensor-parallel engine shares the sending GPU, which NCCL cannot hold twice,
+and Ray shows each actor only its own GPU, so an IPC handle does not open on another: host-copy rate, the slow
+path of TP > 1 recipes), NCCL broadcast for engines on GPUs of their own (NVLink within one node, the network
+across nodes).
 Step time: rollout = prefill (2 x params x prompt tokens, once per prompt, compute-bound at the MFU range)
 + decode, memory-bandwidth bound: each decode step of an engine reads its weight shard and the KV cache of
 its running sequences from HBM (3.35 TB/s on H100 SXM, at 50-80% efficiency), one token per running
@@ -71,10 +75,12 @@ class PlanAssumptions:
     mean_response_tokens: int = 512
     """Mean response length for FLOPs; memory uses rollout.max_new_tokens."""
     refit_gb_per_s: dict[str, tuple[float, float]] = field(default_factory=lambda: {
-        "cuda_ipc": (600.0, 1500.0), "nccl": (25.0, 50.0), "shm": (2.0, 10.0)})
+        "cuda_ipc": (600.0, 1500.0), "nccl_nvlink": (100.0, 300.0), "nccl": (25.0, 50.0), "shm": (2.0, 10.0)})
     """Refit bandwidth (GB/s, low-high) per transport: CUDA IPC ~ a device-to-device copy (H100 ~3 TB/s HBM,
-    read + write), NCCL broadcast ~ the network (400 Gb/s InfiniBand per GPU = 50 GB/s; NeMo-RL moves Qwen3-4B,
-    ~8 GB, in 0.21-0.34 s: 25-40 GB/s), host shared memory ~ CPU memcpy."""
+    read + write), NCCL broadcast within a node ~ NVLink (450 GB/s per direction on H100 SXM; a broadcast reaches
+    a fraction), across nodes ~ the network (400 Gb/s InfiniBand per GPU = 50 GB/s; NeMo-RL moves Qwen3-4B, ~8 GB,
+    in 0.21-0.34 s: 25-40 GB/s), host shared memory ~ pageable device-host copies each way."""
+    gpus_per_node: int = 8
     hbm_gb_per_s: float = 3350.0
     """H100 SXM HBM3 bandwidth: decode is bound by it."""
     decode_efficiency: tuple[float, float] = (0.5, 0.8)
@@ -85,6 +91,16 @@ class PlanAssumptions:
     """CUDA context, NCCL buffers, allocator fragmentation."""
     vllm_activation_gib: float = 2.0
     """vLLM's activations / CUDA graphs inside its pool."""
+
+
+def refit_transport_of(cfg: Config, a: PlanAssumptions) -> str:
+    """What ``refit_routes.refit_transport`` picks on GPUs for this recipe's layout (module docstring)."""
+    p, r = cfg.parallel, cfg.rollout
+    if cfg.trainer.colocate:
+        same_gpu = r.tensor_parallel_size == 1 and p.tensor_parallel_size == 1 and p.pipeline_parallel_size == 1
+        return "cuda_ipc" if same_gpu else "shm"
+    one_node = p.world_size + cfg.num_engines() * r.tensor_parallel_size <= a.gpus_per_node
+    return "nccl_nvlink" if one_node else "nccl"
 
 
 @dataclass(kw_only=True)
@@ -219,10 +235,9 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
     out.rollout_gib = {"overhead": a.overhead_gib, "vLLM weights": engine_weights,
                        "vLLM activations": a.vllm_activation_gib, "vLLM KV cache": kv_gib}
     out.refit_gb = 2 * arch.total_params / 1e9
-    out.refit_transport = "cuda_ipc" if t.colocate else "nccl"
+    out.refit_transport = refit_transport_of(cfg, a)
     low_bw, high_bw = a.refit_gb_per_s[out.refit_transport]
-    per_gpu_gb = out.refit_gb / r.tensor_parallel_size if t.colocate else out.refit_gb  # IPC: each GPU its shard
-    out.refit_s = (per_gpu_gb / high_bw, per_gpu_gb / low_bw)
+    out.refit_s = (out.refit_gb / high_bw, out.refit_gb / low_bw)  # every engine its full copy, replicas at once
 
     n_params, seqs = arch.total_params, t.prompts_per_step * r.n
     prompt_tokens, response_tokens = min(a.mean_prompt_tokens, r.max_prompt_length), min(a.mean_response_tokens, r.max_new_tokens)

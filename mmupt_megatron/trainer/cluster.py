@@ -11,7 +11,8 @@ with ``ray.init(num_cpus=...)``; with ``trainer.ray_address`` set it attaches to
 
 Rollout: ``generate`` splits a batch into contiguous runs of whole prompt groups, balanced by expected tokens,
 one per engine (``engines/dispatch.py``); seeds follow each request's position in the batch, so the responses
-do not depend on the number of engines. Refit: every engine receives every bucket.
+do not depend on the number of engines. Refit: each engine takes every bucket from one data-parallel replica of the
+policy, the closest (on its GPU, else its node: ``engines/refit_routes.py``); replicas refit their engines at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmupt_megatron.config import Config
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
+from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import shard_for_rank
@@ -208,10 +210,30 @@ class Cluster:
                                                                  if engine_tp > 1 else {})}))
         self.tokens = ray.get(self.engines[0].tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
-        self.refit_transport = cfg.rollout.refit_transport
         # this cluster's shared-memory refit segments: /dev/shm/<shm_prefix>*, released at shutdown
         self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
+        self.refit_routes = self._route_refits(cfg.rollout.refit_transport, on_gpu=on_gpu)
+        """Per policy rank: (the engines its DP replica refits — the same list on each rank of the replica —,
+        the transport it sends them by)."""
+
+    def _route_refits(self, requested: str, *, on_gpu: bool) -> list[tuple[list[Any], str]]:
+        import ray
+
+        engines_at = ray.get([engine.device_location.remote() for engine in self.engines])
+        ranks_at = ray.get([worker.device_location.remote() for worker in self.workers])
+        senders = [sorted((info.pp_rank, rank) for rank, info in enumerate(self.infos)
+                          if info.dp_rank == d and info.tp_rank == 0) for d in range(self.dims.dp)]
+        sources = refit_sources(engines_at, [[ranks_at[rank] for _, rank in stage_ranks] for stage_ranks in senders])
+        self.refit_sources = sources
+        """``refit_sources[e]``: the DP replica that refits engine e."""
+        routes = []
+        for rank, info in enumerate(self.infos):
+            mine = [e for e, d in enumerate(sources) if d == info.dp_rank]
+            transport = refit_transport(requested, sender=ranks_at[rank], engines=[engines_at[e] for e in mine],
+                                        colocated=self.colocated, on_gpu=on_gpu)
+            routes.append(([self.engines[e] for e in mine], transport))
+        return routes
 
     # -- the rollout engines ---------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
@@ -273,11 +295,15 @@ class Cluster:
         self.schedule.after_rollout()
 
     def refit(self) -> int:
-        """Stream the policy's weights into every engine in buckets of whole layers; returns bytes sent per engine.
-        Colocated: the policy's training state leaves the device first and the engines wake around it."""
+        """Stream the policy's weights into every engine in buckets of whole layers, each engine from its replica
+        (``refit_routes``); returns the bytes sent. Colocated: the policy's training state leaves the device
+        first and the engines wake around it."""
+        import ray
+
         self.schedule.before_refit()
-        sent = self._all("refit", self.engines, bucket_bytes=self.bucket_bytes, transport=self.refit_transport,
-                         shm_prefix=self.shm_prefix)
+        sent = ray.get([worker.refit.remote(engines, bucket_bytes=self.bucket_bytes, transport=transport,
+                                            shm_prefix=self.shm_prefix)
+                        for worker, (engines, transport) in zip(self.workers, self.refit_routes, strict=True)])
         self.schedule.after_refit()
         return sum(sent)
 

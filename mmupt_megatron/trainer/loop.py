@@ -145,6 +145,8 @@ class Trainer:
             if r.response_token_ids:
                 first.setdefault(r.prompt_index, r)
         probe = list(first.values())[:4]
+        dp = self.cluster.dims.dp  # the probe is split over the data-parallel ranks: a multiple of their number
+        probe += [r for r in rollouts if r.response_token_ids and r not in probe][: -len(probe) % dp]
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]

@@ -129,12 +129,16 @@ def ray_broadcast_sender(engines: list[Any]) -> Any:
     sizes = ray.get([engine.num_workers.remote() for engine in engines])
     firsts = [1 + sum(sizes[:i]) for i in range(len(engines))]
 
+    group_key: list[str] = []  # the group's rendezvous (host:port): an engine refit by several senders (one per
+    # pipeline stage) belongs to one refit group per sender
+
     def join(host: str, port: int, world: int):  # noqa: ANN202 - a wait function
+        group_key[:] = [f"{host}:{port}"]
         refs = [e.join_refit_broadcast.remote(host, port, first, world) for e, first in zip(engines, firsts)]
         return lambda: ray.get(refs)
 
     def receive(size: int):  # noqa: ANN202 - a wait function
-        refs = [engine.load_broadcast_bucket.remote(size) for engine in engines]
+        refs = [engine.load_broadcast_bucket.remote(size, group_key[0]) for engine in engines]
         return lambda: ray.get(refs)
 
     return BroadcastSender(offer=lambda manifest: offer_manifest(engines, manifest), workers=sum(sizes), join=join,
@@ -153,6 +157,13 @@ def ray_local_device() -> int:
     if not assigned or not visible:
         return 0
     return visible.index(assigned[0]) if assigned[0] in visible else 0
+
+
+def actor_location() -> tuple[str, tuple[str, ...]]:
+    """(Ray node id, the GPU ids Ray assigned the calling actor): ``engines/refit_routes.py``'s location."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), tuple(str(i) for i in ray.get_gpu_ids())
 
 
 class PolicyWorker:
@@ -190,7 +201,7 @@ class PolicyWorker:
         from mmupt_megatron.models.weights import load_hf_weights
 
         self.model_dir = model_dir
-        self._sender: Any = None  # the refit sender (TP rank 0 of DP rank 0), created at the first refit
+        self._sender: Any = None  # the refit sender (TP rank 0 of a replica that refits), made at the first refit
         self.groups = init_parallel(dims, seed=seed, backend=backend)
         self.arch = load_arch(model_dir)
         dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
@@ -212,6 +223,10 @@ class PolicyWorker:
 
     def image_token_id(self) -> int | None:
         return self.arch.image_token_id
+
+    def device_location(self) -> tuple[str, tuple[str, ...]]:
+        """Where this rank runs (a refit sender's location, ``engines/refit_routes.py``)."""
+        return actor_location()
 
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor | None:
         policy = self.reference if reference else self.policy
@@ -248,19 +263,20 @@ class PolicyWorker:
             self.reference.offload(weights=True)
             _empty_cache()
 
-    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "auto", shm_prefix: str = "mmupt_") -> int:
-        """Stream this rank's stage into every engine actor (collective over the model's ranks): TP rank 0 of
-        DP rank 0 sends one bucket of whole layers at a time; the others take part in the TP gathers. Its
-        shared-memory segments (transport shm) are named ``shm_prefix...`` and live until ``release_refit``."""
+    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "shm", shm_prefix: str = "mmupt_") -> int:
+        """Stream this rank's stage into ``engines``, the engine actors this rank's DP replica refits (the same
+        list on every rank of the replica; empty when it refits none: ``engines/refit_routes.py``). Collective
+        over the replica's TP group: TP rank 0 sends one bucket of whole layers at a time, the others take part
+        in the gathers. Its shared-memory segments (transport shm) are named ``shm_prefix...`` and live until
+        ``release_refit``. The engines a rank serves stay the same for the cluster's life."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
-        g = self.groups
         sender = None
-        if g.tp_rank == 0 and g.dp_rank == 0:
+        if self.groups.tp_rank == 0 and engines:
             if self._sender is None:  # kept across refits: its bucket buffer is reused
                 self._sender = self._make_sender(engines, transport, shm_prefix=shm_prefix)
             sender = self._sender
-        return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes).num_bytes
+        return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes, active=bool(engines)).num_bytes
 
     def release_refit(self) -> list[str]:
         """Release the refit sender's buffers: unlink its shared-memory segments (before the actor is killed: a
@@ -281,21 +297,8 @@ class PolicyWorker:
 
     @staticmethod
     def _make_sender(engines: list[Any], transport: str, *, shm_prefix: str) -> Any:
-        """``rollout.refit_transport``: ipc (bucket shared by tensor handle), shm (host shared memory), broadcast
-        (a refit process group), ray (object store); auto: ipc on GPU when every engine is on this rank's GPU,
-        else shm when every engine is on this host, else broadcast on GPU, else ray."""
-        import ray
-
-        if transport == "auto":
-            here = ray.get_runtime_context().get_node_id()
-            where = ray.get([engine.device_location.remote() for engine in engines])
-            my_gpus = tuple(str(i) for i in ray.get_gpu_ids())
-            if torch.cuda.is_available() and all(node == here and gpus == my_gpus for node, gpus in where):
-                transport = "ipc"
-            elif all(node == here for node, _ in where) and os.path.isdir("/dev/shm"):
-                transport = "shm"
-            else:
-                transport = "broadcast" if torch.cuda.is_available() else "ray"
+        """``transport`` (resolved by the cluster: ``engines/refit_routes.refit_transport``): ipc (bucket shared
+        by tensor handle), shm (host shared memory), broadcast (a refit process group), ray (object store)."""
         if transport == "shm":
             return RayShmSender(engines, name_prefix=shm_prefix)
         return {"ipc": ray_handle_sender, "broadcast": ray_broadcast_sender, "ray": RaySender}[transport](engines)
@@ -357,20 +360,20 @@ class RolloutWorker:
 
     def device_location(self) -> tuple[str, tuple[str, ...]]:
         """(Ray node id, the GPU ids Ray assigned this actor) — where the engine's memory is."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), tuple(str(i) for i in ray.get_gpu_ids())
+        return actor_location()
 
     def num_workers(self) -> int:
         """vLLM workers of this engine (its tensor-parallel degree): each joins a refit broadcast group."""
         return self.engine.tensor_parallel_size
 
     def join_refit_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
+        """Join the refit group whose rendezvous is ``host:port`` (one per sender)."""
         self.engine.llm.collective_rpc("mmupt_join_broadcast", args=(host, port, first_rank, world))
 
-    def load_broadcast_bucket(self, size: int) -> int:
-        """Take part in the sender's next broadcast (a ``size``-byte bucket frame) and load it."""
-        return self.engine.load_bucket("mmupt_load_broadcast", size)
+    def load_broadcast_bucket(self, size: int, group: str) -> int:
+        """Take part in the next broadcast of refit group ``group`` (``host:port``: a ``size``-byte bucket frame)
+        and load it."""
+        return self.engine.load_bucket("mmupt_load_broadcast", size, group)
 
     def load_shared_bucket(self, handle: bytes, size: int) -> int:
         """Load the bucket frame in the first ``size`` bytes of the tensor behind ``handle`` (``share_tensor``)."""

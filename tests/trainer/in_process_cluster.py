@@ -35,6 +35,7 @@ class InProcessCluster:
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
         self.num_engines = 1
+        self.dims = ParallelDims()
         self.moved_bytes: list[int] = []
         self.schedule = MemorySchedule(self, colocated=True)  # DeviceOps: the methods below
         self.schedule.before_first_rollout()

@@ -1,6 +1,8 @@
 """Data-parallel rollout through Ray: two vLLM engines sample exactly what one engine samples for the same
-batch, both take every refit by tensor handle or by broadcast (checked against the policy after the step), and an impossible
-placement fails with an error naming what was asked."""
+batch, both take every refit by tensor handle or by broadcast (checked against the policy after the step) from
+several senders at once (a DP=2 policy: each replica refits its own engine; a PP=2 policy: each stage sends its
+layers to both engines over a refit group of its own), and an impossible placement fails with an error naming what
+was asked."""
 
 import pytest
 
@@ -15,8 +17,9 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["ipc", "broadcast"])
-def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray_local, transport):
+@pytest.mark.parametrize(("transport", "layout"), [("ipc", "parallel.data_parallel_size=2"),
+                                                   ("broadcast", "parallel.pipeline_parallel_size=2")])
+def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray_local, transport, layout):
     import ray
 
     from mmupt_megatron.trainer.loop import Trainer
@@ -31,13 +34,15 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         "logging.plots=false", "logging.tensorboard=false",
         # ipc: buckets shared by tensor handle (GPU: CUDA IPC; here a shared-memory file, the same calls);
         # broadcast: over a refit process group (GPU: NCCL; here gloo, the same calls)
-        f"rollout.refit_transport={transport}",
+        f"rollout.refit_transport={transport}", layout,
     ])
     trainer = Trainer(cfg)
     cluster = trainer.cluster
     try:
         assert cluster.num_engines == len(cluster.engines) == 2
-        assert len(ray.util.placement_group_table(cluster.placement)["bundles"]) == 3  # 1 policy rank + 2 engines
+        assert len(ray.util.placement_group_table(cluster.placement)["bundles"]) == 4  # 2 policy ranks + 2 engines
+        # DP=2: replica d refits engine d (balanced: all on one node, no GPUs); PP=2: the one replica refits both
+        assert cluster.refit_sources == ([0, 1] if cluster.dims.dp == 2 else [0, 0])
         requests = [RolloutRequest(group_id=i, prompt=prompt_for(sample.question, cfg.data),
                                    images=[trainer.images.fit(image)])
                     for i, (sample, image) in enumerate(trainer.dataset[j] for j in range(5))]
@@ -50,7 +55,8 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         # one training step: the refit reaches both engines, and verify_refit checks each (it raises otherwise)
         [metrics] = trainer.fit()
         assert metrics["train/refit_max_diff"] < 1e-4 and metrics["train/grad_norm"] > 0
-        assert ray.get(cluster.workers[0].refit_transport.remote()) == transport
+        # every sender used the transport asked for: both replicas (DP=2) or both stages (PP=2)
+        assert ray.get([w.refit_transport.remote() for w in cluster.workers]) == [transport, transport]
     finally:
         cluster.shutdown()
 

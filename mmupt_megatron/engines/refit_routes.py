@@ -1,0 +1,74 @@
+"""Which data-parallel replica of the policy refits which rollout engine.
+
+Every DP replica holds the same weights, so any one of them can refit an engine. Each engine takes its
+weights from the replica whose sending ranks (TP rank 0 of each pipeline stage) are closest to it: on its own
+GPU first (CUDA IPC, no copy across devices), then on its node (host shared memory / IPC between GPUs of one
+node), and only then across nodes (a broadcast). Among equally close replicas the one serving the fewest
+engines so far wins, so the refit's sending work spreads over the replicas. Colocated on one node of 8 GPUs
+with 8 engines and DP 8, replica d refits the engine on its own GPU; a policy with DP 1 refits every engine
+(what a single sender does).
+
+A location is (node id, GPU ids) as Ray reports it for an actor (``ray.get_gpu_ids()``; empty on CPU, and for a
+tensor-parallel engine whose GPUs belong to vLLM's own workers).
+
+``refit_transport`` resolves ``rollout.refit_transport=auto`` for one sender and its engines (see there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Location = tuple[str, tuple[str, ...]]
+
+
+def refit_sources(engines: Sequence[Location], replicas: Sequence[Sequence[Location]]) -> list[int]:
+    """For each engine, the index of the DP replica that sends it its weights.
+
+    ``replicas[d]`` lists where replica d's senders run (one per pipeline stage). Deterministic: ties go to the
+    less loaded, then the lower-numbered replica."""
+    if not replicas or any(not senders for senders in replicas):
+        raise ValueError("refit_sources: every replica needs at least one sender location")
+    load = [0] * len(replicas)
+    sources = []
+    for node, gpus in engines:
+        def closeness(d: int) -> tuple[int, int, int, int]:
+            same_gpu = sum(n == node and bool(set(g) & set(gpus)) for n, g in replicas[d])
+            same_node = sum(n == node for n, _ in replicas[d])
+            return same_gpu, same_node, -load[d], -d
+
+        best = max(range(len(replicas)), key=closeness)
+        load[best] += 1
+        sources.append(best)
+    return sources
+
+
+TRANSPORTS = ("ipc", "shm", "broadcast", "ray")
+
+
+def refit_transport(requested: str, *, sender: Location, engines: Sequence[Location], colocated: bool,
+                    on_gpu: bool) -> str:
+    """The transport one sender uses for ``engines`` (``rollout.refit_transport``; ``auto`` resolved here):
+
+    - GPU, colocated, every engine on the sender's own GPU (engine TP 1): ``ipc``, a CUDA IPC handle to the bucket.
+    - GPU, colocated otherwise (a tensor-parallel engine, or engines on the GPUs of the sender's TP peers): ``shm``,
+      host shared memory. Neither GPU path works there: NCCL cannot hold the sender's GPU twice (an engine worker
+      shares it), and Ray shows each actor only its own GPU, so a CUDA IPC handle does not open on another one.
+    - GPU, engines on GPUs of their own: ``broadcast`` over NCCL (NVLink within a node, the network across).
+    - CPU: ``shm`` when every engine is on the sender's host, else ``ray``.
+    """
+    if requested != "auto":
+        if requested not in TRANSPORTS:
+            raise ValueError(f"rollout.refit_transport must be auto or one of {TRANSPORTS}, got {requested!r}")
+        return requested
+    node, gpus = sender
+    same_host = all(n == node for n, _ in engines)
+    if not on_gpu:
+        return "shm" if same_host else "ray"
+    if not colocated:
+        return "broadcast"
+    if gpus and all(n == node and g == gpus for n, g in engines):
+        return "ipc"
+    return "shm"
+
+
+__all__ = ["Location", "TRANSPORTS", "refit_sources", "refit_transport"]
