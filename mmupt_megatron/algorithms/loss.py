@@ -128,6 +128,14 @@ def truncated_is_weights(
         return raw_BT.clamp(max=cap), raw_BT > cap
 
 
+def logprob_gap(logprobs_BT: torch.Tensor, engine_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|policy - engine| log-prob of the masked tokens: ``logprob_gap_mean`` (over them) and ``logprob_gap_max``.
+    Large values mean the two models disagree (refit, prompt layout, position ids, temperature)."""
+    with torch.no_grad():
+        gap_BT = (logprobs_BT.float() - engine_logprobs_BT.float()).abs() * mask_BT
+        return {"logprob_gap_mean": gap_BT.sum() / mask_BT.sum().clamp(min=1), "logprob_gap_max": gap_BT.max()}
+
+
 def grpo_policy_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,
