@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
-from mmupt_megatron.algorithms.loss import PolicyLossConfig
+from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap
 from mmupt_megatron.algorithms.synthesis import MODES as SYNTHESIS_MODES
 from mmupt_megatron.algorithms.synthesis import SEED_ANSWER_POLICIES
 
@@ -114,9 +114,13 @@ class RolloutConfig:
     n_vote: int = 0
     """Responses per prompt that vote; 0 means n. Extra ones (n_vote > n) vote but are not trained on."""
     temperature: float = 0.7
-    """Sampling temperature."""
+    """Sampling temperature; the policy's old, new and reference log-probs are taken at it too (logits / T), and
+    the engine reports the log-probs of the distribution it sampled from (vLLM's processed log-probs)."""
     top_p: float = 0.99
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold. Below 1 the engine samples from a truncated, renormalised distribution that
+    the policy's log-probs cannot reproduce (they cover the whole vocabulary): each sampled token's engine
+    log-prob is then higher by up to log(1 / top_p) (0.01 at 0.99), which rollout/logprob_gap_* shows and
+    algorithm.rollout_is_cap corrects for; 1.0 keeps policy and engine on the same distribution."""
     max_new_tokens: int = 2048
     """Maximum response length in tokens."""
     max_prompt_length: int = 2048
@@ -215,7 +219,12 @@ class AlgorithmConfig:
     normalize_std: bool = True
     """GRPO: divide by the group's reward std (false = Dr. GRPO)."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch. With 1 and one mini-batch per step (trainer.prompts_per_update covering
+    the step's prompts) the update is exactly on policy and the old-log-prob forward is skipped."""
+    rollout_is_cap: float | None = None
+    """Truncated importance sampling (verl's TIS): the policy-gradient term of each token is multiplied by
+    min(exp(old log-prob - engine log-prob), cap), correcting for the engine sampling from another distribution
+    than the policy's (other kernels, bf16/FP8, top-p truncation); must be > 1; null: off."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The GRPO loss: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, norm_length."""
 
@@ -229,6 +238,7 @@ class AlgorithmConfig:
             out.append(f"algorithm.advantage must be one of {ESTIMATORS}, got {self.advantage!r}")
         if self.ppo_epochs < 1:
             out.append(f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        out += check_rollout_is_cap(self.rollout_is_cap, "algorithm.rollout_is_cap")
         return out + self.loss.problems("algorithm.loss.")
 
 

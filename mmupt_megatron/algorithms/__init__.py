@@ -8,7 +8,7 @@ from mmupt_megatron.algorithms.advantages import group_advantages
 from mmupt_megatron.algorithms.answers import extract_answers, extract_boxed
 from mmupt_megatron.algorithms.equivalence import AnswerMatcher, CanonicalAnswer, canonical_form
 from mmupt_megatron.algorithms.logprobs import token_entropy, token_logprobs, vocab_parallel_token_logprobs
-from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss, kl_penalty
+from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss, kl_penalty, truncated_is_weights
 from mmupt_megatron.algorithms.vote import GroupVote, VoteResult, label_rewards, majority_vote
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "majority_vote",
     "token_entropy",
     "token_logprobs",
+    "truncated_is_weights",
     "vocab_parallel_token_logprobs",
 ]

@@ -41,9 +41,21 @@ def _raise_non_finite(lse_N: torch.Tensor, seq_len: int) -> None:
     raise ValueError(f"non-finite (NaN/inf) logits in sample(s) {samples[:8]} of the batch")
 
 
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``chunk / temperature`` in float32 (a new tensor when scaled: ``.float()`` of fp32 is the input itself)."""
+    return chunk.float() if temperature == 1.0 else chunk.float() / temperature
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is a finite number > 0, else ValueError."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
 class _TokenLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len):
+    def forward(ctx, logits_NV, targets_N, rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len, temperature):
         num_rows, vocab = logits_NV.shape
         local_N = targets_N - vocab_start
         in_shard_N = (local_N >= 0) & (local_N < vocab)
@@ -52,7 +64,7 @@ class _TokenLogprob(torch.autograd.Function):
         lse_N = torch.empty(num_rows, dtype=torch.float32, device=logits_NV.device)
         for start in range(0, num_rows, rows):
             stop = min(start + rows, num_rows)
-            chunk = logits_NV[start:stop].float()
+            chunk = _scaled(logits_NV[start:stop], temperature)
             max_C = all_reduce_max(chunk.max(dim=-1).values.clone())
             sumexp_C = all_reduce_sum((chunk - max_C[:, None]).exp_().sum(dim=-1))
             lse_C = max_C + sumexp_C.log()
@@ -63,7 +75,7 @@ class _TokenLogprob(torch.autograd.Function):
         if seq_len and not bool(torch.isfinite(lse_N).all()):
             _raise_non_finite(lse_N, seq_len)
         ctx.save_for_backward(logits_NV, local_N, in_shard_N, lse_N)
-        ctx.rows = rows
+        ctx.rows, ctx.temperature = rows, temperature
         return logprob_N
 
     @staticmethod
@@ -73,12 +85,12 @@ class _TokenLogprob(torch.autograd.Function):
         grad_N = grad_N.float()
         for start in range(0, logits_NV.shape[0], ctx.rows):
             stop = min(start + ctx.rows, logits_NV.shape[0])
-            chunk = logits_NV[start:stop].float()
-            g_C = grad_N[start:stop]
+            chunk = _scaled(logits_NV[start:stop], ctx.temperature)
+            g_C = grad_N[start:stop] if ctx.temperature == 1.0 else grad_N[start:stop] / ctx.temperature
             block = (chunk - lse_N[start:stop, None]).exp_().mul_(-g_C[:, None])
             block.scatter_add_(1, local_N[start:stop, None], torch.where(in_shard_N[start:stop], g_C, 0.0)[:, None])
             grad_NV[start:stop] = block
-        return grad_NV, None, None, None, None, None, None
+        return grad_NV, None, None, None, None, None, None, None
 
 
 def vocab_parallel_token_logprobs(
@@ -90,12 +102,15 @@ def vocab_parallel_token_logprobs(
     all_reduce_sum: Reduce,
     chunk_tokens: int | None = None,
     check_finite: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Log-prob (float32, shape of ``targets_BT``) of each target under the full-vocabulary softmax.
+    """Log-prob (float32, shape of ``targets_BT``) of each target under the full-vocabulary softmax of
+    ``logits / temperature``.
 
     ``local_logits_BTV`` holds vocabulary entries ``[vocab_start, vocab_start + V_local)``; the callbacks
     reduce a tensor over the ranks holding the other shards and return the result.
     """
+    temperature = check_temperature(temperature)
     if local_logits_BTV.shape[:-1] != targets_BT.shape:
         raise ValueError(
             f"logits {tuple(local_logits_BTV.shape)} do not match targets {tuple(targets_BT.shape)}"
@@ -105,7 +120,8 @@ def vocab_parallel_token_logprobs(
     rows = _chunk_rows(logits_NV.shape[0], vocab, chunk_tokens)
     seq_len = (targets_BT.shape[-1] if targets_BT.ndim > 1 else logits_NV.shape[0]) if check_finite else 0
     logprob_N = _TokenLogprob.apply(
-        logits_NV, targets_BT.reshape(-1).long(), rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len
+        logits_NV, targets_BT.reshape(-1).long(), rows, vocab_start, all_reduce_max, all_reduce_sum, seq_len,
+        temperature,
     )
     return logprob_N.view(targets_BT.shape)
 
@@ -116,8 +132,9 @@ def token_logprobs(
     *,
     chunk_tokens: int | None = None,
     check_finite: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``log_softmax(logits).gather(targets)`` in float32, chunked (see module docstring)."""
+    """``log_softmax(logits / temperature).gather(targets)`` in float32, chunked (see module docstring)."""
     return vocab_parallel_token_logprobs(
         logits_BTV,
         targets_BT,
@@ -126,6 +143,7 @@ def token_logprobs(
         all_reduce_sum=_identity,
         chunk_tokens=chunk_tokens,
         check_finite=check_finite,
+        temperature=temperature,
     )
 
 

@@ -6,6 +6,12 @@ Per token t of response b, with ratio r = exp(logp - old_logp) and advantage A:
     loss_t = pg + kl_coef * KL_t                      KL_t by the k1 / k2 / k3 estimator of KL(pi || ref)
 k3 is the low-variance, non-negative estimator exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10].
 
+Truncated importance sampling (TIS, as in verl) corrects for the rollout engine sampling from a slightly
+different distribution than the policy's (other kernels, bf16/FP8, top-p truncation): with the engine's
+log-prob of each sampled token, the policy-gradient term is multiplied by the detached weight
+    w_t = min(exp(old_logp - engine_logp), cap)                       (``truncated_is_weights``)
+so ``pg`` above becomes ``w * pg``; the KL term is not weighted.
+
 Aggregation divides by *global* counts given by the caller, so summing the per-shard losses of a
 data-parallel batch gives exactly the full-batch loss (and gradient):
 - ``token-mean``:               sum_bt loss / global_num_tokens
@@ -100,6 +106,36 @@ def aggregate(
     return masked_BT.sum() / (max(global_num_seqs, 1) * cfg.norm_length)
 
 
+def check_rollout_is_cap(cap: float | None, key: str = "rollout_is_cap") -> list[str]:
+    """What is wrong with a TIS cap (``key`` names it in the message): it must be null or a finite number > 1."""
+    if cap is None or (isinstance(cap, (int, float)) and 1 < cap < float("inf")):
+        return []
+    return [f"{key} must be > 1 (or null: off), got {cap}"]
+
+
+def truncated_is_weights(
+    old_logprobs_BT: torch.Tensor, engine_logprobs_BT: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token TIS weights ``min(exp(old - engine), cap)`` (detached, float32) and where the cap applied."""
+    problems = check_rollout_is_cap(cap, "cap")
+    if problems:
+        raise ValueError(problems[0])
+    if old_logprobs_BT.shape != engine_logprobs_BT.shape:
+        raise ValueError(f"shape mismatch: old logprobs {tuple(old_logprobs_BT.shape)}, engine logprobs "
+                         f"{tuple(engine_logprobs_BT.shape)}")
+    with torch.no_grad():
+        raw_BT = (old_logprobs_BT.float() - engine_logprobs_BT.float()).clamp(-20.0, 20.0).exp()
+        return raw_BT.clamp(max=cap), raw_BT > cap
+
+
+def logprob_gap(logprobs_BT: torch.Tensor, engine_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|policy - engine| log-prob of the masked tokens: ``logprob_gap_mean`` (over them) and ``logprob_gap_max``.
+    Large values mean the two models disagree (refit, prompt layout, position ids, temperature)."""
+    with torch.no_grad():
+        gap_BT = (logprobs_BT.float() - engine_logprobs_BT.float()).abs() * mask_BT
+        return {"logprob_gap_mean": gap_BT.sum() / mask_BT.sum().clamp(min=1), "logprob_gap_max": gap_BT.max()}
+
+
 def grpo_policy_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,
@@ -110,10 +146,13 @@ def grpo_policy_loss(
     global_num_tokens: int,
     global_num_seqs: int,
     ref_logprobs_BT: torch.Tensor | None = None,
+    engine_logprobs_BT: torch.Tensor | None = None,
+    rollout_is_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of this shard (see module docstring) and detached metrics averaged over its tokens.
 
-    ``advantages_B`` may be per sequence [B] or per token [B, T].
+    ``advantages_B`` may be per sequence [B] or per token [B, T]. ``rollout_is_cap``: truncated importance
+    sampling against ``engine_logprobs_BT`` (the rollout engine's log-probs of the same tokens).
     """
     cfg.check()
     if logprobs_BT.shape != old_logprobs_BT.shape or logprobs_BT.shape != mask_BT.shape:
@@ -123,6 +162,8 @@ def grpo_policy_loss(
         )
     if cfg.kl_coef > 0 and ref_logprobs_BT is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs_BT (log-probs of the reference policy)")
+    if rollout_is_cap is not None and engine_logprobs_BT is None:
+        raise ValueError("rollout_is_cap needs engine_logprobs_BT (the rollout engine's log-probs)")
     mask_BT = mask_BT.to(logprobs_BT.dtype)
     adv_BT = advantages_B[:, None].expand_as(logprobs_BT) if advantages_B.ndim == 1 else advantages_B
     log_ratio_BT = (logprobs_BT - old_logprobs_BT).clamp(-20.0, 20.0)
@@ -135,6 +176,9 @@ def grpo_policy_loss(
         cap_BT = -adv_BT * cfg.dual_clip
         dual_clipped_BT = (adv_BT < 0) & (pg_BT > cap_BT)
         pg_BT = torch.where(dual_clipped_BT, cap_BT, pg_BT)
+    if rollout_is_cap is not None:
+        is_weights_BT, is_capped_BT = truncated_is_weights(old_logprobs_BT, engine_logprobs_BT, rollout_is_cap)
+        pg_BT = pg_BT * is_weights_BT
     loss_BT = pg_BT
     kl_BT = None
     if ref_logprobs_BT is not None:
@@ -159,4 +203,7 @@ def grpo_policy_loss(
         }
         if kl_BT is not None:
             metrics["kl_ref"] = local_mean(kl_BT)
+        if rollout_is_cap is not None:
+            metrics["rollout_is_weight_mean"] = local_mean(is_weights_BT)
+            metrics["rollout_is_clip_fraction"] = local_mean(is_capped_BT)
     return loss, metrics

@@ -9,8 +9,17 @@ of micro-batch losses over all DP ranks is the full-batch loss. We therefore run
 ``calculate_per_token_loss=True`` (no division by the number of micro-batches, DP grads summed rather
 than averaged) and finalize the grads without a token count.
 
-Log-prob convention: ``logprobs_BT[b, t]`` = log p(ids[b, t+1] | ids[b, :t+1]) (shape [B, T-1]).
-Log-probs and metrics exist on the last pipeline stage; other stages get None / {}.
+Log-prob convention: ``logprobs_BT[b, t]`` = log p(ids[b, t+1] | ids[b, :t+1]) (shape [B, T-1]), of the
+distribution ``softmax(logits / temperature)`` (``PolicyOptimConfig.temperature``: the rollout's sampling
+temperature, so the GRPO ratio, the KL and the engine comparison are all taken at the distribution that
+generated the samples). Log-probs and metrics exist on the last pipeline stage; other stages get None / {}.
+
+On-policy shortcut: a batch without ``old_logprobs_BT`` trains with the new log-probs, detached, as the old
+ones (ratio exactly 1: the same loss and gradient as a separate old-log-prob pass before an update that has
+not happened yet), which saves that forward when a step makes exactly one update (one mini-batch, one
+epoch). With ``engine_logprobs_BT`` too, that training forward also reports the engine gap ``logprob_gap_mean``
+/ ``logprob_gap_max`` (|policy - engine| on the trained tokens, before the update), which the old-log-prob pass
+would otherwise have given.
 
 FP8 (Transformer Engine) needs sequence lengths divisible by 16 x TP: ``_run`` pads every batch with
 ``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut back to [B, T-1].
@@ -26,8 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmupt_megatron.algorithms.logprobs import vocab_parallel_token_logprobs
-from mmupt_megatron.algorithms.loss import PolicyLossConfig, grpo_policy_loss
+from mmupt_megatron.algorithms.logprobs import check_temperature, vocab_parallel_token_logprobs
+from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap, grpo_policy_loss, logprob_gap
 from mmupt_megatron.distributed.cpu_compat import cuda_type_names
 from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.qwen2_5_vl import fp8_sequence_multiple
@@ -51,6 +60,10 @@ class PolicyOptimConfig:
     """Sequences per forward/backward micro-batch on each DP rank."""
     freeze_vision: bool = False
     """Keep the vision tower fixed (no grads, no optimizer state)."""
+    temperature: float = 1.0
+    """Log-probs are those of softmax(logits / temperature): the trainer sets rollout.temperature."""
+    rollout_is_cap: float | None = None
+    """Truncated importance sampling against the engine's log-probs (algorithm.rollout_is_cap); None: off."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
     def __post_init__(self) -> None:
@@ -60,6 +73,10 @@ class PolicyOptimConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.lr < 0 or self.grad_clip < 0:
             raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be >= 0")
+        check_temperature(self.temperature)
+        problems = check_rollout_is_cap(self.rollout_is_cap)
+        if problems:
+            raise ValueError(problems[0])
         self.loss.check()
 
 
@@ -73,7 +90,10 @@ class PolicyBatch:
     loss_mask_BT: torch.Tensor | None = None
     """[B, T-1]: 1 where the token at t+1 is a response token to train on."""
     old_logprobs_BT: torch.Tensor | None = None
+    """None in ``train_step``: on policy, the new log-probs (detached) are the old ones."""
     ref_logprobs_BT: torch.Tensor | None = None
+    engine_logprobs_BT: torch.Tensor | None = None
+    """[B, T-1]: the rollout engine's log-probs of the sampled tokens (TIS; the engine gap), 0 elsewhere."""
     advantages_B: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
@@ -96,7 +116,7 @@ def pad_sequences(batch: PolicyBatch, multiple: int, *, pad_id: int = 0) -> Poli
     return replace(
         batch, input_ids_BT=pad(batch.input_ids_BT, pad_id), attention_mask_BT=pad(attention, 0),
         loss_mask_BT=pad(batch.loss_mask_BT, 0), old_logprobs_BT=pad(batch.old_logprobs_BT, 0),
-        ref_logprobs_BT=pad(batch.ref_logprobs_BT, 0),
+        ref_logprobs_BT=pad(batch.ref_logprobs_BT, 0), engine_logprobs_BT=pad(batch.engine_logprobs_BT, 0),
     )
 
 
@@ -177,13 +197,15 @@ class MegatronPolicy:
 
         finalize_model_grads(model, None, pg_collection=self.groups.megatron_pgs)
 
-    def _logprobs(self, local_logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def _logprobs(self, local_logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
+                  temperature: float | None = None) -> torch.Tensor:
         return vocab_parallel_token_logprobs(
             local_logits_BTV[:, :-1],
             input_ids_BT[:, 1:],
             vocab_start=self.model.vocab_start(),
             all_reduce_max=partial(self._all_reduce, op=dist.ReduceOp.MAX),
             all_reduce_sum=partial(self._all_reduce, op=dist.ReduceOp.SUM),
+            temperature=self.cfg.temperature if temperature is None else temperature,
         )
 
     # ------------------------------------------------------------------ schedule plumbing
@@ -235,11 +257,12 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def compute_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
-        """fp32 [B, T-1] log-probs of the batch's own tokens (last stage; None on other stages)."""
+    def compute_logprobs(self, batch: PolicyBatch, *, temperature: float | None = None) -> torch.Tensor | None:
+        """fp32 [B, T-1] log-probs of the batch's own tokens (last stage; None on other stages), at the
+        config's temperature unless ``temperature`` says otherwise (refit checks compare at 1)."""
 
         def collect(mb: dict, logits_BTV: torch.Tensor):
-            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"])
+            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"], temperature)
             return torch.zeros((), requires_grad=False), torch.zeros((), dtype=torch.int), {"logprobs": logprobs}
 
         self.ddp.eval()
@@ -252,9 +275,11 @@ class MegatronPolicy:
     def train_step(self, batch: PolicyBatch, *, global_num_tokens: int | None = None,
                    global_num_seqs: int | None = None) -> dict[str, float]:
         """One optimizer step on this rank's batch. Global counts default to the DP-all-reduced sums of
-        ``loss_mask_BT`` and of the batch size."""
-        if batch.loss_mask_BT is None or batch.old_logprobs_BT is None or batch.advantages_B is None:
-            raise ValueError("train_step needs loss_mask_BT, old_logprobs_BT and advantages_B")
+        ``loss_mask_BT`` and of the batch size. Without ``old_logprobs_BT``: on policy (module docstring)."""
+        if batch.loss_mask_BT is None or batch.advantages_B is None:
+            raise ValueError("train_step needs loss_mask_BT and advantages_B")
+        if self.cfg.rollout_is_cap is not None and batch.engine_logprobs_BT is None:
+            raise ValueError("rollout_is_cap is set but the batch has no engine_logprobs_BT")
         expected = (batch.input_ids_BT.shape[0], batch.input_ids_BT.shape[1] - 1)
         if tuple(batch.loss_mask_BT.shape) != expected:
             raise ValueError(f"loss_mask_BT has shape {tuple(batch.loss_mask_BT.shape)}, expected {expected} (T-1)")
@@ -268,12 +293,17 @@ class MegatronPolicy:
 
         def loss_fn(mb: dict, logits_BTV: torch.Tensor):
             logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"])
+            old = mb["old_logprobs_BT"] if mb["old_logprobs_BT"] is not None else logprobs.detach()
+            engine = mb["engine_logprobs_BT"]
             loss, metrics = grpo_policy_loss(
-                logprobs, mb["old_logprobs_BT"], mb["advantages_B"], mb["loss_mask_BT"], cfg=loss_cfg,
+                logprobs, old, mb["advantages_B"], mb["loss_mask_BT"], cfg=loss_cfg,
                 global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                ref_logprobs_BT=mb["ref_logprobs_BT"],
+                ref_logprobs_BT=mb["ref_logprobs_BT"], engine_logprobs_BT=engine,
+                rollout_is_cap=self.cfg.rollout_is_cap,
             )
             metrics = {key: value.detach() for key, value in metrics.items()}
+            if engine is not None and mb["old_logprobs_BT"] is None:  # on policy: these are the old log-probs
+                metrics.update(logprob_gap(logprobs.detach(), engine, mb["loss_mask_BT"]))
             metrics["loss"] = loss.detach()
             return loss, torch.zeros((), dtype=torch.int), metrics
 
@@ -281,26 +311,17 @@ class MegatronPolicy:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batch, loss_fn, forward_only=False)
+        merged = _merge_micro_batch_metrics(outputs)
+        gap = {key: value for key, value in merged.items() if key.startswith("logprob_gap")}  # before any update
         if not self._grads_finite():
             # fp32 Megatron optimizers apply NaN/inf gradients as they are: skip the update on every rank
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan")}
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), **gap}
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
-            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan")}
-        result = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0}
-        if outputs:
-            weights = [float(out["num_tokens"]) for out in outputs]
-            total = max(sum(weights), 1.0)
-            for key in outputs[0]:
-                if key == "loss":
-                    result[key] = sum(float(out[key]) for out in outputs)
-                elif key == "num_tokens":
-                    result[key] = total
-                else:
-                    result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
-        return result
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), **gap}
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0, **merged}
 
     # ------------------------------------------------------------------ memory (the colocated schedule)
     def _inner_optimizers(self) -> list:
@@ -337,6 +358,26 @@ class MegatronPolicy:
         if self._stash is not None:
             self._stash.restore()
             self._stash = None
+
+
+def _merge_micro_batch_metrics(outputs: list[dict]) -> dict[str, float]:
+    """One dict from the micro-batches' metrics: ``loss`` summed (each is a share of the global loss), ``*_max``
+    maximised, the others averaged weighted by their tokens; {} off the last pipeline stage."""
+    if not outputs:
+        return {}
+    weights = [float(out["num_tokens"]) for out in outputs]
+    total = max(sum(weights), 1.0)
+    result = {}
+    for key in outputs[0]:
+        if key == "loss":
+            result[key] = sum(float(out[key]) for out in outputs)
+        elif key == "num_tokens":
+            result[key] = total
+        elif key.endswith("_max"):
+            result[key] = max(float(out[key]) for out in outputs)
+        else:
+            result[key] = sum(float(out[key]) * w for out, w in zip(outputs, weights)) / total
+    return result
 
 
 def _all_finite(tensors) -> bool:

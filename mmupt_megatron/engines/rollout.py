@@ -49,7 +49,7 @@ class Rollout:
     """Prompt tokens as the engine tokenised them (image pads expanded)."""
     response_token_ids: list[int]
     response_logprobs: list[float]
-    """Log-prob of each sampled token under the engine's (untempered) distribution."""
+    """Log-prob of each sampled token under the distribution the engine sampled it from (temperature, top-p)."""
     text: str
     finish_reason: str
     """stop (end-of-sequence or stop token) or length (max_new_tokens reached: possibly truncated)."""
@@ -60,7 +60,7 @@ class RolloutEngine(Protocol):
         """``n`` rollouts per request, ordered by request then sample."""
 
     def prompt_logprobs(self, requests: Sequence[RolloutRequest], completions: Sequence[list[int]]) -> list[torch.Tensor]:
-        """Log-probs the engine assigns to given completion tokens (used to verify a refit)."""
+        """Log-probs at temperature 1 the engine assigns to given completion tokens (used to verify a refit)."""
 
     def load_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], *, manifest: Sequence[tuple[str, Sequence[int]]] | None = None,

@@ -12,6 +12,11 @@ vLLM internals this module relies on (all reached in ``_driver_rpc`` / here, now
 - ``LLM.llm_engine.reset_encoder_cache()`` and ``LLM.reset_prefix_cache()`` after a refit: cached image
   encodings and KV blocks were computed with the old weights (without the first, a VLM hangs on
   "Encoder cache miss").
+- ``logprobs_mode="processed_logprobs"``: a sampled token's log-prob is that of the distribution it was drawn
+  from, after vLLM's sampler applied the logit bias (banned tokens), the temperature (logits / T, as the policy
+  does) and top-p (truncation and renormalisation, which the policy cannot reproduce). vLLM's default,
+  ``raw_logprobs``, reports the untempered model distribution. Prompt log-probs skip the sampler in every mode
+  (vLLM 0.32 ``gpu_model_runner``: "prompt tokens skip sampling processors"): always temperature 1.
 - On CPU, ``mmupt_megatron/engines/vllm_cpu_site`` goes on PYTHONPATH (see its docstring) and the engine
   core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: 3-4 s start-up instead of ~19 s).
 """
@@ -136,6 +141,7 @@ class VLLMRolloutEngine:
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            logprobs_mode="processed_logprobs",  # of the distribution sampled from (module docstring)
             worker_extension_cls=EXTENSION,  # refit inside the workers (engines/vllm_worker.py)
         )
         if distributed_executor_backend is not None:
@@ -164,7 +170,8 @@ class VLLMRolloutEngine:
         return inputs
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[Rollout]:
-        """``n`` rollouts per request; vision placeholder tokens are never sampled (always banned)."""
+        """``n`` rollouts per request, each token with its log-prob under the distribution it was sampled from
+        (temperature, top-p); vision placeholder tokens are never sampled (always banned)."""
         from vllm import SamplingParams
 
         sampling = replace(sampling, banned_token_ids=tuple({*sampling.banned_token_ids, *self.vision_token_ids}))
@@ -201,7 +208,8 @@ class VLLMRolloutEngine:
         return rollouts
 
     def prompt_logprobs(self, requests: Sequence[RolloutRequest], completions: Sequence[list[int]]) -> list[torch.Tensor]:
-        """Log-probs (temperature 1) of the given completion tokens after each prompt.
+        """Log-probs at temperature 1 of the given completion tokens after each prompt (vLLM scores prompt tokens
+        before its sampler, so neither a temperature nor top-p can apply: compare with the policy's at 1).
 
         The prompt is tokenised here with one ``<|image_pad|>`` per image, as vLLM does for a text prompt;
         vLLM expands the pads itself (already-expanded ids would be expanded again).

@@ -33,6 +33,7 @@ from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import shard_for_rank
+from mmupt_megatron.trainer.metrics_log import combine_metrics
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
@@ -106,6 +107,8 @@ def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
         grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
         freeze_vision=cfg.model.freeze_vision,
+        temperature=cfg.rollout.temperature,
+        rollout_is_cap=cfg.algorithm.rollout_is_cap,
         loss=cfg.algorithm.policy_loss(default_norm_length=cfg.rollout.max_new_tokens),
     )
 
@@ -268,12 +271,14 @@ class Cluster:
 
         return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in (actors or self.workers)])
 
-    def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor:
+    def logprobs(self, batch: PolicyBatch, *, reference: bool = False, temperature: float | None = None) -> torch.Tensor:
+        """The policy's (or the reference's) log-probs at rollout.temperature, or at ``temperature``."""
         import ray
 
         shards = self._per_rank(batch)
         with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
-            results = ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
+            results = ray.get([w.logprobs.remote(s, reference=reference, temperature=temperature)
+                               for w, s in zip(self.workers, shards)])
         return torch.cat(self._gather(results), dim=0)
 
     def train(self, batch: PolicyBatch) -> dict[str, float]:
@@ -286,7 +291,7 @@ class Cluster:
             for w, s in zip(self.workers, shards)
         ])
         per_dp = self._gather(results)
-        merged = {key: sum(r[key] for r in per_dp) / len(per_dp) for key in per_dp[0] if key not in ("loss",)}
+        merged = combine_metrics(per_dp)
         merged["loss"] = sum(r["loss"] for r in per_dp)
         return merged
 

@@ -8,8 +8,10 @@ Each step, for a batch of unlabeled (image, question) prompts:
    pseudo-label and agreeing responses earn reward 1 (``reward.kind=label`` uses the data's answers instead:
    the supervised reference);
 3. the first ``rollout.n`` responses per prompt are trained on with group-normalised advantages;
-4. old (and, with KL, reference) log-probs come from the Megatron policy; the GRPO loss is minimised for
-   ``algorithm.ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` prompts;
+4. old (and, with KL, reference) log-probs come from the Megatron policy, at the sampling temperature; the GRPO
+   loss is minimised for ``algorithm.ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update``
+   prompts. When that is exactly one update (one epoch, one mini-batch) it is on policy: no old-log-prob pass,
+   the training forward's own log-probs (detached) are the old ones and give the engine-gap metrics;
 5. the new weights are loaded into the engine (refit).
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
+from mmupt_megatron.algorithms.loss import logprob_gap
 from mmupt_megatron.config import Config
 from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
 from mmupt_megatron.data.sampler import ResumableSampler
@@ -33,7 +36,7 @@ from mmupt_megatron.models.qwen2_5_vl import check_fp8
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
-from mmupt_megatron.trainer.metrics_log import MetricsLog, open_metrics_log, plot_metrics
+from mmupt_megatron.trainer.metrics_log import MetricsLog, combine_metrics, open_metrics_log, plot_metrics
 from mmupt_megatron.trainer.preflight import check_before_start
 
 
@@ -107,18 +110,24 @@ class Trainer:
                                       estimator=cfg.algorithm.advantage, normalize_std=cfg.algorithm.normalize_std)
         encoded = {i: self.images.encode([img]) for i, img in enumerate(fitted)}
         batch = pack_rollouts(train_rollouts, pad_id=self._pad_id(), images=encoded, advantages_B=advantages)
+        engine_BT = engine_logprobs(train_rollouts, batch.loss_mask_BT)
+        on_policy = self._on_policy(len(train_rollouts))
+        if on_policy or cfg.algorithm.rollout_is_cap is not None:  # the workers need them (gap, TIS)
+            batch.engine_logprobs_BT = engine_BT
 
+        gap: dict[str, Any] = {}
         with timer("logprobs"):
-            batch.old_logprobs_BT = self.cluster.logprobs(batch)
-            # engine vs policy on the sampled tokens: large values mean the two models disagree (refit, prompt
-            # layout or position ids), and the update then trains a different model from the one sampled
-            gap_BT = (batch.old_logprobs_BT - engine_logprobs(train_rollouts, batch.old_logprobs_BT)).abs() * batch.loss_mask_BT
-            engine_gap = {"rollout/logprob_gap_mean": float(gap_BT.sum() / batch.loss_mask_BT.sum().clamp(min=1)),
-                          "rollout/logprob_gap_max": float(gap_BT.max())}
+            if not on_policy:  # on policy the training forward gives them (and the gap below)
+                batch.old_logprobs_BT = self.cluster.logprobs(batch)
+                gap = logprob_gap(batch.old_logprobs_BT, engine_BT, batch.loss_mask_BT)
             if cfg.algorithm.loss.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
             train_metrics = self._update(batch, train_rollouts)
+        gap = {key: train_metrics.pop(key) for key in ("logprob_gap_mean", "logprob_gap_max")} if on_policy else gap
+        # engine vs policy on the sampled tokens: large values mean the two models disagree (refit, prompt layout,
+        # position ids, temperature), and the update then trains a different model from the one sampled
+        engine_gap = {f"rollout/{key}": float(value) for key, value in gap.items()}
         if train_metrics.get("skipped", 0.0) > 0:
             self.bad_steps += 1
             print(f"step {step}: non-finite gradients, update skipped ({self.bad_steps} so far)", flush=True)
@@ -147,7 +156,8 @@ class Trainer:
         probe = list(first.values())[:4]
         dp = self.cluster.dims.dp  # the probe is split over the data-parallel ranks: a multiple of their number
         probe += [r for r in rollouts if r.response_token_ids and r not in probe][: -len(probe) % dp]
-        logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded))
+        # at temperature 1: the engine scores given tokens before its sampler (VLLMRolloutEngine.prompt_logprobs)
+        logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded), temperature=1.0)
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
                   for b, r in enumerate(probe)]
         probe_requests, completions = [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe]
@@ -167,6 +177,11 @@ class Trainer:
         tokens = self.cluster.tokens
         return tokens["pad_id"] if tokens["pad_id"] is not None else tokens["eos_id"]
 
+    def _on_policy(self, num_rollouts: int) -> bool:
+        """Whether the step makes exactly one update (one epoch of one mini-batch): then its old log-probs are the
+        training forward's own and need no pass of their own."""
+        return self.cfg.algorithm.ppo_epochs == 1 and num_rollouts <= self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
+
     def _update(self, batch, rollouts: list[Rollout]) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of whole prompt groups."""
         per_update = self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
@@ -174,7 +189,7 @@ class Trainer:
         for _ in range(self.cfg.algorithm.ppo_epochs):
             for start in range(0, len(rollouts), per_update):
                 metrics.append(self.cluster.train(_slice(batch, start, start + per_update, self.cluster.image_token_id)))
-        return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+        return combine_metrics(metrics)
 
     def _metrics(self, step, rollouts, answers, rewards, vote, train_metrics, timer) -> dict[str, float]:
         groups = list(vote.groups.values())

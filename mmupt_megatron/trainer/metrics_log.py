@@ -33,6 +33,12 @@ PLOTTED = (
 )
 
 
+def combine_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One dict from several (DP ranks, mini-batches): ``*_max`` keys maximised, the others averaged."""
+    return {key: max(p[key] for p in parts) if key.endswith("_max") else sum(p[key] for p in parts) / len(parts)
+            for key in parts[0]}
+
+
 def truncate_jsonl(path: Path, *, before_step: int) -> None:
     """Drop logged steps >= ``before_step`` (they are re-run after a resume)."""
     if not path.is_file():

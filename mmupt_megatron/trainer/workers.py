@@ -228,11 +228,13 @@ class PolicyWorker:
         """Where this rank runs (a refit sender's location, ``engines/refit_routes.py``)."""
         return actor_location()
 
-    def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor | None:
+    def logprobs(self, batch: PolicyBatch, *, reference: bool = False,
+                 temperature: float | None = None) -> torch.Tensor | None:
+        """Log-probs at the sampling temperature (the policy's config), or at ``temperature``."""
         policy = self.reference if reference else self.policy
         if policy is None:
             raise ValueError("reference log-probs requested but the worker has no reference model (kl_coef = 0)")
-        return policy.compute_logprobs(batch)
+        return policy.compute_logprobs(batch, temperature=temperature)
 
     def train(self, batch: PolicyBatch, *, global_num_tokens: int, global_num_seqs: int) -> dict[str, float]:
         return self.policy.train_step(batch, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)

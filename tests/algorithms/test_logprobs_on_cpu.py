@@ -51,3 +51,24 @@ def test_nan_logits_name_the_sample():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="do not match targets"):
         token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.6])
+def test_tempered_logprobs_are_those_of_logits_over_temperature(temperature):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 5, 23, generator=gen) * 4).requires_grad_()
+    targets = torch.randint(0, 23, (2, 5), generator=gen)
+    ours = token_logprobs(logits, targets, chunk_tokens=3, temperature=temperature)
+    ref = reference(logits / temperature, targets)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert (ours - reference(logits, targets)).abs().max() > 0.1  # the temperature does change them
+    weights = torch.randn(2, 5, generator=gen)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_temperature_that_is_not_positive_is_an_error(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), temperature=temperature)

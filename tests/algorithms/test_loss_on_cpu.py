@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmupt_megatron.algorithms import PolicyLossConfig, grpo_policy_loss, kl_penalty
+from mmupt_megatron.algorithms import PolicyLossConfig, grpo_policy_loss, kl_penalty, truncated_is_weights
 
 
 def loss_of(logp, old, adv, mask, **cfg):
@@ -77,3 +77,36 @@ def test_config_and_shape_errors():
         loss_of(torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="needs ref_logprobs"):
         loss_of(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2), kl_coef=0.1)
+
+
+def test_truncated_importance_sampling_weights_the_policy_gradient_only():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.9, 0.2]]))
+    engine = torch.log(torch.tensor([[0.5, 0.25, 0.1, 0.4]]))  # ratios old/engine 1, 2, 9, 0.5
+    weights, capped = truncated_is_weights(old, engine, 3.0)
+    assert torch.allclose(weights, torch.tensor([[1.0, 2.0, 3.0, 0.5]]), atol=1e-6)
+    assert capped.tolist() == [[False, False, True, False]]
+    logp = old.clone().requires_grad_()
+    mask, adv = torch.tensor([[1.0, 1.0, 1.0, 0.0]]), torch.tensor([2.0])
+    ref = logp.detach() - 1.0
+    config = PolicyLossConfig(kl_coef=0.5, kl_estimator="k1")
+    loss, metrics = grpo_policy_loss(logp, old, adv, mask, cfg=config, global_num_tokens=3, global_num_seqs=1,
+                                     ref_logprobs_BT=ref, engine_logprobs_BT=engine, rollout_is_cap=3.0)
+    # on policy (ratio 1): pg_t = -A * w_t; the k1 KL (1 per token) is not weighted
+    assert loss.item() == pytest.approx((-2.0 * (1 + 2 + 3) + 0.5 * 3) / 3, rel=1e-6)
+    assert metrics["rollout_is_weight_mean"].item() == pytest.approx(2.0)  # over the 3 trained tokens
+    assert metrics["rollout_is_clip_fraction"].item() == pytest.approx(1 / 3)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # d/dlogp of -A * w * exp(logp - old) at logp = old is -A * w (the weights carry no gradient), + kl_coef
+    assert torch.allclose(grad, torch.tensor([[-2.0 + 0.5, -4.0 + 0.5, -6.0 + 0.5, 0.0]]) / 3, atol=1e-6)
+    plain, plain_metrics = grpo_policy_loss(logp, old, adv, mask, cfg=config, global_num_tokens=3, global_num_seqs=1,
+                                            ref_logprobs_BT=ref)
+    assert plain.item() == pytest.approx((-2.0 * 3 + 0.5 * 3) / 3) and "rollout_is_weight_mean" not in plain_metrics
+
+
+@pytest.mark.parametrize("cap", [1.0, 0.5, -2.0, float("nan")])
+def test_a_tis_cap_not_above_one_is_an_error(cap):
+    with pytest.raises(ValueError, match="cap must be > 1"):
+        truncated_is_weights(torch.zeros(1, 2), torch.zeros(1, 2), cap)
+    with pytest.raises(ValueError, match="rollout_is_cap needs engine_logprobs_BT"):
+        grpo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2), cfg=PolicyLossConfig(),
+                         global_num_tokens=2, global_num_seqs=1, rollout_is_cap=2.0)

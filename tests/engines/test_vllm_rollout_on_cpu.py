@@ -1,5 +1,7 @@
 """The vLLM rollout engine on a tiny random Qwen2.5-VL with a real PNG: generation, log-probs, refit."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,9 +71,96 @@ def test_logprobs_match_transformers(setup):
     logits = hf_logits(model_dir, ids, features["pixel_values"], features["image_grid_thw"])
     start = len(rollout.prompt_token_ids)
     expected = logits[0, start - 1 : -1].log_softmax(-1).gather(-1, ids[0, start:, None]).squeeze(-1)
-    assert torch.allclose(torch.tensor(rollout.response_logprobs), expected, atol=1e-4)
+    # sampled tokens: the distribution they were drawn from, without the banned vision tokens
+    banned = logits[0, start - 1 : -1].clone()
+    banned[:, list(engine.vision_token_ids)] = float("-inf")
+    sampled = banned.log_softmax(-1).gather(-1, ids[0, start:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(rollout.response_logprobs), sampled, atol=1e-4)
+    # given tokens are scored before vLLM's sampler: the model's own distribution at temperature 1
     (scored,) = engine.prompt_logprobs(requests[:1], [rollout.response_token_ids])
     assert torch.allclose(scored, expected, atol=1e-4)
+
+
+def policy_logprobs_worker(model_dir: str, batch, temperatures: tuple[float, ...]) -> dict:
+    """A world-1 Megatron policy sampling at ``temperatures[0]``: its log-probs of ``batch`` at each temperature."""
+    from mmupt_megatron.distributed.parallel import ParallelDims, init_parallel
+    from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyOptimConfig
+    from mmupt_megatron.models.hf_config import load_arch
+    from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
+    from mmupt_megatron.models.weights import load_hf_weights
+
+    groups = init_parallel(ParallelDims())
+    model = Qwen2_5_VLModel(load_arch(model_dir), groups, init_weights=False)
+    load_hf_weights(model, model_dir)
+    policy = MegatronPolicy(model, groups, PolicyOptimConfig(temperature=temperatures[0], micro_batch_size=4))
+    out = {temperatures[0]: policy.compute_logprobs(batch)}  # the config's temperature
+    out.update({t: policy.compute_logprobs(batch, temperature=t) for t in temperatures[1:]})
+    return out
+
+
+@torch.no_grad()
+def transformers_logprobs(model_dir, rollouts, images, *, temperature: float, banned=()) -> torch.Tensor:
+    """[B, T-1] log-probs of each rollout's response tokens (laid out as ``pack_rollouts`` does) under
+    transformers' softmax(logits / temperature), with ``banned`` token ids removed from the distribution."""
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    width = max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in rollouts)
+    out = torch.zeros(len(rollouts), width - 1)
+    for b, r in enumerate(rollouts):
+        ids = torch.tensor([r.prompt_token_ids + r.response_token_ids])
+        pixels, grid = images.get(r.prompt_index, (None, None))
+        logits = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                       mm_token_type_ids=(ids == model.config.image_token_id).int()).logits[0, :-1] / temperature
+        logits[:, list(banned)] = float("-inf")
+        start = len(r.prompt_token_ids) - 1
+        out[b, start : ids.shape[1] - 1] = logits.log_softmax(-1)[start:].gather(-1, ids[0, start + 1 :, None]).squeeze(-1)
+    return out
+
+
+def test_sampled_logprobs_are_the_policys_at_the_sampling_temperature(setup):
+    """The engine reports each sampled token's log-prob under the distribution it drew from (vLLM's processed
+    log-probs: the logits / T of its banned-token-free vocabulary, then top-p); the Megatron policy's are
+    transformers' softmax(logits / T). At T=0.7 the two are close (they differ only by the banned tokens' mass,
+    ~1% in a random tiny model, ~0 in a trained one), far from the policy's untempered ones; with top-p the
+    engine's renormalised nucleus is higher by at most log(1 / top_p)."""
+    from transformers import AutoImageProcessor
+
+    from mmupt_megatron.algorithms.loss import logprob_gap
+    from mmupt_megatron.distributed.parallel import run_workers
+    from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
+
+    engine, requests, model_dir = setup
+    features = AutoImageProcessor.from_pretrained(model_dir)(images=list(requests[0].images), return_tensors="pt")
+    images = {i: (features["pixel_values"], features["image_grid_thw"]) for i, r in enumerate(requests) if r.images}
+    full = engine.generate(requests, SamplingSpec(n=3, temperature=0.7, top_p=1.0, max_new_tokens=8, seed=4))
+    nucleus = engine.generate(requests, SamplingSpec(n=3, temperature=0.7, top_p=0.8, max_new_tokens=8, seed=4))
+    rollouts, half = full + nucleus, len(full)
+    batch = pack_rollouts(rollouts, pad_id=engine.tokenizer.pad_token_id or 0, images=images)
+    [policy] = run_workers(policy_logprobs_worker, world_size=1, args=(str(model_dir), batch, (0.7, 1.0)))
+    engine_BT, mask_BT = engine_logprobs(rollouts, batch.loss_mask_BT), batch.loss_mask_BT
+    hf_BT = transformers_logprobs(model_dir, rollouts, images, temperature=0.7)
+    sampled_BT = transformers_logprobs(model_dir, rollouts, images, temperature=0.7, banned=engine.vision_token_ids)
+
+    def max_diff(a_BT, b_BT, rows=slice(None)) -> float:
+        return float(((a_BT[rows] - b_BT[rows]).abs() * mask_BT[rows]).max())
+
+    # the Megatron policy at T=0.7 is transformers' logits / 0.7; the engine's is the distribution it sampled from
+    assert max_diff(policy[0.7], hf_BT) < 1e-4
+    assert max_diff(engine_BT, sampled_BT, slice(0, half)) < 1e-4
+
+    def gap(temperature: float) -> dict[str, float]:
+        rows = slice(0, half)
+        return {k: round(float(v), 5) for k, v in logprob_gap(policy[temperature][rows], engine_BT[rows], mask_BT[rows]).items()}
+
+    matched, mismatched = gap(0.7), gap(1.0)
+    print(f"\nsampled at T=0.7, top_p=1: |engine - policy| at T=0.7 {matched}, at T=1 {mismatched}")
+    assert matched["logprob_gap_max"] < 0.02 and mismatched["logprob_gap_mean"] > 5 * matched["logprob_gap_mean"]
+    # top-p 0.8: engine - (banned-free) distribution = -log(nucleus mass) on every sampled token, in [0, log(1/0.8)]
+    excess = (engine_BT[half:] - sampled_BT[half:])[mask_BT[half:].bool()]
+    print(f"top_p=0.8: engine - policy log-prob in [{float(excess.min()):.4f}, {float(excess.max()):.4f}], "
+          f"mean {float(excess.mean()):.4f} (bound log(1/0.8) = {math.log(1 / 0.8):.4f})")
+    assert float(excess.min()) > -1e-4 and float(excess.max()) < math.log(1 / 0.8) + 1e-4 and float(excess.mean()) > 1e-3
 
 
 def test_refit_changes_logprobs_and_restoring_restores_them(setup):

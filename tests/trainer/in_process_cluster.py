@@ -79,12 +79,12 @@ class InProcessCluster:
     def release_engine(self) -> None:
         self.schedule.after_rollout()
 
-    def logprobs(self, batch, *, reference: bool = False):  # noqa: ANN001 - PolicyBatch
+    def logprobs(self, batch, *, reference: bool = False, temperature=None):  # noqa: ANN001 - PolicyBatch
         self.calls.append(("logprobs", "reference" if reference else "policy", batch.input_ids_BT.shape[0]))
         if not reference:
-            return self.worker.logprobs(batch)
+            return self.worker.logprobs(batch, temperature=temperature)
         with self.schedule.reference():
-            return self.worker.logprobs(batch, reference=True)
+            return self.worker.logprobs(batch, reference=True, temperature=temperature)
 
     def train(self, batch) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
         self.calls.append(("train", batch.input_ids_BT.shape[0]))

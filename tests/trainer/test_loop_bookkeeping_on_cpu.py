@@ -19,7 +19,7 @@ def script(index: int, sample: int) -> str:
     return "i am not sure" if answer is None else f"so \\boxed{{{answer}}}"
 
 
-def one_step(model_dir: str, data: str, out: str):
+def one_step(model_dir: str, data: str, out: str, overrides: tuple[str, ...] = ()):
     from mmupt_megatron.trainer.loop import Trainer
     from tests.trainer.in_process_cluster import InProcessCluster
 
@@ -27,7 +27,7 @@ def one_step(model_dir: str, data: str, out: str):
         f"model.path={model_dir}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=1",
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=1", "algorithm.ppo_epochs=2", "rollout.n=4",
         "rollout.n_vote=6", "rollout.max_new_tokens=8", "trainer.lr=1e-3", "algorithm.loss.kl_coef=0.1",
-        "rollout.verify_refit=false", "trainer.micro_batch_size=2", "data.shuffle=false",
+        "rollout.verify_refit=false", "trainer.micro_batch_size=2", "data.shuffle=false", *overrides,
     ])
     cluster = InProcessCluster(cfg, model_dir=model_dir, script=script)
     metrics = Trainer(cfg, cluster=cluster).step(0)
@@ -61,3 +61,22 @@ def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
     assert split[0] == split[2] > 0 > split[1] == split[3]
     assert advantages[2:] == advantages[:2]  # the second epoch trains on the same mini-batches
     assert metrics["train/num_tokens"] > 0 and metrics["train/grad_norm"] > 0 and "train/kl_ref" in metrics
+
+
+@pytest.mark.slow
+def test_an_on_policy_step_runs_no_old_logprob_pass(tmp_path):
+    """One epoch of one mini-batch: the reference pass (KL) still runs, the old-log-prob pass does not; the engine
+    gap comes from the training forward and TIS weights reach the loss (the scripted engine's log-probs are 0, so
+    every weight is the policy's probability of its token: below 1, never capped)."""
+    model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
+    data = write_splits(tmp_path / "data", num_train=4, num_test=1, seed=0)["train"]
+    overrides = ("trainer.prompts_per_update=2", "algorithm.ppo_epochs=1", "algorithm.rollout_is_cap=2.0",
+                 "rollout.temperature=0.7")
+    [(metrics, calls, *_)] = run_workers(one_step, world_size=1,
+                                         args=(str(model), str(data), str(tmp_path / "run"), overrides))
+    assert calls == [("generate", 2, 6), ("engines_sleep",), ("logprobs", "reference", 8), ("train", 8),
+                     ("engines_wake", "weights"), ("refit",), ("engines_wake", "kv_cache")]
+    assert metrics["train/ratio_mean"] == pytest.approx(1.0) and metrics["train/grad_norm"] > 0
+    assert metrics["rollout/logprob_gap_mean"] > 0.5 and metrics["rollout/logprob_gap_max"] >= metrics["rollout/logprob_gap_mean"]
+    assert "train/logprob_gap_mean" not in metrics
+    assert 0 < metrics["train/rollout_is_weight_mean"] < 1 and metrics["train/rollout_is_clip_fraction"] == 0.0
