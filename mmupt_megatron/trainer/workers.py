@@ -213,6 +213,10 @@ class PolicyWorker:
     def image_token_id(self) -> int | None:
         return self.arch.image_token_id
 
+    def sequence_multiple(self) -> int:
+        """What the policy pads sequence lengths to a multiple of (FP8, sequence parallelism)."""
+        return self.policy.seq_multiple
+
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False) -> torch.Tensor | None:
         policy = self.reference if reference else self.policy
         if policy is None:
