@@ -63,7 +63,8 @@ class ModelConfig:
     scales from an amax history), tensorwise (per-tensor current scaling), blockwise (1x128 / 128x128 block
     scales), mxfp8 (MX block scaling: Blackwell or newer only)."""
     gradient_checkpointing: bool = False
-    """Recompute transformer layers in the backward pass to save activation memory."""
+    """Recompute transformer layers in the backward pass to save activation memory (Megatron's full, uniform
+    activation recompute, one layer per checkpoint): the same loss and gradients, one more forward per layer."""
     freeze_vision: bool = False
     """Keep the vision tower fixed during RL (measured on the demo: training it made GRPO swing wildly)."""
 
@@ -89,6 +90,9 @@ class ParallelConfig:
     for host ones), gloo or nccl."""
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norms and dropout run on a 1/TP slice of the sequence (activation memory
+    / TP there). Needs tensor_parallel_size > 1; sequences are padded to a multiple of TP."""
 
     @property
     def world_size(self) -> int:
@@ -102,6 +106,9 @@ class ParallelConfig:
         ]
         if self.backend not in ("auto", "gloo", "nccl"):
             out.append(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.sequence_parallel and self.tensor_parallel_size < 2:
+            out.append(f"parallel.sequence_parallel=true needs parallel.tensor_parallel_size > 1, got "
+                       f"{self.tensor_parallel_size}: sequence parallelism splits the sequence over the TP ranks")
         return out
 
 
@@ -296,7 +303,13 @@ class TrainerConfig:
     prompts_per_update: int = 128
     """Prompts per optimizer update (mini-batch); prompts_per_step must be a multiple of it."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward micro-batch on each data-parallel rank."""
+    """Sequences per forward/backward micro-batch on each data-parallel rank (when max_tokens_per_micro_batch is null)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of a forward/backward micro-batch on each data-parallel rank, padding counted: a rank's
+    sequences are sorted by length and packed under it, each micro-batch padded only to its own longest (padding
+    waste is logged as batch/padding_waste_pct). Must hold the longest possible sequence
+    (rollout.max_prompt_length + rollout.max_new_tokens). null: micro_batch_size sequences, padded to the batch's
+    longest."""
     lr: float = 1e-6
     """Adam learning rate."""
     weight_decay: float = 1e-2
@@ -353,6 +366,8 @@ class TrainerConfig:
             out.append(f"trainer.resume must be auto, never or a checkpoint folder, got {self.resume!r}")
         if not self.output_dir.strip():
             out.append("trainer.output_dir must name a folder, got ''")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            out.append(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {self.max_tokens_per_micro_batch}")
         if not (math.isfinite(self.placement_timeout_s) and self.placement_timeout_s > 0):
             out.append(f"trainer.placement_timeout_s must be finite and > 0, got {self.placement_timeout_s}")
         return out
@@ -546,6 +561,11 @@ class Config:
                 f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "
                 f"got {self.rollout.num_voters}"
             )
+        budget, longest = self.trainer.max_tokens_per_micro_batch, self.rollout.max_prompt_length + self.rollout.max_new_tokens
+        if budget is not None and 1 <= budget < longest:
+            out.append(f"trainer.max_tokens_per_micro_batch={budget} is smaller than the longest possible sequence: "
+                       f"rollout.max_prompt_length + rollout.max_new_tokens = {self.rollout.max_prompt_length} + "
+                       f"{self.rollout.max_new_tokens} = {longest}")
         return out + self.layout_problems()
 
     def layout_problems(self) -> list[str]:

@@ -25,6 +25,11 @@ project patches megatron or torch. What each patch works around (measured in /wo
 5. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight with
    ``weight.data.cuda()`` under pipeline parallelism: ``Tensor.cuda`` returns the tensor itself (on a
    CPU-only build it could only raise).
+7. Sequence parallelism: without apex the local layer spec's norm is ``WrappedTorchNorm``, which asserts
+   ``not config.sequence_parallel``. A torch RMSNorm is exact on a sequence shard, so it is built as usual and
+   its weights are marked ``sequence_parallel`` (as Megatron's fused norm does), so that
+   ``finalize_model_grads`` all-reduces their gradients over the TP group. gloo itself has the collectives
+   sequence parallelism uses (``all_gather_into_tensor``, ``reduce_scatter_tensor``: torch 2.13).
 Model-config settings that CPU also needs (``use_cpu_initialization``, fusions off, fp32) live in
 ``mmupt_megatron.models.qwen2_5_vl``; the ``__main__`` guard that dist-checkpoint saving needs is the
 caller's.
@@ -33,6 +38,7 @@ caller's.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import types
 from collections.abc import Iterator
@@ -115,6 +121,22 @@ def _tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
 
 
+def _sequence_parallel_torch_norm(original):
+    """``WrappedTorchNorm.__new__`` that accepts ``config.sequence_parallel`` (patch 7)."""
+
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(new)
+
+
 def apply_cpu_compat() -> bool:
     """Patch megatron-core for CPU (see the module docstring); returns whether patches are in force."""
     global _APPLIED
@@ -151,6 +173,10 @@ def apply_cpu_compat() -> bool:
 
     # 5. Tensor.cuda() in LanguageModule.setup_embeddings_and_output_layer (tied embeddings under PP).
     torch.Tensor.cuda = _tensor_cuda
+
+    # 7. The local spec's torch norm under sequence parallelism.
+    norm_cls = importlib.import_module("megatron.core.transformer.torch_norm").WrappedTorchNorm
+    norm_cls.__new__ = _sequence_parallel_torch_norm(norm_cls.__new__)
 
     _APPLIED = True
     return True

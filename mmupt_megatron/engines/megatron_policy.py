@@ -21,8 +21,16 @@ epoch). With ``engine_logprobs_BT`` too, that training forward also reports the 
 / ``logprob_gap_max`` (|policy - engine| on the trained tokens, before the update), which the old-log-prob pass
 would otherwise have given.
 
-FP8 (Transformer Engine) needs sequence lengths divisible by 16 x TP: ``_run`` pads every batch with
-``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut back to [B, T-1].
+FP8 (Transformer Engine) needs sequence lengths divisible by 16 x TP, sequence parallelism by TP: ``_run`` pads
+every batch with ``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut back to
+[B, T-1].
+
+Micro-batches (``engines/micro_batching.py``): ``micro_batch_size`` sequences each, all padded to the batch's
+longest; or, with ``max_tokens_per_micro_batch``, sequences sorted by length and packed under that many tokens
+(padding counted), each micro-batch cut to its own longest (a multiple of ``seq_multiple``); log-probs come back in
+the batch's order. Under PP the stages then exchange each micro-batch's shape (Megatron's variable_seq_lengths).
+Images travel once per prompt (``PolicyBatch.image_index_B``); the vision tower sees each distinct image of a
+micro-batch once and its features go to every sample that uses it.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from mmupt_megatron.algorithms.logprobs import check_temperature, vocab_parallel
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap, grpo_policy_loss, logprob_gap
 from mmupt_megatron.distributed.cpu_compat import cuda_type_names
 from mmupt_megatron.distributed.parallel import ParallelGroups
-from mmupt_megatron.models.qwen2_5_vl import fp8_sequence_multiple
+from mmupt_megatron.engines.micro_batching import image_order, image_rows, micro_batch_widths, plan_micro_batches, select_samples, sequence_lengths
+from mmupt_megatron.models.qwen2_5_vl import sequence_multiple
 from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 
@@ -57,7 +66,9 @@ class PolicyOptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     micro_batch_size: int = 1
-    """Sequences per forward/backward micro-batch on each DP rank."""
+    """Sequences per forward/backward micro-batch on each DP rank (when ``max_tokens_per_micro_batch`` is None)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget per micro-batch (padding counted; sequences grouped by length); None: ``micro_batch_size``."""
     freeze_vision: bool = False
     """Keep the vision tower fixed (no grads, no optimizer state)."""
     temperature: float = 1.0
@@ -71,6 +82,8 @@ class PolicyOptimConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch must be >= 1 or None, got {self.max_tokens_per_micro_batch}")
         if self.lr < 0 or self.grad_clip < 0:
             raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be >= 0")
         check_temperature(self.temperature)
@@ -82,8 +95,10 @@ class PolicyOptimConfig:
 
 @dataclass(kw_only=True)
 class PolicyBatch:
-    """This DP rank's slice of a batch. Images are in sample order: ``pixel_values`` stacks the patches of
-    every image and ``image_grid_thw`` has one row per image (one image per run of <|image_pad|>)."""
+    """This DP rank's slice of a batch. ``pixel_values`` stacks the patches of every image and ``image_grid_thw``
+    has one row per image; sample b's images (one per run of <|image_pad|>) are rows ``image_index_B[b]``,
+    ``image_index_B[b] + 1``, ... (-1: none), so a prompt's image is carried once for all its samples. Without
+    ``image_index_B`` the images are in sample order, one copy per sample."""
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor | None = None
@@ -97,6 +112,7 @@ class PolicyBatch:
     advantages_B: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    image_index_B: torch.Tensor | None = None
 
 
 def pad_sequences(batch: PolicyBatch, multiple: int, *, pad_id: int = 0) -> PolicyBatch:
@@ -120,25 +136,26 @@ def pad_sequences(batch: PolicyBatch, multiple: int, *, pad_id: int = 0) -> Poli
     )
 
 
-def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None, merge: int) -> list[dict]:
-    """Split along the batch dim; images follow their samples."""
-    num = batch.input_ids_BT.shape[0]
-    pixels_per_sample, grids_per_sample = [], []
-    for b in range(num):
-        runs = image_runs(batch.input_ids_BT[b] == image_token_id) if batch.pixel_values is not None else []
-        grids_per_sample.append(len(runs))
-        pixels_per_sample.append(sum(end - start for start, end in runs) * merge * merge)
-    out, pix, img = [], 0, 0
-    for start in range(0, num, size):
-        stop = min(start + size, num)
-        mb = {key: (value[start:stop] if value is not None and value.dim() > 0 else value)
-              for key, value in vars(batch).items() if key not in ("pixel_values", "image_grid_thw")}
-        num_pix, num_img = sum(pixels_per_sample[start:stop]), sum(grids_per_sample[start:stop])
-        mb["pixel_values"] = batch.pixel_values[pix : pix + num_pix] if num_img else None
-        mb["image_grid_thw"] = batch.image_grid_thw[img : img + num_img] if num_img else None
-        pix, img = pix + num_pix, img + num_img
-        out.append(mb)
-    return out
+def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None, max_tokens: int | None = None,
+                   multiple: int = 1) -> tuple[list[dict], list[list[int]]]:
+    """(micro-batches as dicts, the batch's sample indices in each). Fixed: ``size`` consecutive samples at the
+    batch's width. Token budget: ``plan_micro_batches``, each cut to its longest (a multiple of ``multiple``).
+    Each micro-batch carries only the images its samples use."""
+    num, width = batch.input_ids_BT.shape
+    if max_tokens is None:
+        plan = [list(range(start, min(start + size, num))) for start in range(0, num, size)]
+        widths = [width] * len(plan)
+    else:
+        lengths = sequence_lengths(batch)
+        plan = plan_micro_batches(lengths, max_tokens=max_tokens, multiple=multiple)
+        widths = micro_batch_widths(lengths, plan, multiple)
+    rows = image_rows(batch, image_token_id)
+    mbs = []
+    for indices, w in zip(plan, widths):
+        mb = vars(select_samples(batch, indices, image_token_id=image_token_id, width=w, rows=rows))
+        mb["image_order"] = image_order(rows, indices)  # grid rows in the order of the image-pad runs
+        mbs.append(mb)
+    return mbs, plan
 
 
 class MegatronPolicy:
@@ -183,8 +200,10 @@ class MegatronPolicy:
 
             self.p2p = P2PCommunicator(pp_group=groups.pp_group, config=config)
         config.finalize_model_grads_func = self._finalize_grads
-        self.seq_multiple = fp8_sequence_multiple(config)
-        """Sequences are padded to a multiple of this before the forward (FP8: 16 x TP; else 1)."""
+        self.seq_multiple = sequence_multiple(config)
+        """Sequences are padded to a multiple of this before the forward (FP8: 16 x TP; sequence parallel: TP)."""
+        if cfg.max_tokens_per_micro_batch is not None:
+            config.variable_seq_lengths = True  # micro-batches differ in shape: PP stages exchange them first
 
     # ------------------------------------------------------------------ collectives for the loss
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
@@ -215,7 +234,8 @@ class MegatronPolicy:
         arch = self.model.arch
         ids_BT = mb["input_ids_BT"]
         position_ids = mrope_position_ids(
-            ids_BT, image_token_id=arch.image_token_id, image_grid_thw=mb["image_grid_thw"],
+            ids_BT, image_token_id=arch.image_token_id,
+            image_grid_thw=None if mb["image_grid_thw"] is None else mb["image_grid_thw"][mb["image_order"]],
             spatial_merge_size=arch.spatial_merge_size if arch.is_multimodal else 2,
             attention_mask_BT=mb["attention_mask_BT"],
         )
@@ -223,28 +243,28 @@ class MegatronPolicy:
         pixels = mb["pixel_values"]
         if pixels is not None and self.model.config.params_dtype != pixels.dtype:
             pixels = pixels.to(self.model.config.params_dtype)
-        output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"])
+        output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"], image_order=mb["image_order"])
         return output, partial(loss_fn, mb)
 
     def _run(self, batch: PolicyBatch, loss_fn, *, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        arch = self.model.arch
+        image_token_id = self.model.arch.image_token_id
         batch = pad_sequences(batch, self.seq_multiple)
-        mbs = _micro_batches(batch, self.cfg.micro_batch_size, image_token_id=arch.image_token_id,
-                             merge=arch.spatial_merge_size if arch.is_multimodal else 1)
-        seq_len = batch.input_ids_BT.shape[1]
-        return get_forward_backward_func(pp_size=self.groups.dims.pp)(
+        mbs, plan = _micro_batches(batch, self.cfg.micro_batch_size, image_token_id=image_token_id,
+                                   max_tokens=self.cfg.max_tokens_per_micro_batch, multiple=self.seq_multiple)
+        outputs = get_forward_backward_func(pp_size=self.groups.dims.pp)(
             forward_step_func=partial(self._forward_step, loss_fn=loss_fn),
             data_iterator=iter(mbs),
             model=[self.ddp],
             num_microbatches=len(mbs),
-            seq_length=seq_len,
-            micro_batch_size=min(self.cfg.micro_batch_size, batch.input_ids_BT.shape[0]),
+            seq_length=batch.input_ids_BT.shape[1],
+            micro_batch_size=max(len(indices) for indices in plan),
             forward_only=forward_only,
             pg_collection=self.groups.megatron_pgs,
             **({"p2p_communicator": self.p2p} if self.p2p is not None else {}),
         )
+        return outputs, plan
 
     def _grads_finite(self) -> bool:
         """Whether every rank's gradients are finite (one all-reduce over the whole world)."""
@@ -266,11 +286,16 @@ class MegatronPolicy:
             return torch.zeros((), requires_grad=False), torch.zeros((), dtype=torch.int), {"logprobs": logprobs}
 
         self.ddp.eval()
-        outputs = self._run(batch, collect, forward_only=True)
+        outputs, plan = self._run(batch, collect, forward_only=True)
         self.ddp.train()
         if not self.groups.is_last_stage:
             return None
-        return torch.cat([out["logprobs"] for out in outputs], dim=0)[:, : batch.input_ids_BT.shape[1] - 1]
+        num, width = batch.input_ids_BT.shape
+        out_BT = torch.zeros((num, width - 1), dtype=torch.float32, device=outputs[0]["logprobs"].device)
+        for out, indices in zip(outputs, plan, strict=True):  # back to the batch's order; padding stays 0
+            logprobs = out["logprobs"][:, : width - 1]
+            out_BT[torch.tensor(indices), : logprobs.shape[1]] = logprobs.to(out_BT.device, out_BT.dtype)
+        return out_BT
 
     def train_step(self, batch: PolicyBatch, *, global_num_tokens: int | None = None,
                    global_num_seqs: int | None = None) -> dict[str, float]:
@@ -310,7 +335,7 @@ class MegatronPolicy:
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(batch, loss_fn, forward_only=False)
+        outputs, _ = self._run(batch, loss_fn, forward_only=False)
         merged = _merge_micro_batch_metrics(outputs)
         gap = {key: value for key, value in merged.items() if key.startswith("logprob_gap")}  # before any update
         if not self._grads_finite():

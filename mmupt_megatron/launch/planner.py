@@ -16,14 +16,15 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P.
   Log-prob phase: those + the reference policy 2P (when algorithm.loss.kl_coef > 0) + forward-only logits.
   Training phase: those + activations (the reference is offloaded).
-  Activations per micro-batch (bf16, tensor parallel without sequence parallelism: the code does not enable
-  it, so the residual stream is whole on every TP rank; flash attention: no s^2 term), per token and layer:
+  Activations per micro-batch (bf16; flash attention: no s^2 term; the residual stream is whole on every TP rank
+  unless parallel.sequence_parallel splits its 8h bytes over TP), per token and layer:
   attention 4h + (4h + 4kv)/TP bytes (norm in, QKV in | Q, K/V, attention out) + MLP 4h + 6f/TP bytes (norm
   in, fc1 in | gate/up out, SwiGLU out); with model.gradient_checkpointing only the
   layer input (2h) stays, plus one layer being recomputed. The first stage holds min(PP, micro-batches)
   micro-batches (1F1B). Tokens per micro-batch = micro_batch_size x (max_prompt_length + max_new_tokens) (the
-  padded worst case). The ViT (not TP-sharded) adds (16v + 6f_v) bytes per patch and layer (2v with
-  recomputation), patches = micro_batch_size x data.max_pixels / 14^2. The last stage's backward peaks with
+  padded worst case), or trainer.max_tokens_per_micro_batch. The ViT (not TP-sharded) adds (16v + 6f_v) bytes per
+  patch and layer (2v with recomputation), patches = micro_batch_size x data.max_pixels / 14^2 (with a token
+  budget: 4 per token, its worst case: every token an image's, each image distinct). The last stage's backward peaks with
   the logits: tokens x vocab/TP x 5.5 bytes (measured 5.0-6.1: the output layer's bf16 [T, B, V] logits,
   their [B, T, V] copy, and more) + the output layer's bf16 weight gradient (2 x vocab/TP x h) before it is added to its
   fp32 main grad; with recomputation, whichever is larger of that and one recomputed layer. Plus 4 GiB (CUDA context, NCCL buffers, allocator fragmentation). Checked against the real
@@ -159,7 +160,9 @@ def _stage_params(cfg: Config, arch: QwenVLArch) -> tuple[float, float]:
 
 
 def _tokens(cfg: Config) -> int:
-    """Tokens of one micro-batch at full length (the padded worst case)."""
+    """Tokens of one micro-batch at full length (the padded worst case), or the token budget."""
+    if cfg.trainer.max_tokens_per_micro_batch is not None:
+        return cfg.trainer.max_tokens_per_micro_batch
     return cfg.trainer.micro_batch_size * (cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens)
 
 
@@ -172,15 +175,17 @@ def _activation_gib(cfg: Config, arch: QwenVLArch) -> tuple[float, float, dict[s
     tp, pp, gc = p.tensor_parallel_size, p.pipeline_parallel_size, cfg.model.gradient_checkpointing
     tokens = _tokens(cfg)
     h, kv, f = arch.hidden, arch.kv_dim, arch.ffn
-    full_layer = 8 * h + (4 * h + 4 * kv + 6 * f) / tp
+    full_layer = 8 * h / (tp if p.sequence_parallel else 1) + (4 * h + 4 * kv + 6 * f) / tp
     saved_layer = 2 * h if gc else full_layer
     layers = arch.layers / pp
-    microbatches = max(1, t.prompts_per_update * r.n // p.data_parallel_size // t.micro_batch_size)
+    sequences = max(1, tokens // (r.max_prompt_length + r.max_new_tokens))  # per micro-batch (budget: at full length)
+    microbatches = max(1, t.prompts_per_update * r.n // p.data_parallel_size // sequences)
     inflight = min(pp, microbatches)
     lm_saved = tokens * layers * saved_layer
     recompute = tokens * full_layer if gc else 0.0
     v, vf = arch.vit_hidden, arch.vit_ffn
-    patches = t.micro_batch_size * cfg.data.max_pixels / arch.vit_patch**2
+    patches = (4 * tokens if t.max_tokens_per_micro_batch is not None
+               else t.micro_batch_size * cfg.data.max_pixels / arch.vit_patch**2)
     vit_full = 16 * v + 6 * vf
     vit = patches * (arch.vit_layers * (2 * v if gc else vit_full) + (vit_full if gc else 0))
     head_peak = tokens * arch.vocab / tp * LOGIT_BYTES + 2 * arch.vocab / tp * h

@@ -8,7 +8,11 @@
   replace the embeddings at the ``<|image_pad|>`` positions.
 - ``select_layer_spec`` is the single place that picks Transformer Engine (GPU, FP8 on Hopper) or
   Megatron's local torch layers (CPU); ``fp8_problems`` / ``check_fp8`` refuse ``model.fp8`` where it
-  cannot run (no TE, no Hopper), and ``fp8_sequence_multiple`` is the padding FP8 needs.
+  cannot run (no TE, no Hopper), and ``sequence_multiple`` is the padding FP8 and sequence parallelism need.
+- Sequence parallelism (``parallel.sequence_parallel``): the embeddings are computed whole (images merged in),
+  then scattered along the sequence over the TP ranks; Megatron's layers take it from there.
+- Images: each distinct image goes through the vision tower once; ``image_order`` (rows of ``image_grid_thw``
+  in the order of the image-pad runs, repeats allowed) deals its features to every sample that uses it.
 - Forward returns the vocab-parallel logits shard [B, T, V_local] on the last pipeline stage (padded
   vocabulary entries masked to the dtype minimum); ``gather_logits`` assembles full logits for tests.
 """
@@ -83,8 +87,15 @@ def check_fp8(fp8: bool, recipe: str = "delayed") -> None:
 
 
 def fp8_sequence_multiple(config: Any) -> int:
-    """What a Megatron TransformerConfig needs sequence lengths to be a multiple of (1: anything)."""
+    """What FP8 needs sequence lengths to be a multiple of (1: anything, FP8 off)."""
     return FP8_SEQUENCE_MULTIPLE * config.tensor_model_parallel_size if config.fp8 else 1
+
+
+def sequence_multiple(config: Any) -> int:
+    """What a Megatron TransformerConfig needs sequence lengths to be a multiple of: FP8's 16 x TP, sequence
+    parallelism's TP (the sequence is split over the TP ranks), else 1."""
+    tp_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return max(fp8_sequence_multiple(config), tp_split)
 
 
 def select_layer_spec(*, fp8: bool = False, fp8_recipe: str = "delayed", layer_spec: str = "auto") -> tuple[Any, str | None]:
@@ -117,9 +128,13 @@ def uses_te_spec(spec: Any) -> bool:
 
 
 def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype, fp8_mode: str | None,
-                       init_weights: bool, fp8_recipe: str = "delayed", recompute: bool = False) -> Any:
+                       init_weights: bool, fp8_recipe: str = "delayed", recompute: bool = False,
+                       sequence_parallel: bool = False) -> Any:
     """Megatron's config for ``arch``; ``recompute`` (model.gradient_checkpointing) keeps only each layer's
-    input for the backward and recomputes the layer (full, uniform, one layer per checkpoint)."""
+    input for the backward and recomputes the layer (full, uniform, one layer per checkpoint);
+    ``sequence_parallel`` (parallel.sequence_parallel, TP > 1) splits norms and dropout along the sequence."""
+    if sequence_parallel and groups.dims.tp < 2:
+        raise ValueError(f"parallel.sequence_parallel=true needs parallel.tensor_parallel_size > 1, got {groups.dims.tp}")
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cpu = not torch.cuda.is_available()
@@ -141,6 +156,7 @@ def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dty
         attention_dropout=0.0,
         mrope_section=mrope,
         tensor_model_parallel_size=groups.dims.tp,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=groups.dims.pp,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -171,7 +187,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
 
     def __init__(self, arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
                  init_weights: bool = True, fp8: bool = False, fp8_recipe: str = "delayed",
-                 layer_spec: str = "auto", recompute: bool = False) -> None:
+                 layer_spec: str = "auto", recompute: bool = False, sequence_parallel: bool = False) -> None:
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
@@ -187,7 +203,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
         self.arch = arch
         self.groups = groups
         self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights,
-                                         fp8_recipe=fp8_recipe, recompute=recompute)
+                                         fp8_recipe=fp8_recipe, recompute=recompute, sequence_parallel=sequence_parallel)
         self.padded_vocab = padded_vocab_size(arch.vocab_size, tp=groups.dims.tp)
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
@@ -201,6 +217,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
             parallel_output=True,
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="mrope",
+            scatter_embedding_sequence_parallel=False,  # forward() scatters after merging the image features
             rotary_base=arch.rope_theta,
             pg_collection=groups.megatron_pgs,
         )
@@ -228,13 +245,21 @@ class Qwen2_5_VLModel(torch.nn.Module):
         attention_mask_B1TT: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        image_order: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Local logits [B, T, V_local] on the last stage; hidden states [T, B, H] on the others."""
+        """Local logits [B, T, V_local] on the last stage; hidden states [T, B, H] on the others (sequence
+        parallel: [T/TP, B, H]). ``image_order``: rows of ``image_grid_thw`` in the order of the image-pad runs
+        (None: the rows as given)."""
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids_BT, position_ids=None)
             if pixel_values is not None:
-                decoder_input = self._merge_image_features(decoder_input, input_ids_BT, pixel_values, image_grid_thw)
+                decoder_input = self._merge_image_features(decoder_input, input_ids_BT, pixel_values, image_grid_thw,
+                                                           image_order)
+            if self.config.sequence_parallel:
+                from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=self.groups.tp_group)
         out = self.language_model(
             input_ids=input_ids_BT,
             position_ids=position_ids_3BT,
@@ -245,12 +270,18 @@ class Qwen2_5_VLModel(torch.nn.Module):
             return out
         return self._mask_vocab_padding(out)
 
-    def _merge_image_features(self, embeds_TBH, input_ids_BT, pixel_values, image_grid_thw) -> torch.Tensor:
+    def _merge_image_features(self, embeds_TBH, input_ids_BT, pixel_values, image_grid_thw,
+                              image_order=None) -> torch.Tensor:
         if self.vision_model is None:
             raise ValueError(f"pixel_values given but the checkpoint ({self.arch.model_type}) has no vision tower")
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
         features_NH = self.vision_model(pixel_values.to(embeds_TBH.dtype), grid_thw=image_grid_thw).pooler_output
+        if image_order is not None:  # each distinct image's features, dealt out in pad-run order
+            sizes = (image_grid_thw.prod(dim=-1) // self.arch.spatial_merge_size**2).tolist()
+            starts = [sum(sizes[:r]) for r in range(len(sizes))]
+            index = torch.cat([torch.arange(starts[r], starts[r] + sizes[r]) for r in image_order.tolist()])
+            features_NH = features_NH.index_select(0, index.to(features_NH.device))
         # Features come image by image, i.e. sample-major; the embeddings are [T, B, H]. Index the pads in
         # sample-major order (nonzero of a [B, T] mask is row-major) so sample b gets its own image's features
         # (a masked_scatter over the [T, B] layout would deal them out position-major across the batch).

@@ -3,19 +3,22 @@
 A rollout is (prompt tokens, response tokens) as the engine tokenised them — image pads already expanded,
 so the policy sees exactly the sequence the engine sampled. Sequences are right-padded; the loss mask
 marks the response tokens (``loss_mask_BT[b, t] = 1`` when token t+1 is a response token, matching the
-log-prob convention ``logprobs[b, t] = log p(ids[b, t+1] | ids[b, :t+1])``). Images follow their samples:
-``pixel_values`` concatenates each sample's image patches in sample order.
+log-prob convention ``logprobs[b, t] = log p(ids[b, t+1] | ids[b, :t+1])``). Images travel once per prompt:
+``pixel_values`` holds each prompt's image patches once and ``image_index_B`` points every sample at its prompt's
+(``engines/micro_batching.py``); DP shards and mini-batches carry only the images their samples use.
+``BatchTraffic`` counts what a step sends to the policy workers and the padding their forwards compute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch
+from mmupt_megatron.engines.micro_batching import batch_nbytes, padded_tokens, select_samples
 from mmupt_megatron.engines.rollout import Rollout
-from mmupt_megatron.models.rope_index import image_runs
 
 
 def pack_rollouts(
@@ -24,8 +27,11 @@ def pack_rollouts(
     pad_id: int,
     images: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     advantages_B: torch.Tensor | None = None,
+    images_once: bool = True,
 ) -> PolicyBatch:
-    """``images[prompt_index] = (pixel_values, image_grid_thw)`` of that prompt's image(s), if any."""
+    """``images[prompt_index] = (pixel_values, image_grid_thw)`` of that prompt's image(s), if any. ``images_once``:
+    each prompt's images once, shared by its samples (``image_index_B``); False: one copy per sample (the layout
+    before issue 12, kept for the step-time benchmark's baseline)."""
     if not rollouts:
         raise ValueError("no rollouts to pack")
     if advantages_B is not None and advantages_B.shape != (len(rollouts),):
@@ -36,15 +42,20 @@ def pack_rollouts(
     attention_BT = torch.zeros((len(rollouts), width), dtype=torch.long)
     loss_mask_BT = torch.zeros((len(rollouts), width - 1), dtype=torch.float32)
     pixels, grids = [], []
+    first_row: dict[int, int] = {}  # prompt index -> its first row in image_grid_thw
+    index_B = torch.full((len(rollouts),), -1, dtype=torch.long)
     for b, rollout in enumerate(rollouts):
         prompt_len = len(rollout.prompt_token_ids)
         ids_BT[b, : lengths[b]] = torch.tensor(rollout.prompt_token_ids + rollout.response_token_ids)
         attention_BT[b, : lengths[b]] = 1
         loss_mask_BT[b, prompt_len - 1 : lengths[b] - 1] = 1.0
         if images is not None and rollout.prompt_index in images:
-            pixel_values, grid_thw = images[rollout.prompt_index]
-            pixels.append(pixel_values)
-            grids.append(grid_thw)
+            if not images_once or rollout.prompt_index not in first_row:
+                pixel_values, grid_thw = images[rollout.prompt_index]
+                first_row[rollout.prompt_index] = sum(len(g) for g in grids)
+                pixels.append(pixel_values)
+                grids.append(grid_thw)
+            index_B[b] = first_row[rollout.prompt_index]
     return PolicyBatch(
         input_ids_BT=ids_BT,
         attention_mask_BT=attention_BT,
@@ -52,6 +63,7 @@ def pack_rollouts(
         advantages_B=advantages_B,
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat(grids) if grids else None,
+        image_index_B=index_B if grids and images_once else None,
     )
 
 
@@ -65,27 +77,35 @@ def engine_logprobs(rollouts: Sequence[Rollout], like_BT: torch.Tensor) -> torch
 
 
 def shard_for_rank(batch: PolicyBatch, *, dp_rank: int, dp_size: int, image_token_id: int | None) -> PolicyBatch:
-    """The contiguous slice of samples data-parallel rank ``dp_rank`` trains on (images follow)."""
+    """The contiguous slice of samples data-parallel rank ``dp_rank`` trains on, with the images it uses."""
     num = batch.input_ids_BT.shape[0]
     if num % dp_size:
         raise ValueError(f"{num} sequences do not split evenly over {dp_size} data-parallel ranks")
     per = num // dp_size
-    start, stop = dp_rank * per, (dp_rank + 1) * per
-    fields = {
-        name: (value[start:stop] if isinstance(value, torch.Tensor) else value)
-        for name, value in vars(batch).items()
-        if name not in ("pixel_values", "image_grid_thw")
-    }
-    if batch.pixel_values is None or image_token_id is None:
-        return PolicyBatch(**fields)
-    images_per_sample = [len(image_runs(batch.input_ids_BT[b] == image_token_id)) for b in range(num)]
-    patches_per_image = (batch.image_grid_thw.prod(dim=-1)).tolist()
-    image_start = sum(images_per_sample[:start])
-    image_stop = image_start + sum(images_per_sample[start:stop])
-    patch_start = sum(patches_per_image[:image_start])
-    patch_stop = patch_start + sum(patches_per_image[image_start:image_stop])
-    return PolicyBatch(
-        **fields,
-        pixel_values=batch.pixel_values[patch_start:patch_stop],
-        image_grid_thw=batch.image_grid_thw[image_start:image_stop],
-    )
+    return select_samples(batch, range(dp_rank * per, (dp_rank + 1) * per), image_token_id=image_token_id)
+
+
+@dataclass
+class BatchTraffic:
+    """What one step sends to the policy workers (tensor bytes, every call) and the tokens their forwards compute
+    (once per DP shard and pass): ``pop`` returns the step's metrics and starts counting afresh."""
+
+    max_tokens: int | None = None
+    """trainer.max_tokens_per_micro_batch (None: every sequence padded to its shard's longest)"""
+    multiple: int = 1
+    sent_bytes: int = 0
+    padded: int = 0
+    real: int = 0
+
+    def record(self, shards: Sequence[PolicyBatch], *, copies: Sequence[int]) -> None:
+        """``shards[i]`` went to ``copies[i]`` workers (its DP rank's TP x PP ranks)."""
+        for shard, count in zip(shards, copies, strict=True):
+            self.sent_bytes += count * batch_nbytes(shard)
+            padded, real = padded_tokens(shard, max_tokens=self.max_tokens, multiple=self.multiple)
+            self.padded, self.real = self.padded + padded, self.real + real
+
+    def pop(self) -> dict[str, float]:
+        out = {"batch/bytes_to_policy": float(self.sent_bytes),
+               "batch/padding_waste_pct": 100.0 * (1 - self.real / self.padded) if self.padded else 0.0}
+        self.sent_bytes = self.padded = self.real = 0
+        return out

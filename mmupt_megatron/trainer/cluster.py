@@ -32,7 +32,7 @@ from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfi
 from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
-from mmupt_megatron.trainer.batching import shard_for_rank
+from mmupt_megatron.trainer.batching import BatchTraffic, shard_for_rank
 from mmupt_megatron.trainer.metrics_log import combine_metrics
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
@@ -106,6 +106,7 @@ def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
         weight_decay=cfg.trainer.weight_decay,
         grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
+        max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch,
         freeze_vision=cfg.model.freeze_vision,
         temperature=cfg.rollout.temperature,
         rollout_is_cap=cfg.algorithm.rollout_is_cap,
@@ -190,7 +191,8 @@ class Cluster:
                 model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed,
                 backend=None if p.backend == "auto" else p.backend,
                 model_options={"fp8": cfg.model.fp8, "fp8_recipe": cfg.model.fp8_recipe,
-                               "recompute": cfg.model.gradient_checkpointing},
+                               "recompute": cfg.model.gradient_checkpointing,
+                               "sequence_parallel": p.sequence_parallel},
             )
             for rank in range(world)
         ]
@@ -219,6 +221,9 @@ class Cluster:
         self.refit_routes = self._route_refits(cfg.rollout.refit_transport, on_gpu=on_gpu)
         """Per policy rank: (the engines its DP replica refits — the same list on each rank of the replica —,
         the transport it sends them by)."""
+        self.traffic = BatchTraffic(max_tokens=cfg.trainer.max_tokens_per_micro_batch,
+                                    multiple=ray.get(self.workers[0].sequence_multiple.remote()))
+        """Bytes sent to the policy workers and padding computed, per step (``pop``)."""
 
     def _route_refits(self, requested: str, *, on_gpu: bool) -> list[tuple[list[Any], str]]:
         import ray
@@ -256,10 +261,11 @@ class Cluster:
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:
-        return [
-            shard_for_rank(batch, dp_rank=info.dp_rank, dp_size=self.dims.dp, image_token_id=self.image_token_id)
-            for info in self.infos
-        ]
+        """Each worker's DP shard (its images only); counted in ``traffic``."""
+        shards = [shard_for_rank(batch, dp_rank=d, dp_size=self.dims.dp, image_token_id=self.image_token_id)
+                  for d in range(self.dims.dp)]
+        self.traffic.record(shards, copies=[self.dims.world_size // self.dims.dp] * self.dims.dp)
+        return [shards[info.dp_rank] for info in self.infos]
 
     def _gather(self, results: list[Any]) -> list[Any]:
         """The reporting rank's result for each DP rank, in DP order."""

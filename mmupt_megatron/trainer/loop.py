@@ -141,7 +141,8 @@ class Trainer:
         if cfg.rollout.verify_refit:
             with timer("verify_refit"):
                 train_metrics["refit_max_diff"] = self._verify_refit(requests, train_rollouts, encoded)
-        return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap}
+        return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap,
+                **self.cluster.traffic.pop()}
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
         """Every engine's log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""

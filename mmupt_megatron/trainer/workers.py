@@ -228,6 +228,10 @@ class PolicyWorker:
         """Where this rank runs (a refit sender's location, ``engines/refit_routes.py``)."""
         return actor_location()
 
+    def sequence_multiple(self) -> int:
+        """What the policy pads sequence lengths to a multiple of (FP8, sequence parallelism)."""
+        return self.policy.seq_multiple
+
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False,
                  temperature: float | None = None) -> torch.Tensor | None:
         """Log-probs at the sampling temperature (the policy's config), or at ``temperature``."""

@@ -12,6 +12,7 @@ from mmupt_megatron.data.configured import image_encoder
 from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.distributed.parallel import ParallelDims, free_port
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.trainer.batching import BatchTraffic
 from mmupt_megatron.trainer.cluster import policy_optim_config
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker
@@ -32,6 +33,8 @@ class InProcessCluster:
         self.script = script
         self.tokens = {"pad_id": self.tokenizer.pad_token_id, "eos_id": self.tokenizer.eos_token_id}
         self.image_token_id = self.worker.image_token_id()
+        self.traffic = BatchTraffic(max_tokens=cfg.trainer.max_tokens_per_micro_batch,
+                                    multiple=self.worker.sequence_multiple())
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
         self.num_engines = 1
@@ -81,6 +84,7 @@ class InProcessCluster:
 
     def logprobs(self, batch, *, reference: bool = False, temperature=None):  # noqa: ANN001 - PolicyBatch
         self.calls.append(("logprobs", "reference" if reference else "policy", batch.input_ids_BT.shape[0]))
+        self.traffic.record([batch], copies=[1])
         if not reference:
             return self.worker.logprobs(batch, temperature=temperature)
         with self.schedule.reference():
@@ -89,6 +93,7 @@ class InProcessCluster:
     def train(self, batch) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
         self.calls.append(("train", batch.input_ids_BT.shape[0]))
         self.trained_advantages.append(batch.advantages_B.tolist())
+        self.traffic.record([batch], copies=[1])
         return self.worker.train(batch, global_num_tokens=int(batch.loss_mask_BT.sum()),
                                  global_num_seqs=batch.input_ids_BT.shape[0])
 
