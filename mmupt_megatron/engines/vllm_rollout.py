@@ -15,7 +15,8 @@ vLLM internals this module relies on (all reached in ``_driver_rpc`` / here, now
 - ``logprobs_mode="processed_logprobs"``: a sampled token's log-prob is that of the distribution it was drawn
   from, after vLLM's sampler applied the logit bias (banned tokens), the temperature (logits / T, as the policy
   does) and top-p (truncation and renormalisation, which the policy cannot reproduce). vLLM's default,
-  ``raw_logprobs``, reports the untempered model distribution. Prompt log-probs skip the sampler in every mode
+  ``raw_logprobs``, reports the untempered model distribution. (On GPU the processed modes rule out FlashInfer's
+  sampler, which seeded requests, ours, do not use anyway.) Prompt log-probs skip the sampler in every mode
   (vLLM 0.32 ``gpu_model_runner``: "prompt tokens skip sampling processors"): always temperature 1.
 - On CPU, ``mmupt_megatron/engines/vllm_cpu_site`` goes on PYTHONPATH (see its docstring) and the engine
   core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: 3-4 s start-up instead of ~19 s).

@@ -56,3 +56,12 @@ def test_a_command_line_type_error_says_so():
 def test_valid_values_still_load():
     cfg = load_config("demo", ["trainer.lr=3e-4", "checkpoint.save_every=0", "rollout.verify_refit_tol=0"])
     assert math.isclose(cfg.trainer.lr, 3e-4) and cfg.checkpoint.save_every == 0
+
+
+@pytest.mark.parametrize("cap", ["1.0", "0.5", "-3", "nan"])
+def test_a_tis_cap_must_be_above_one(cap):
+    with pytest.raises(ValueError, match=rf"algorithm.rollout_is_cap must be > 1 \(or null: off\), got .*"
+                                         rf"\(from the command line: algorithm.rollout_is_cap={cap}\)"):
+        load_config("demo", [f"algorithm.rollout_is_cap={cap}"])
+    assert load_config("demo", ["algorithm.rollout_is_cap=2.0"]).algorithm.rollout_is_cap == 2.0
+    assert load_config("demo").algorithm.rollout_is_cap is None  # off by default

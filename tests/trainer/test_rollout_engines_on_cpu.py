@@ -55,6 +55,8 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         # one training step: the refit reaches both engines, and verify_refit checks each (it raises otherwise)
         [metrics] = trainer.fit()
         assert metrics["train/refit_max_diff"] < 1e-4 and metrics["train/grad_norm"] > 0
+        # one mini-batch, one epoch: on policy, the engine gap came from the training forward through Ray
+        assert metrics["rollout/logprob_gap_max"] < 1e-3 and metrics["train/ratio_mean"] == 1.0
         # every sender used the transport asked for: both replicas (DP=2) or both stages (PP=2)
         assert ray.get([w.refit_transport.remote() for w in cluster.workers]) == [transport, transport]
     finally:
