@@ -70,7 +70,14 @@ def shard_for_rank(batch: PolicyBatch, *, dp_rank: int, dp_size: int, image_toke
     if num % dp_size:
         raise ValueError(f"{num} sequences do not split evenly over {dp_size} data-parallel ranks")
     per = num // dp_size
-    start, stop = dp_rank * per, (dp_rank + 1) * per
+    return take_sequences(batch, dp_rank * per, (dp_rank + 1) * per, image_token_id=image_token_id)
+
+
+def take_sequences(batch: PolicyBatch, start: int, stop: int, *, image_token_id: int | None) -> PolicyBatch:
+    """Sequences ``[start, stop)`` of a packed batch (images follow)."""
+    num = batch.input_ids_BT.shape[0]
+    if not 0 <= start < stop <= num:
+        raise ValueError(f"sequences [{start}, {stop}) are not a non-empty range of the batch's {num}")
     fields = {
         name: (value[start:stop] if isinstance(value, torch.Tensor) else value)
         for name, value in vars(batch).items()
@@ -89,3 +96,29 @@ def shard_for_rank(batch: PolicyBatch, *, dp_rank: int, dp_size: int, image_toke
         pixel_values=batch.pixel_values[patch_start:patch_stop],
         image_grid_thw=batch.image_grid_thw[image_start:image_stop],
     )
+
+
+def pad_for_ranks(batch: PolicyBatch, dp_size: int, *, image_token_id: int | None) -> PolicyBatch:
+    """``batch`` with copies of its last sequence appended until ``dp_size`` divides the count; the copies have
+    loss mask 0 and advantage 0, so they add nothing to the loss or its gradient (count the sequences and tokens of ``batch``,
+    not of the result, for the loss's global normalisation); the same ``batch`` back when nothing is added. Drop their rows from per-sequence
+    results (log-probs) with ``[:num]``."""
+    num = batch.input_ids_BT.shape[0]
+    extra = -num % dp_size
+    if extra == 0:
+        return batch
+    last = take_sequences(batch, num - 1, num, image_token_id=image_token_id)
+    fields = {}
+    for name, value in vars(batch).items():
+        if not isinstance(value, torch.Tensor):
+            fields[name] = value
+            continue
+        tail = getattr(last, name)
+        if tail is None:  # no image of its own
+            fields[name] = value
+            continue
+        if name in ("loss_mask_BT", "advantages_B"):
+            tail = torch.zeros_like(tail)
+        fields[name] = torch.cat([value, *[tail] * extra])
+    return PolicyBatch(**fields)
+

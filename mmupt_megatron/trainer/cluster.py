@@ -30,7 +30,7 @@ from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
-from mmupt_megatron.trainer.batching import shard_for_rank
+from mmupt_megatron.trainer.batching import pad_for_ranks, shard_for_rank
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
 
@@ -231,8 +231,10 @@ class Cluster:
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:
+        """Each rank's shard; a count the DP size does not divide is padded with zero-loss rows (pad_for_ranks)."""
+        padded = pad_for_ranks(batch, self.dims.dp, image_token_id=self.image_token_id)
         return [
-            shard_for_rank(batch, dp_rank=info.dp_rank, dp_size=self.dims.dp, image_token_id=self.image_token_id)
+            shard_for_rank(padded, dp_rank=info.dp_rank, dp_size=self.dims.dp, image_token_id=self.image_token_id)
             for info in self.infos
         ]
 
@@ -252,7 +254,7 @@ class Cluster:
         shards = self._per_rank(batch)
         with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
             results = ray.get([w.logprobs.remote(s, reference=reference) for w, s in zip(self.workers, shards)])
-        return torch.cat(self._gather(results), dim=0)
+        return torch.cat(self._gather(results), dim=0)[: batch.input_ids_BT.shape[0]]
 
     def train(self, batch: PolicyBatch) -> dict[str, float]:
         import ray
