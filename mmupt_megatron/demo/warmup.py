@@ -10,8 +10,15 @@ Output: an HF checkpoint folder (``config.json`` + weights, tokenizer, ``preproc
 ``demo_meta.json`` (world, prompt style, the accuracy at the stop).
 
 Measured (tally chains, shape + "all" questions, 10% question-writing rows, lr 3e-3, batch 64, 1 thread on
-a shared 2-core box, seeds 0-2): "all" is solved by ~300 steps, shape questions break through between ~500
-and ~700 steps; the stop kept steps 550 / 500 / 700 (dev sampled accuracy 0.81 / 0.81 / 0.73), in 4-7 min.
+a shared 2-core box): "all" is solved by ~300 steps, shape questions break through between ~500 and ~700
+steps. At a constant lr the weights themselves swing between evaluations (seed 1, every 25 steps: sampled
+0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66 -> 0.90 over steps 525-650), so a stop on one evaluation kept a base
+from a lucky (or unlucky) moment, and MM-UPT from such a base moved with the swing (research.quick_grpo from
+seed 1's step 600, greedy 0.945: greedy 0.906, shape questions 0.87 -> 0.78). The warm-up therefore keeps an
+exponential moving average of the weights (``ema_decay``; its sampled accuracy rose 0.72 -> 0.74 -> 0.77 ->
+0.77 -> 0.79 -> 0.84 over steps 550-700) and stops only when the criterion (``stop_criterion``) holds on
+``consecutive`` evaluations in a row; with the demo's settings (run.BASE_*) seed 1 kept step 700 (dev greedy
+0.980, sampled 0.832, maj@4 0.887, shape 0.96) in 5.6 minutes.
 
 Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.8
 """

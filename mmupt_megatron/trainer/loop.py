@@ -240,6 +240,7 @@ class Trainer:
                 if not cfg.logging.progress and (step % 10 == 0 or last):
                     print(f"    step {step:>3}: reward {metrics['reward']:.3f}, majority share {metrics['majority_share']:.3f}"
                           + (f", pseudo-label acc {metrics['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in metrics else "")
+                          + (f", {metrics['groups/zero_share']:.0%} of groups without signal" if "groups/zero_share" in metrics else "")
                           + f", {sum(v for k, v in metrics.items() if k.startswith('time/')):.1f} s", flush=True)
                 if last or (cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0):
                     self._save(step, log)
