@@ -159,6 +159,10 @@ class RolloutConfig:
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3
     """Tolerance (max absolute log-prob difference) of verify_refit."""
+    oversample: float = 1.0
+    """Sample this many times trainer.prompts_per_step prompts per step (rounded up) and train on the first
+    prompts_per_step groups that carry signal (needs algorithm.drop_zero_advantage_groups); 1 = no oversampling.
+    When too few groups carry signal the step trains on those it has (a logged, counted fallback)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -182,7 +186,13 @@ class RolloutConfig:
         if self.num_engines < 0:
             out.append(f"rollout.num_engines must be >= 0 (0 = auto), got {self.num_engines}")
         out += _non_negative(self, "rollout", ("cpu_kvcache_gib", "verify_refit_tol"))
+        if not (isinstance(self.oversample, (int, float)) and math.isfinite(self.oversample) and self.oversample >= 1):
+            out.append(f"rollout.oversample must be a finite number >= 1 (1 = no oversampling), got {self.oversample}")
         return out
+
+    def prompts_to_sample(self, prompts_per_step: int) -> int:
+        """Prompts sampled per step for ``prompts_per_step`` trained groups (rollout.oversample; the one definition)."""
+        return math.ceil(prompts_per_step * self.oversample - 1e-9)
 
     def engines(self, world_size: int, colocated: bool) -> int:
         """The effective number of engines for a policy of ``world_size`` ranks (the one definition)."""
@@ -232,6 +242,11 @@ class AlgorithmConfig:
     """Truncated importance sampling (verl's TIS): the policy-gradient term of each token is multiplied by
     min(exp(old log-prob - engine log-prob), cap), correcting for the engine sampling from another distribution
     than the policy's (other kernels, bf16/FP8, top-p truncation); must be > 1; null: off."""
+    drop_zero_advantage_groups: bool = True
+    """Leave out of the log-prob and training passes the groups whose advantages are all zero (unanimous votes,
+    all-equal rewards): their policy-gradient term is exactly zero. The loss is then averaged over the trained
+    groups' tokens only (DAPO's dynamic sampling), and their KL term is not applied. The share dropped is logged
+    (groups/zero_share); a step where every group is dropped skips its update (logged and counted)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The GRPO loss: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, norm_length."""
 
@@ -556,6 +571,9 @@ class Config:
         out = [p for section in fields(self) for p in getattr(self, section.name).problems()]
         named = {p.split(" ", 1)[0] for p in out}
         out += [p for p in _non_finite(self) if p.split(" ", 1)[0] not in named]
+        if self.rollout.oversample > 1 and not self.algorithm.drop_zero_advantage_groups:
+            out.append(f"rollout.oversample={self.rollout.oversample} needs algorithm.drop_zero_advantage_groups=true "
+                       "(oversampled groups refill the batch in place of dropped ones)")
         if self.reward.kind == "majority" and self.rollout.num_voters < 2:
             out.append(
                 f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "

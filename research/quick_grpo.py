@@ -43,6 +43,7 @@ from mmupt_megatron.algorithms import (
     majority_vote,
     token_logprobs,
 )
+from mmupt_megatron.algorithms.group_selection import select_groups
 from mmupt_megatron.data.synthetic import WorldConfig, generate, make_example
 from mmupt_megatron.demo.model import PromptStyle, encode_batch
 from mmupt_megatron.demo.rollout import EvalResult, decode, evaluate, generate_responses
@@ -59,6 +60,10 @@ class GRPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 40
     reward: str = "vote"
+    min_agreement: float = 0.0
+    """``reward.min_agreement``: groups whose majority share is below it earn nothing."""
+    drop_zero: bool = True
+    """``algorithm.drop_zero_advantage_groups``: train only on groups whose advantages are not all zero."""
     """``vote`` (MM-UPT, label-free) or ``label`` (true answers; reference only)."""
     num_eval: int = 256
     eval_samples: int = 8
@@ -116,6 +121,25 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     return token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
 
 
+def grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep, *, pad_id, num_rows, cfg, loss_cfg):  # noqa: ANN001
+    """One clipped-ratio + KL update on the responses at positions ``keep`` (whole groups)."""
+    prompts = {k: v.view(num_rows, -1, v.shape[-1])[keep].flatten(0, 1) if k == "pixel_values" else v[keep]
+               for k, v in prompts.items()}
+    batch, mask = response_batch(prompts, [responses[i] for i in keep], pad_id)
+    with torch.no_grad():
+        ref_lp = sequence_logprobs(reference, batch, group_size=cfg.group_size)
+    policy.train()
+    lp = sequence_logprobs(policy, batch, group_size=cfg.group_size)
+    loss, metrics = grpo_policy_loss(lp, lp.detach(), advantages[keep], mask, cfg=loss_cfg,
+                                     global_num_tokens=int(mask.sum()), global_num_seqs=len(keep),
+                                     ref_logprobs_BT=ref_lp)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
 def _row(record: dict) -> str:
     return EvalResult(**{k: v for k, v in record.items() if k != "step"}).row()
 
@@ -164,25 +188,18 @@ def grpo_run(
                                        max_new_tokens=cfg.max_new_tokens)
         answers = [extract_boxed(t) for t in decode(tokenizer, responses)]
         if cfg.reward == "vote":
-            vote = majority_vote(answers, group_ids, matcher=matcher)
+            vote = majority_vote(answers, group_ids, matcher=matcher, min_agreement=cfg.min_agreement)
             rewards = vote.rewards
             pseudo_acc = sum(vote.groups[i].pseudo_label == e.answer for i, e in enumerate(examples)) / len(examples)
         else:
             rewards = label_rewards(answers, group_ids, labels={i: e.answer for i, e in enumerate(examples)}, matcher=matcher)
             pseudo_acc = float("nan")
         advantages = group_advantages(rewards, group_ids)
-        batch, mask = response_batch(prompts, responses, tokenizer.pad_token_id)
-        with torch.no_grad():
-            ref_lp = sequence_logprobs(reference, batch, group_size=cfg.group_size)
-        policy.train()
-        lp = sequence_logprobs(policy, batch, group_size=cfg.group_size)
-        loss, metrics = grpo_policy_loss(lp, lp.detach(), advantages, mask, cfg=loss_cfg,
-                                         global_num_tokens=int(mask.sum()), global_num_seqs=len(responses),
-                                         ref_logprobs_BT=ref_lp)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        keep = list(select_groups(advantages.tolist(), group_ids, target_groups=cfg.batch_size, drop_zero=cfg.drop_zero).keep)
+        metrics = {}
+        if keep:  # else every group was unanimous: no update this step
+            metrics = grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep, pad_id=tokenizer.pad_token_id,
+                                num_rows=len(rep), cfg=cfg, loss_cfg=loss_cfg)
         true_acc = sum(a == rep[i].answer for i, a in enumerate(answers)) / len(answers)
         stats.append({"step": step, "reward": sum(rewards) / len(rewards), "train_acc": true_acc,
                       "pseudo_label_acc": pseudo_acc, "kl_ref": float(metrics.get("kl_ref", 0.0)),
@@ -212,6 +229,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.04)
     parser.add_argument("--reward", default="vote", choices=["vote", "label"])
+    parser.add_argument("--min-agreement", type=float, default=0.0)
+    parser.add_argument("--keep-zero", action="store_true", help="train on zero-advantage groups too")
     parser.add_argument("--hard", action="store_true", help="train and evaluate on the hard world")
     parser.add_argument("--shift", type=float, default=0.0, help="train and evaluate on WorldConfig.shifted(SHIFT)")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -228,7 +247,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32)
     cfg = GRPOConfig(steps=args.steps, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                     kl_coef=args.kl, reward=args.reward, eval_every=args.eval_every, num_eval=args.num_eval,
+                     kl_coef=args.kl, reward=args.reward, min_agreement=args.min_agreement, drop_zero=not args.keep_zero, eval_every=args.eval_every, num_eval=args.num_eval,
                      freeze_vision=not args.train_vision)
     results = [grpo_run(base, tokenizer, world=world, style=style, cfg=cfg, seed=s) for s in args.seeds]
     if args.out:

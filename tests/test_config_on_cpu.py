@@ -121,3 +121,17 @@ def test_fp8_recipe_is_checked():
     assert load_config("demo", ["model.fp8_recipe=blockwise"]).model.fp8_recipe == "blockwise"
     with pytest.raises(ValueError, match=r"model.fp8_recipe must be one of delayed, tensorwise, blockwise, mxfp8"):
         load_config("demo", ["model.fp8_recipe=hybrid"])
+
+
+def test_oversample_is_checked_and_sizes_the_sampled_prompts():
+    assert load_config("demo", []).algorithm.drop_zero_advantage_groups is True  # on by default
+    assert load_config("demo", ["rollout.oversample=1.5"]).rollout.prompts_to_sample(16) == 24
+    assert load_config("demo", ["rollout.oversample=1.1"]).rollout.prompts_to_sample(10) == 11
+    assert load_config("demo", []).rollout.prompts_to_sample(16) == 16
+    for bad in ("0.5", "0", "-2", "nan", "inf"):
+        with pytest.raises(ValueError, match=r"rollout.oversample must be a finite number >= 1 \(1 = no oversampling\)"):
+            load_config("demo", [f"rollout.oversample={bad}"])
+    with pytest.raises(ValueError, match="bad value for 'rollout.oversample'"):
+        load_config("demo", ["rollout.oversample=twice"])
+    with pytest.raises(ValueError, match="rollout.oversample=2.0 needs algorithm.drop_zero_advantage_groups=true"):
+        load_config("demo", ["rollout.oversample=2", "algorithm.drop_zero_advantage_groups=false"])

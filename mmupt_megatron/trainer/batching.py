@@ -109,3 +109,28 @@ class BatchTraffic:
                "batch/padding_waste_pct": 100.0 * (1 - self.real / self.padded) if self.padded else 0.0}
         self.sent_bytes = self.padded = self.real = 0
         return out
+
+
+def take_sequences(batch: PolicyBatch, start: int, stop: int, *, image_token_id: int | None) -> PolicyBatch:
+    """Sequences ``[start, stop)`` of a packed batch, with the images they use."""
+    num = batch.input_ids_BT.shape[0]
+    if not 0 <= start < stop <= num:
+        raise ValueError(f"sequences [{start}, {stop}) are not a non-empty range of the batch's {num}")
+    return select_samples(batch, range(start, stop), image_token_id=image_token_id)
+
+
+def pad_for_ranks(batch: PolicyBatch, dp_size: int, *, image_token_id: int | None) -> PolicyBatch:
+    """``batch`` with copies of its last sequence appended until ``dp_size`` divides the count; the copies have
+    loss mask 0 and advantage 0, so they add nothing to the loss or its gradient (count the sequences and tokens of
+    ``batch``, not of the result, for the loss's global normalisation); the same ``batch`` back when nothing is
+    added. Drop their rows from per-sequence results (log-probs) with ``[:num]``."""
+    num = batch.input_ids_BT.shape[0]
+    extra = -num % dp_size
+    if extra == 0:
+        return batch
+    padded = select_samples(batch, [*range(num), *[num - 1] * extra], image_token_id=image_token_id)
+    for name in ("loss_mask_BT", "advantages_B"):  # select_samples copied them: the batch's own stay as they are
+        value = getattr(padded, name)
+        if value is not None:
+            value[num:] = 0
+    return padded

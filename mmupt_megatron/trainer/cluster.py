@@ -32,7 +32,7 @@ from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfi
 from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
-from mmupt_megatron.trainer.batching import BatchTraffic, shard_for_rank
+from mmupt_megatron.trainer.batching import BatchTraffic, pad_for_ranks, shard_for_rank
 from mmupt_megatron.trainer.metrics_log import combine_metrics
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
@@ -261,8 +261,10 @@ class Cluster:
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:
-        """Each worker's DP shard (its images only); counted in ``traffic``."""
-        shards = [shard_for_rank(batch, dp_rank=d, dp_size=self.dims.dp, image_token_id=self.image_token_id)
+        """Each worker's DP shard (its images only), counted in ``traffic``; a count the DP size does not divide is
+        padded with zero-loss rows (``pad_for_ranks``)."""
+        padded = pad_for_ranks(batch, self.dims.dp, image_token_id=self.image_token_id)
+        shards = [shard_for_rank(padded, dp_rank=d, dp_size=self.dims.dp, image_token_id=self.image_token_id)
                   for d in range(self.dims.dp)]
         self.traffic.record(shards, copies=[self.dims.world_size // self.dims.dp] * self.dims.dp)
         return [shards[info.dp_rank] for info in self.infos]
@@ -285,7 +287,7 @@ class Cluster:
         with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
             results = ray.get([w.logprobs.remote(s, reference=reference, temperature=temperature)
                                for w, s in zip(self.workers, shards)])
-        return torch.cat(self._gather(results), dim=0)
+        return torch.cat(self._gather(results), dim=0)[: batch.input_ids_BT.shape[0]]
 
     def train(self, batch: PolicyBatch) -> dict[str, float]:
         import ray

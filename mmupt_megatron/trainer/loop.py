@@ -7,7 +7,9 @@ Each step, for a batch of unlabeled (image, question) prompts:
 2. each response's final ``\\boxed{}`` answer is extracted; the majority answer of its group is the
    pseudo-label and agreeing responses earn reward 1 (``reward.kind=label`` uses the data's answers instead:
    the supervised reference);
-3. the first ``rollout.n`` responses per prompt are trained on with group-normalised advantages;
+3. the first ``rollout.n`` responses per prompt are trained on with group-normalised advantages; groups whose
+   advantages are all zero are left out (``algorithm.drop_zero_advantage_groups``; with ``rollout.oversample``
+   more prompts are sampled and the first ``trainer.prompts_per_step`` groups with signal are kept);
 4. old (and, with KL, reference) log-probs come from the Megatron policy, at the sampling temperature; the GRPO
    loss is minimised for ``algorithm.ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update``
    prompts. When that is exactly one update (one epoch, one mini-batch) it is on policy: no old-log-prob pass,
@@ -26,6 +28,7 @@ from typing import Any
 
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
+from mmupt_megatron.algorithms.group_selection import minibatch_bounds, select_groups
 from mmupt_megatron.algorithms.loss import logprob_gap
 from mmupt_megatron.config import Config
 from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
@@ -70,6 +73,8 @@ class Trainer:
             print(f"data: {self.dataset.skipped.summary()}", flush=True)
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.trainer.seed, shuffle=d.shuffle)
         self.bad_steps = 0
+        self.no_signal_steps = 0  # steps whose groups all had zero advantages: no update
+        self.unfilled_steps = 0  # oversampling steps that found fewer than prompts_per_step groups with signal
         self.images = image_encoder(d)
         self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s)
         if cluster is None:
@@ -86,7 +91,7 @@ class Trainer:
     # -- one step, as the algorithm -------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         cfg, timer = self.cfg, StepTimer()
-        samples = [self.dataset[i] for i in self.sampler.next_batch(cfg.trainer.prompts_per_step)]
+        samples = [self.dataset[i] for i in self.sampler.next_batch(cfg.rollout.prompts_to_sample(cfg.trainer.prompts_per_step))]
         prompts = [prompt_for(sample.question, cfg.data) for sample, _ in samples]
         fitted = [self.images.fit(image) for _, image in samples]
         # group id = position in this step's batch: the same question drawn twice still votes separately
@@ -105,13 +110,23 @@ class Trainer:
             if cfg.reward.kind == "label":
                 rewards = label_rewards(answers, group_ids, labels=labels, matcher=self.matcher)
         trained = [i for i, r in enumerate(rollouts) if r.sample_index < cfg.rollout.n]
-        train_rollouts = [rollouts[i] for i in trained]
         advantages = group_advantages([rewards[i] for i in trained], [group_ids[i] for i in trained],
                                       estimator=cfg.algorithm.advantage, normalize_std=cfg.algorithm.normalize_std)
+        selection = select_groups(advantages.tolist(), [group_ids[i] for i in trained],
+                                  target_groups=cfg.trainer.prompts_per_step,
+                                  drop_zero=cfg.algorithm.drop_zero_advantage_groups)
+        train_rollouts = [rollouts[trained[j]] for j in selection.keep]
+        selected = self._note_selection(step, selection)
         encoded = {i: self.images.encode([img]) for i, img in enumerate(fitted)}
-        batch = pack_rollouts(train_rollouts, pad_id=self._pad_id(), images=encoded, advantages_B=advantages)
+        if not train_rollouts:  # every group unanimous: nothing to learn from, no update (counted above)
+            with timer("refit"):
+                self.cluster.refit()  # the weights are unchanged; the refit wakes the engine (colocated schedule)
+            return {**self._metrics(step, rollouts, answers, rewards, vote, {"no_signal_skip": 1.0}, timer), **selected,
+                    **self.cluster.traffic.pop()}
+        batch = pack_rollouts(train_rollouts, pad_id=self._pad_id(), images=encoded,
+                              advantages_B=advantages[list(selection.keep)])
         engine_BT = engine_logprobs(train_rollouts, batch.loss_mask_BT)
-        on_policy = self._on_policy(len(train_rollouts))
+        on_policy = self._on_policy(len(selection.kept_groups))
         if on_policy or cfg.algorithm.rollout_is_cap is not None:  # the workers need them (gap, TIS)
             batch.engine_logprobs_BT = engine_BT
 
@@ -123,7 +138,7 @@ class Trainer:
             if cfg.algorithm.loss.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
-            train_metrics = self._update(batch, train_rollouts)
+            train_metrics = self._update(batch, [r.group_id for r in train_rollouts])
         gap = {key: train_metrics.pop(key) for key in ("logprob_gap_mean", "logprob_gap_max")} if on_policy else gap
         # engine vs policy on the sampled tokens: large values mean the two models disagree (refit, prompt layout,
         # position ids, temperature), and the update then trains a different model from the one sampled
@@ -141,8 +156,22 @@ class Trainer:
         if cfg.rollout.verify_refit:
             with timer("verify_refit"):
                 train_metrics["refit_max_diff"] = self._verify_refit(requests, train_rollouts, encoded)
-        return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap,
+        return {**self._metrics(step, rollouts, answers, rewards, vote, train_metrics, timer), **engine_gap, **selected,
                 **self.cluster.traffic.pop()}
+
+    def _note_selection(self, step: int, selection) -> dict[str, float]:  # noqa: ANN001 - GroupSelection
+        """Metrics of the group selection; counts and reports the steps that train on fewer groups than asked."""
+        if not selection.kept_groups:
+            self.no_signal_steps += 1
+            print(f"step {step}: all {selection.sampled_groups} groups have zero advantages (unanimous), update "
+                  f"skipped ({self.no_signal_steps} such steps so far)", flush=True)
+        elif selection.unfilled and self.cfg.rollout.oversample > 1:
+            self.unfilled_steps += 1
+            print(f"step {step}: oversampling found {len(selection.kept_groups)} of {selection.target_groups} groups "
+                  f"with signal; training on those ({self.unfilled_steps} such steps so far)", flush=True)
+        return {"groups/zero_share": selection.zero_share, "groups/trained": float(len(selection.kept_groups)),
+                "groups/unfilled": float(selection.unfilled), "groups/no_signal_steps": float(self.no_signal_steps),
+                "groups/unfilled_steps": float(self.unfilled_steps)}
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
         """Every engine's log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
@@ -155,8 +184,6 @@ class Trainer:
             if r.response_token_ids:
                 first.setdefault(r.prompt_index, r)
         probe = list(first.values())[:4]
-        dp = self.cluster.dims.dp  # the probe is split over the data-parallel ranks: a multiple of their number
-        probe += [r for r in rollouts if r.response_token_ids and r not in probe][: -len(probe) % dp]
         # at temperature 1: the engine scores given tokens before its sampler (VLLMRolloutEngine.prompt_logprobs)
         logprobs_BT = self.cluster.logprobs(pack_rollouts(probe, pad_id=self._pad_id(), images=encoded), temperature=1.0)
         policy = [logprobs_BT[b, len(r.prompt_token_ids) - 1 : len(r.prompt_token_ids) - 1 + len(r.response_token_ids)]
@@ -178,18 +205,19 @@ class Trainer:
         tokens = self.cluster.tokens
         return tokens["pad_id"] if tokens["pad_id"] is not None else tokens["eos_id"]
 
-    def _on_policy(self, num_rollouts: int) -> bool:
+    def _on_policy(self, num_groups: int) -> bool:
         """Whether the step makes exactly one update (one epoch of one mini-batch): then its old log-probs are the
         training forward's own and need no pass of their own."""
-        return self.cfg.algorithm.ppo_epochs == 1 and num_rollouts <= self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
+        return self.cfg.algorithm.ppo_epochs == 1 and num_groups <= self.cfg.trainer.prompts_per_update
 
-    def _update(self, batch, rollouts: list[Rollout]) -> dict[str, float]:
-        """``ppo_epochs`` passes over mini-batches of whole prompt groups."""
-        per_update = self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
+    def _update(self, batch, group_ids: list[int]) -> dict[str, float]:
+        """``ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` whole prompt groups (the last
+        one holds the rest when groups were dropped)."""
+        bounds = minibatch_bounds(group_ids, self.cfg.trainer.prompts_per_update)
         metrics: list[dict[str, float]] = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
-            for start in range(0, len(rollouts), per_update):
-                metrics.append(self.cluster.train(_slice(batch, start, start + per_update, self.cluster.image_token_id)))
+            for start, stop in bounds:
+                metrics.append(self.cluster.train(_slice(batch, start, stop, self.cluster.image_token_id)))
         return combine_metrics(metrics)
 
     def _metrics(self, step, rollouts, answers, rewards, vote, train_metrics, timer) -> dict[str, float]:
@@ -229,6 +257,7 @@ class Trainer:
                 if not cfg.logging.progress and (step % 10 == 0 or last):
                     print(f"    step {step:>3}: reward {metrics['reward']:.3f}, majority share {metrics['majority_share']:.3f}"
                           + (f", pseudo-label acc {metrics['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in metrics else "")
+                          + (f", {metrics['groups/zero_share']:.0%} of groups without signal" if "groups/zero_share" in metrics else "")
                           + f", {sum(v for k, v in metrics.items() if k.startswith('time/')):.1f} s", flush=True)
                 if last or (cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0):
                     self._save(step, log)
@@ -302,16 +331,12 @@ class Trainer:
 
 
 def _slice(batch, start: int, stop: int, image_token_id: int | None):
-    """Sequences [start, stop) of a packed batch, images following (reuses the DP-shard logic)."""
-    from mmupt_megatron.trainer.batching import shard_for_rank
+    """Sequences [start, stop) of a packed batch, images following."""
+    from mmupt_megatron.trainer.batching import take_sequences
 
-    num = batch.input_ids_BT.shape[0]
-    if start == 0 and stop >= num:
+    if start == 0 and stop >= batch.input_ids_BT.shape[0]:
         return batch
-    size = stop - start
-    if num % size or start % size:
-        raise ValueError(f"mini-batch of {size} sequences does not divide the {num} trained sequences")
-    return shard_for_rank(batch, dp_rank=start // size, dp_size=num // size, image_token_id=image_token_id)
+    return take_sequences(batch, start, stop, image_token_id=image_token_id)
 
 
 __all__ = ["Trainer"]

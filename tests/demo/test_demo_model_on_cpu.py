@@ -100,3 +100,23 @@ def test_question_writing_examples_match_what_synthesize_parses():
         if mode == "in-context":
             assert question.replace(" ?", "?") != example.question
     assert modes == {"in-context", "direct"}
+
+
+def test_warmup_stop_criterion_needs_the_target_and_every_question_type():
+    import pytest
+
+    from mmupt_megatron.demo.rollout import EvalResult
+    from mmupt_megatron.demo.warmup import stop_criterion
+
+    cfg = WarmupConfig(target_sampled=0.75, min_kind_accuracy=0.6)
+    good = EvalResult(greedy=0.9, sampled=0.8, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.7})
+    assert stop_criterion(good, cfg)
+    weak_type = EvalResult(greedy=0.9, sampled=0.8, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.55})
+    assert not stop_criterion(weak_type, cfg)  # a type below 0.6: the vote would teach its wrong answers
+    low = EvalResult(greedy=0.9, sampled=0.7, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.9})
+    assert not stop_criterion(low, cfg)
+    assert not stop_criterion(good, WarmupConfig())  # no target: never stops early
+    with pytest.raises(ValueError, match="warmup: ema_decay must be in"):
+        WarmupConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="warmup: consecutive must be >= 1"):
+        WarmupConfig(consecutive=0)

@@ -104,3 +104,23 @@ def test_bad_input():
     batch = pack_rollouts([rollout(0, [1], [2])] * 3, pad_id=0)
     with pytest.raises(ValueError, match="do not split evenly"):
         shard_for_rank(batch, dp_rank=0, dp_size=2, image_token_id=IMG)
+
+
+def test_padding_for_data_parallel_ranks_adds_zero_loss_copies_with_their_images():
+    from mmupt_megatron.trainer.batching import pad_for_ranks, take_sequences
+
+    rollouts = [rollout(1, [1, 2], [7]), rollout(0, [1, IMG, IMG], [5, 6]), rollout(2, [IMG, IMG, 2], [8])]
+    batch = pack_rollouts(rollouts, pad_id=0, images={0: images_of(0, 8), 2: images_of(2, 8)},
+                          advantages_B=torch.tensor([1.0, -1.0, 0.5]))
+    assert pad_for_ranks(batch, 3, image_token_id=IMG) is batch  # divisible: unchanged
+    padded = pad_for_ranks(batch, 2, image_token_id=IMG)
+    assert padded.input_ids_BT.shape[0] == 4
+    assert padded.input_ids_BT[3].tolist() == padded.input_ids_BT[2].tolist()
+    assert padded.loss_mask_BT[3].sum() == 0 and padded.advantages_B.tolist() == [1.0, -1.0, 0.5, 0.0]
+    assert padded.loss_mask_BT[:3].tolist() == batch.loss_mask_BT.tolist()
+    second = shard_for_rank(padded, dp_rank=1, dp_size=2, image_token_id=IMG)
+    assert second.image_grid_thw.shape[0] == 2 and (second.pixel_values == 2.0).all()  # the copy has its image
+    middle = take_sequences(batch, 1, 3, image_token_id=IMG)
+    assert middle.input_ids_BT.tolist() == batch.input_ids_BT[1:3].tolist() and middle.pixel_values.shape == (16, 4)
+    with pytest.raises(ValueError, match=r"sequences \[2, 2\) are not a non-empty range of the batch's 3"):
+        take_sequences(batch, 2, 2, image_token_id=IMG)

@@ -27,7 +27,9 @@ def one_step(model_dir: str, data: str, out: str, overrides: tuple[str, ...] = (
         f"model.path={model_dir}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=1",
         "trainer.prompts_per_step=2", "trainer.prompts_per_update=1", "algorithm.ppo_epochs=2", "rollout.n=4",
         "rollout.n_vote=6", "rollout.max_new_tokens=8", "trainer.lr=1e-3", "algorithm.loss.kl_coef=0.1",
-        "rollout.verify_refit=false", "trainer.micro_batch_size=2", "data.shuffle=false", *overrides,
+        "rollout.verify_refit=false", "trainer.micro_batch_size=2", "data.shuffle=false",
+        "algorithm.drop_zero_advantage_groups=false",  # the unanimous group is trained on (with advantage 0)
+        *overrides,
     ])
     cluster = InProcessCluster(cfg, model_dir=model_dir, script=script)
     metrics = Trainer(cfg, cluster=cluster).step(0)
@@ -80,3 +82,74 @@ def test_an_on_policy_step_runs_no_old_logprob_pass(tmp_path):
     assert metrics["rollout/logprob_gap_mean"] > 0.5 and metrics["rollout/logprob_gap_max"] >= metrics["rollout/logprob_gap_mean"]
     assert "train/logprob_gap_mean" not in metrics
     assert 0 < metrics["train/rollout_is_weight_mean"] < 1 and metrics["train/rollout_is_clip_fraction"] == 0.0
+
+
+# per step, per request: the answers of its 4 voters (None: no answer). Oversampling 2x: 4 requests, 2 trained.
+STEPS = [
+    {0: ["1"] * 4, 1: ["1", "2", "1", "1"], 2: ["3"] * 4, 3: ["2", "2", "4", "4"]},  # groups 1 and 3 carry signal
+    {0: ["1"] * 4, 1: ["1"] * 4, 2: ["5", "5", "1", None], 3: ["2"] * 4},  # only group 2: cannot refill
+    {0: ["1"] * 4, 1: ["2"] * 4, 2: ["3"] * 4, 3: ["4"] * 4},  # every group unanimous: no update
+]
+
+
+def dropping_steps(model_dir: str, data: str, out: str):
+    from mmupt_megatron.trainer.loop import Trainer
+    from tests.trainer.in_process_cluster import InProcessCluster
+
+    cfg = load_config("demo", [
+        f"model.path={model_dir}", f"data.train_files=[{data}]", f"trainer.output_dir={out}", "trainer.steps=3",
+        "trainer.prompts_per_step=2", "trainer.prompts_per_update=1", "rollout.n=4", "rollout.oversample=2",
+        "rollout.max_new_tokens=8", "trainer.lr=1e-3", "algorithm.loss.kl_coef=0.1", "rollout.verify_refit=false",
+        "trainer.micro_batch_size=2", "data.shuffle=false",
+    ])
+    current = {"step": 0}
+
+    def script(index: int, sample: int) -> str:
+        answer = STEPS[current["step"]][index][sample]
+        return "i am not sure" if answer is None else f"so \\boxed{{{answer}}}"
+
+    cluster = InProcessCluster(cfg, model_dir=model_dir, script=script)
+    trainer = Trainer(cfg, cluster=cluster)
+    results = []
+    for step in range(3):
+        current["step"] = step
+        start = len(cluster.calls)
+        metrics = trainer.step(step)
+        results.append((metrics, cluster.calls[start:]))
+    return results, cluster.trained_advantages
+
+
+@pytest.mark.slow
+def test_zero_advantage_groups_are_dropped_oversampling_refills_and_unanimous_steps_skip(tmp_path, capfd):
+    model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
+    data = write_splits(tmp_path / "data", num_train=8, num_test=1, seed=0)["train"]
+    [(steps, advantages)] = run_workers(dropping_steps, world_size=1, args=(str(model), str(data), str(tmp_path / "run")))
+    (first, first_calls), (second, second_calls), (third, third_calls) = steps
+
+    # step 0: 4 prompts sampled (oversample 2 x prompts_per_step 2); the two with signal are the only ones whose
+    # log-probs are taken and that are trained on, one group per mini-batch (prompts_per_update=1)
+    assert first_calls == [("generate", 4, 4), ("engines_sleep",), ("logprobs", "policy", 8),
+                           ("logprobs", "reference", 8), ("train", 4), ("train", 4), ("engines_wake", "weights"),
+                           ("refit",), ("engines_wake", "kv_cache")]
+    assert first["groups/zero_share"] == 0.5 and first["groups/trained"] == 2 and first["groups/unfilled"] == 0
+    # the metrics still describe all 16 rollouts: 4 + 3 + 4 + 2 agree with their group's majority
+    assert first["reward"] == pytest.approx(13 / 16)
+    assert first["majority_share"] == pytest.approx((1 + 3 / 4 + 1 + 2 / 4) / 4)
+    assert all(a != 0.0 for a in advantages[0] + advantages[1])
+    assert advantages[0][1] < 0 < advantages[0][0]  # group 1: "1", "2", "1", "1"
+
+    # step 1: one group with signal, fewer than the 2 asked: trained on alone, counted as a fallback
+    assert [c for c in second_calls if c[0] in ("logprobs", "train")] == [
+        ("logprobs", "policy", 4), ("logprobs", "reference", 4), ("train", 4)]
+    assert second["groups/trained"] == 1 and second["groups/unfilled"] == 1 and second["groups/unfilled_steps"] == 1
+    assert second["groups/zero_share"] == 0.75 and second["no_answer"] == pytest.approx(1 / 16)
+
+    # step 2: all unanimous: no log-probs, no update (counted), the engine still wakes for the next rollout
+    assert third_calls == [("generate", 4, 4), ("engines_sleep",), ("engines_wake", "weights"), ("refit",),
+                           ("engines_wake", "kv_cache")]
+    assert third["train/no_signal_skip"] == 1.0 and third["groups/no_signal_steps"] == 1
+    assert third["groups/zero_share"] == 1.0 and third["reward"] == 1.0 and third["groups/trained"] == 0
+    assert len(advantages) == 3  # 2 + 1 mini-batches trained in all
+    out = capfd.readouterr().out
+    assert "step 1: oversampling found 1 of 2 groups with signal; training on those (1 such steps so far)" in out
+    assert "step 2: all 4 groups have zero advantages (unanimous), update skipped (1 such steps so far)" in out
