@@ -119,7 +119,9 @@ def test_padding_for_data_parallel_ranks_adds_zero_loss_copies_with_their_images
     assert padded.loss_mask_BT[3].sum() == 0 and padded.advantages_B.tolist() == [1.0, -1.0, 0.5, 0.0]
     assert padded.loss_mask_BT[:3].tolist() == batch.loss_mask_BT.tolist()
     second = shard_for_rank(padded, dp_rank=1, dp_size=2, image_token_id=IMG)
-    assert second.image_grid_thw.shape[0] == 2 and (second.pixel_values == 2.0).all()  # the copy has its image
+    # the copy shares its original's image (images travel once): one image, both samples point at it
+    assert second.image_grid_thw.shape[0] == 1 and (second.pixel_values == 2.0).all()
+    assert second.image_index_B.tolist() == [0, 0]
     middle = take_sequences(batch, 1, 3, image_token_id=IMG)
     assert middle.input_ids_BT.tolist() == batch.input_ids_BT[1:3].tolist() and middle.pixel_values.shape == (16, 4)
     with pytest.raises(ValueError, match=r"sequences \[2, 2\) are not a non-empty range of the batch's 3"):
