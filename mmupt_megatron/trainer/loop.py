@@ -178,7 +178,7 @@ class Trainer:
     def _on_policy(self, num_rollouts: int) -> bool:
         """Whether the step makes exactly one update (one epoch of one mini-batch): then its old log-probs are the
         training forward's own and need no pass of their own."""
-        return self.cfg.algorithm.ppo_epochs == 1 and num_rollouts <= self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
+        return self.cfg.on_policy() and num_rollouts <= self.cfg.trainer.prompts_per_update * self.cfg.rollout.n
 
     def _update(self, batch, rollouts: list[Rollout]) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of whole prompt groups."""
