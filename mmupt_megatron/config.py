@@ -563,6 +563,11 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def on_policy(self) -> bool:
+        """Whether each step makes exactly one optimizer update (algorithm.ppo_epochs=1, trainer.prompts_per_update
+        covering trainer.prompts_per_step): then it is on policy and needs no old-log-prob forward."""
+        return self.algorithm.ppo_epochs == 1 and self.trainer.prompts_per_update >= self.trainer.prompts_per_step
+
     def num_engines(self) -> int:
         """rollout.engines for this recipe's policy world size and trainer.colocate."""
         return self.rollout.engines(self.parallel.world_size, self.trainer.colocate)

@@ -42,8 +42,12 @@ def _raise_non_finite(lse_N: torch.Tensor, seq_len: int) -> None:
 
 
 def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``chunk / temperature`` in float32 (a new tensor when scaled: ``.float()`` of fp32 is the input itself)."""
-    return chunk.float() if temperature == 1.0 else chunk.float() / temperature
+    """``chunk / temperature`` in float32, never written into ``chunk`` (``.float()`` of fp32 is the input itself;
+    of bf16 a copy, divided in place: one chunk-sized buffer either way)."""
+    out = chunk.float()
+    if temperature == 1.0:
+        return out
+    return out / temperature if out is chunk else out.div_(temperature)
 
 
 def check_temperature(temperature: float) -> float:

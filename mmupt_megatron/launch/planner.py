@@ -43,8 +43,8 @@ Step time: rollout = prefill (2 x params x prompt tokens, once per prompt, compu
 + decode, memory-bandwidth bound: each decode step of an engine reads its weight shard and the KV cache of
 its running sequences from HBM (3.35 TB/s on H100 SXM, at 50-80% efficiency), one token per running
 sequence per step, running sequences = min(the engine's share, vLLM's max_num_seqs 256, what the KV cache
-holds at mean length); the step's longest response (rollout.max_new_tokens) adds its tail beyond the mean. Log-prob forwards 2 x params x trained tokens (old policy, and reference when KL is
-on) + training 6 x params x trained tokens x ppo_epochs at MFU 16-23% of 989 TFLOP/s (EasyR1's measured
+holds at mean length); the step's longest response (rollout.max_new_tokens) adds its tail beyond the mean. Log-prob forwards 2 x params x trained tokens (old policy unless the step is one
+on-policy update, and reference when KL is on) + training 6 x params x trained tokens x ppo_epochs at MFU 16-23% of 989 TFLOP/s (EasyR1's measured
 actor MFU on 8xH100), recomputation and attention-score FLOPs excluded. + refit.
 """
 
@@ -247,7 +247,7 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
     n_params, seqs = arch.total_params, t.prompts_per_step * r.n
     prompt_tokens, response_tokens = min(a.mean_prompt_tokens, r.max_prompt_length), min(a.mean_response_tokens, r.max_new_tokens)
     trained = seqs * (prompt_tokens + response_tokens)
-    passes = 1 + (cfg.algorithm.loss.kl_coef > 0)
+    passes = (not cfg.on_policy()) + (cfg.algorithm.loss.kl_coef > 0)
     out.flops = {
         "rollout": 2 * n_params * (seqs * response_tokens + t.prompts_per_step * prompt_tokens),
         "log-prob forwards": 2 * n_params * trained * passes,

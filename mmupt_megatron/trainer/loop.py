@@ -208,7 +208,7 @@ class Trainer:
     def _on_policy(self, num_groups: int) -> bool:
         """Whether the step makes exactly one update (one epoch of one mini-batch): then its old log-probs are the
         training forward's own and need no pass of their own."""
-        return self.cfg.algorithm.ppo_epochs == 1 and num_groups <= self.cfg.trainer.prompts_per_update
+        return self.cfg.on_policy() and num_groups <= self.cfg.trainer.prompts_per_update
 
     def _update(self, batch, group_ids: list[int]) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` whole prompt groups (the last

@@ -70,7 +70,7 @@ def test_dp_sharded_gradient_equals_full_batch():
         assert grad.abs().sum() > 0
 
 
-def _tp_worker():
+def _tp_worker(temperature: float = 1.0):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(3)
@@ -92,17 +92,19 @@ def _tp_worker():
         all_reduce_max=all_reduce(dist.ReduceOp.MAX),
         all_reduce_sum=all_reduce(dist.ReduceOp.SUM),
         chunk_tokens=3,
+        temperature=temperature,
     )
     logp.sum().backward()
     return logp.detach(), local.grad
 
 
-def test_vocab_parallel_logprobs_equal_full_vocab():
-    (logp0, grad0), (logp1, grad1) = run_workers(_tp_worker, world_size=2)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vocab_parallel_logprobs_equal_full_vocab(temperature):
+    (logp0, grad0), (logp1, grad1) = run_workers(_tp_worker, world_size=2, args=(temperature,))
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(2, 4, 10, generator=gen) * 4).requires_grad_()
     targets = torch.randint(0, 10, (2, 4), generator=gen)
-    full = token_logprobs(logits, targets)
+    full = (logits / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     full.sum().backward()
     assert torch.allclose(logp0, full.detach(), atol=1e-5) and torch.allclose(logp1, full.detach(), atol=1e-5)
     assert torch.allclose(torch.cat([grad0, grad1], dim=-1), logits.grad, atol=1e-5)

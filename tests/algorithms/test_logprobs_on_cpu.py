@@ -72,3 +72,12 @@ def test_tempered_logprobs_are_those_of_logits_over_temperature(temperature):
 def test_a_temperature_that_is_not_positive_is_an_error(temperature):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), temperature=temperature)
+
+
+def test_tempered_bf16_logits_are_left_as_they_are():
+    logits = (torch.randn(2, 3, 17) * 3).to(torch.bfloat16)
+    before = logits.clone()
+    targets = torch.randint(0, 17, (2, 3))
+    out = token_logprobs(logits, targets, temperature=0.5)
+    assert torch.equal(logits, before)
+    assert torch.allclose(out, reference(logits.float() / 0.5, targets), atol=1e-5)

@@ -57,6 +57,9 @@ def test_seven_b_tp2_dp4_against_hand_computed_values():
     n, trained = 8_292_166_656, 5120 * (512 + 512)
     assert p.flops["training"] == 6 * n * trained
     assert p.flops["log-prob forwards"] == 2 * 2 * n * trained  # old policy + reference
+    # one update per step (all 512 prompts in one mini-batch) is on policy: the reference pass only
+    one_update = plan(load_config("qwen2_5_vl_7b_1n8g_tp2", ["trainer.prompts_per_update=512"]), QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert one_update.flops["log-prob forwards"] == 2 * n * trained
     assert p.flops["rollout"] == 2 * n * (5120 * 512 + 512 * 512)
     assert p.refit_gb == pytest.approx(2 * n / 1e9)
     # host shared memory: every engine its full bf16 copy at 2-10 GB/s (the replicas send at once)
