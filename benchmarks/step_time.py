@@ -1,12 +1,15 @@
 """Step time of the GRPO update, old path vs new, on a demo-size step (issue 12).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/step_time.py [--repeats 3] [--truncated 0.035] [--max-tokens 2048]
+                                                             [--unanimous 0.5]
 
 The batch is the demo recipe's (configs/demo.yaml): the demo's model architecture (``mmupt_megatron.demo.model``,
 built untrained with seed 0; KL on, so a reference model too), 16 prompts of the demo world (84 x 84 images)
 x 16 responses. The responses are each question's labelled answer chain (the demo's response format, ~22
 tokens), a ``--truncated`` share of them (3.5% measured in the demo's step 1) run on to ``rollout.max_new_tokens``
-as a truncated response would. Advantages are group-normalised rewards of a random vote (seed 0).
+as a truncated response would. Rewards (seed 0): a ``--unanimous`` share of the groups get one reward for every
+response (a unanimous vote: advantage 0; the demo's recipe dropped 53% of its groups as such), the others a reward
+of 1 with probability 0.8 per response; advantages are group-normalised.
 
 Each path runs in a fresh process with one policy rank (world 1, gloo, one thread), exactly the worker the
 trainer's Ray actors hold: old log-probs, reference log-probs, then one optimizer step, ``--repeats`` times
@@ -15,22 +18,27 @@ initial weights). Bytes are what the driver pickles for the workers over the ste
 serialisation carries the same tensors).
 
 Paths (rows): ``old``: one image copy per sample, ``trainer.micro_batch_size`` sequences per micro-batch padded to
-the batch's longest (the code before issue 12); ``new``: each prompt's image once and
-``trainer.max_tokens_per_micro_batch`` micro-batches grouped by length. A later feature becomes a row by adding a
-``StepPath`` to ``PATHS`` with its flag (for instance skipping the old-log-prob forward when on-policy, or dropping
-zero-advantage groups: ``step`` then honours the flag) — ratios are always against ``old``.
+the batch's longest, an old-log-prob pass, every group trained (the code before issue 12); ``tokens``: each
+prompt's image once and ``trainer.max_tokens_per_micro_batch`` micro-batches grouped by length; ``+on-policy``:
+also no old-log-prob pass (the demo's steps are one update: the training forward's own log-probs serve); ``new``:
+also the groups with all-zero advantages dropped (``algorithm.drop_zero_advantage_groups``, the default). A
+feature becomes a row by adding a ``StepPath`` to ``PATHS``; ratios are always against ``old``. The loss and the
+log-prob comparison (reference log-probs, the same weights as the old pass's) are shown where the maths is the
+old path's: dropping groups changes the token-mean's denominator (and drops their KL term), by design.
 Target: the new step at most 0.6x the old one's time, with the same loss (1e-5) where the maths is unchanged.
 
-Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 5``, default budget 2048):
+Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 5``, default budget 2048, 50% unanimous):
 
-| path | flags | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy | bytes / old | loss | max log-prob diff vs old |
-|---|---|---|---|---|---|---|---|---|---|---|
-| old | - | 1.099 | 1.099 | 2.197 | 1.00x | 25.6% | 125.23 MiB | 1.00x | -0.0031390 | 0.0e+00 |
-| new | images_once, token_budget | 0.696 | 0.829 | 1.525 | 0.69x | 2.5% | 8.94 MiB | 0.07x | -0.0031390 | 0.0e+00 |
+| path | flags | sequences | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy | bytes / old | loss | max log-prob diff vs old |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| old | - | 256 | 1.226 | 1.223 | 2.449 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
+| tokens | images_once, token_budget | 256 | 0.648 | 0.747 | 1.395 | 0.57x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
+| +on-policy | images_once, token_budget, on_policy | 256 | 0.343 | 0.765 | 1.107 | 0.45x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.186 | 0.380 | 0.566 | 0.23x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
 
-Budget 4096: 0.57x and 0.69x in two runs (6.5% padding waste). The forwards are matmul-bound: the new step
-costs about what its tokens do (13.1k computed vs 17.2k, of 12.8k real), so images once + the budget alone stay
-above the 0.6x target on this batch; the rows for the on-policy skip and zero-advantage dropping are the rest.
+Images once + the token budget alone measured 0.57x-0.69x over several runs (the forwards are matmul-bound: the
+step costs about what its tokens do, 13.1k computed vs 17.2k, of 12.8k real); the on-policy skip removes one of
+the three forwards; dropping unanimous groups removes their tokens from every pass (here 10 of 16 groups).
 """
 
 from __future__ import annotations
@@ -55,12 +63,18 @@ class StepPath:
     """Each prompt's image once (``image_index_B``) instead of one copy per sample."""
     token_budget: bool = False
     """Micro-batches by ``--max-tokens`` instead of ``trainer.micro_batch_size``."""
+    on_policy: bool = False
+    """No old-log-prob forward: the training forward's own log-probs, detached, are the old ones."""
+    drop_zero: bool = False
+    """Groups whose advantages are all zero left out of every pass."""
 
 
-PATHS = {"old": StepPath(), "new": StepPath(images_once=True, token_budget=True)}
+PATHS = {"old": StepPath(), "tokens": StepPath(images_once=True, token_budget=True),
+         "+on-policy": StepPath(images_once=True, token_budget=True, on_policy=True),
+         "new": StepPath(images_once=True, token_budget=True, on_policy=True, drop_zero=True)}
 
 
-def build_inputs(folder: Path, *, truncated: float, seed: int = 0) -> dict:
+def build_inputs(folder: Path, *, truncated: float, unanimous: float, seed: int = 0) -> dict:
     """The demo model (untrained) saved to ``folder``, and the step's rollouts, images and advantages."""
     import torch
 
@@ -87,6 +101,7 @@ def build_inputs(folder: Path, *, truncated: float, seed: int = 0) -> dict:
         images[p] = (pixels, grid)
         prompt = tokenizer(expand_image_pads(prompt_for(example.question, cfg.data), grid.tolist()))["input_ids"]
         chain = tokenizer(example.chain)["input_ids"] + [tokenizer.eos_token_id]
+        agreed = float(rng.random() < 0.8) if rng.random() < unanimous else None  # a unanimous group's one reward
         for s in range(cfg.rollout.n):
             response = chain[: cfg.rollout.max_new_tokens]
             if rng.random() < truncated:
@@ -94,7 +109,7 @@ def build_inputs(folder: Path, *, truncated: float, seed: int = 0) -> dict:
             rollouts.append(Rollout(group_id=p, prompt_index=p, sample_index=s, prompt_token_ids=prompt,
                                     response_token_ids=response, response_logprobs=[0.0] * len(response), text="",
                                     finish_reason="length" if len(response) == cfg.rollout.max_new_tokens else "stop"))
-            rewards.append(float(rng.random() < 0.8))
+            rewards.append(agreed if agreed is not None else float(rng.random() < 0.8))
     advantages = group_advantages(rewards, [r.group_id for r in rollouts], estimator=cfg.algorithm.advantage,
                                   normalize_std=cfg.algorithm.normalize_std)
     return {"rollouts": rollouts, "images": images, "advantages": torch.as_tensor(advantages, dtype=torch.float32),
@@ -105,6 +120,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     """One path in this process: ``repeats`` steps; times per phase, bytes, padding, loss, first log-probs."""
     import torch
 
+    from mmupt_megatron.algorithms.group_selection import select_groups
     from mmupt_megatron.config_loading import load_config
     from mmupt_megatron.distributed.parallel import ParallelDims, free_port
     from mmupt_megatron.engines.micro_batching import padded_tokens
@@ -124,10 +140,17 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     out: dict = {}
     for repeat in range(repeats):
         start = time.perf_counter()
-        batch = pack_rollouts(inputs["rollouts"], pad_id=inputs["pad_id"], images=inputs["images"],
-                              advantages_B=inputs["advantages"], images_once=path.images_once)
-        sent = len(pickle.dumps(batch))
-        batch.old_logprobs_BT = worker.logprobs(batch)
+        rollouts, advantages = inputs["rollouts"], inputs["advantages"]
+        if path.drop_zero:
+            keep = list(select_groups(advantages.tolist(), [r.group_id for r in rollouts],
+                                      target_groups=cfg.trainer.prompts_per_step).keep)
+            rollouts, advantages = [rollouts[i] for i in keep], advantages[keep]
+        batch = pack_rollouts(rollouts, pad_id=inputs["pad_id"], images=inputs["images"],
+                              advantages_B=advantages, images_once=path.images_once)
+        sent = 0
+        if not path.on_policy:
+            sent += len(pickle.dumps(batch))
+            batch.old_logprobs_BT = worker.logprobs(batch)
         sent += len(pickle.dumps(batch))
         batch.ref_logprobs_BT = worker.logprobs(batch, reference=True)
         middle = time.perf_counter()
@@ -140,7 +163,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
             padded, real = padded_tokens(batch, max_tokens=cfg.trainer.max_tokens_per_micro_batch,
                                          multiple=worker.sequence_multiple())
             out = {"loss": metrics["loss"], "bytes": sent, "padding_waste": 100 * (1 - real / padded),
-                   "logprobs": batch.old_logprobs_BT, "valid": batch.loss_mask_BT.bool()}
+                   "logprobs": batch.ref_logprobs_BT, "valid": batch.loss_mask_BT.bool(), "sequences": len(rollouts)}
     out["seconds"] = {phase: min(values) for phase, values in times.items()}
     return out
 
@@ -150,6 +173,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--truncated", type=float, default=0.035, help="share of responses run on to max_new_tokens")
     parser.add_argument("--max-tokens", type=int, default=2048, help="trainer.max_tokens_per_micro_batch of 'new'")
+    parser.add_argument("--unanimous", type=float, default=0.5, help="share of groups with one reward for all")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -162,7 +186,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="step_time_") as tmp:
         folder = Path(tmp)
-        torch.save(build_inputs(folder, truncated=args.truncated), folder / "inputs.pt")
+        torch.save(build_inputs(folder, truncated=args.truncated, unanimous=args.unanimous), folder / "inputs.pt")
         results = {}
         for name in PATHS:
             subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--max-tokens",
@@ -171,19 +195,21 @@ def main() -> None:
             results[name] = torch.load(folder / f"result_{name}.pt", weights_only=False)
     old = results["old"]
     old_step = sum(old["seconds"].values())
-    print(f"demo step: 16 prompts x 16 responses, {args.truncated:.1%} truncated, fastest of {args.repeats} repeats; "
-          f"new: max_tokens_per_micro_batch={args.max_tokens}\n")
-    print("| path | flags | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy "
-          "| bytes / old | loss | max log-prob diff vs old |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"demo step: 16 prompts x 16 responses, {args.truncated:.1%} truncated, {args.unanimous:.0%} of groups "
+          f"unanimous, fastest of {args.repeats} repeats; max_tokens_per_micro_batch={args.max_tokens}\n")
+    print("| path | flags | sequences | log-probs (old+ref) s | train s | step s | step / old | padding waste "
+          "| bytes to policy | bytes / old | loss | max log-prob diff vs old |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         step = sum(r["seconds"].values())
+        same_maths = not PATHS[name].drop_zero
         valid = old["valid"]
-        diff = float((r["logprobs"][valid] - old["logprobs"][valid]).abs().max())
+        diff = f"{float((r['logprobs'][valid] - old['logprobs'][valid]).abs().max()):.1e}" if same_maths else "-"
+        loss = f"{r['loss']:.7f}" if same_maths else f"({r['loss']:.7f})"
         flags = ", ".join(k for k, v in asdict(PATHS[name]).items() if v) or "-"
-        print(f"| {name} | {flags} | {r['seconds']['logprobs']:.3f} | {r['seconds']['train']:.3f} | {step:.3f} "
-              f"| {step / old_step:.2f}x | {r['padding_waste']:.1f}% | {r['bytes'] / 2**20:.2f} MiB "
-              f"| {r['bytes'] / old['bytes']:.2f}x | {r['loss']:.7f} | {diff:.1e} |")
+        print(f"| {name} | {flags} | {r['sequences']} | {r['seconds']['logprobs']:.3f} | {r['seconds']['train']:.3f} "
+              f"| {step:.3f} | {step / old_step:.2f}x | {r['padding_waste']:.1f}% | {r['bytes'] / 2**20:.2f} MiB "
+              f"| {r['bytes'] / old['bytes']:.2f}x | {loss} | {diff} |")
 
 
 if __name__ == "__main__":
