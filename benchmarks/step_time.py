@@ -44,7 +44,6 @@ the three forwards; dropping unanimous groups removes their tokens from every pa
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import random
 import subprocess
@@ -132,7 +131,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     path = PATHS[name]
     cfg = load_config("demo", [f"model.path={folder}"]
                       + ([f"trainer.max_tokens_per_micro_batch={max_tokens}"] if path.token_budget else []))
-    inputs = torch.load(folder / "inputs.pt", weights_only=False)
+    inputs = torch.load(folder / "inputs.pt", weights_only=False)  # this run's own temp folder (Rollout objects)
     worker = PolicyWorker(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), dims=ParallelDims(),
                           model_dir=str(folder), optim=policy_optim_config(cfg),
                           with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed)
@@ -192,7 +191,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--max-tokens",
                             str(args.max_tokens), "--worker", name, str(folder)], check=True,
                            stderr=subprocess.DEVNULL)
-            results[name] = torch.load(folder / f"result_{name}.pt", weights_only=False)
+            results[name] = torch.load(folder / f"result_{name}.pt", weights_only=False)  # written by our own child
     old = results["old"]
     old_step = sum(old["seconds"].values())
     print(f"demo step: 16 prompts x 16 responses, {args.truncated:.1%} truncated, {args.unanimous:.0%} of groups "

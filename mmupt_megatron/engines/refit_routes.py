@@ -30,16 +30,17 @@ def refit_sources(engines: Sequence[Location], replicas: Sequence[Sequence[Locat
         raise ValueError("refit_sources: every replica needs at least one sender location")
     load = [0] * len(replicas)
     sources = []
-    for node, gpus in engines:
-        def closeness(d: int) -> tuple[int, int, int, int]:
-            same_gpu = sum(n == node and bool(set(g) & set(gpus)) for n, g in replicas[d])
-            same_node = sum(n == node for n, _ in replicas[d])
-            return same_gpu, same_node, -load[d], -d
-
-        best = max(range(len(replicas)), key=closeness)
+    for where in engines:
+        best = max(range(len(replicas)), key=lambda d, where=where: (*_closeness(where, replicas[d]), -load[d], -d))
         load[best] += 1
         sources.append(best)
     return sources
+
+
+def _closeness(engine: Location, senders: Sequence[Location]) -> tuple[int, int]:
+    """(senders on the engine's GPU, senders on its node)."""
+    node, gpus = engine
+    return (sum(n == node and bool(set(g) & set(gpus)) for n, g in senders), sum(n == node for n, _ in senders))
 
 
 TRANSPORTS = ("ipc", "shm", "broadcast", "ray")
@@ -71,4 +72,4 @@ def refit_transport(requested: str, *, sender: Location, engines: Sequence[Locat
     return "shm"
 
 
-__all__ = ["Location", "TRANSPORTS", "refit_sources", "refit_transport"]
+__all__ = ["TRANSPORTS", "Location", "refit_sources", "refit_transport"]
