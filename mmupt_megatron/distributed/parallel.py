@@ -192,6 +192,7 @@ def run_workers(fn: Callable[..., Any], *, world_size: int, args: tuple = (), ti
             continue
         rank, ok, payload = queue.get()
         if ok:
+            # our own child's return value (any object: weights_only would refuse it), never a file a user gave
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")

@@ -117,16 +117,19 @@ class Trainer:
                                   drop_zero=cfg.algorithm.drop_zero_advantage_groups)
         train_rollouts = [rollouts[trained[j]] for j in selection.keep]
         selected = self._note_selection(step, selection)
-        encoded = {i: self.images.encode([img]) for i, img in enumerate(fitted)}
         if not train_rollouts:  # every group unanimous: nothing to learn from, no update (counted above)
             with timer("refit"):
                 self.cluster.refit()  # the weights are unchanged; the refit wakes the engine (colocated schedule)
             return {**self._metrics(step, rollouts, answers, rewards, vote, {"no_signal_skip": 1.0}, timer), **selected,
                     **self.cluster.traffic.pop()}
+        # the trained prompts' images only (oversampled and dropped prompts never reach the policy)
+        encoded = {p: self.images.encode([fitted[p]]) for p in dict.fromkeys(r.prompt_index for r in train_rollouts)}
         batch = pack_rollouts(train_rollouts, pad_id=self._pad_id(), images=encoded,
                               advantages_B=advantages[list(selection.keep)])
         engine_BT = engine_logprobs(train_rollouts, batch.loss_mask_BT)
-        on_policy = self._on_policy(len(selection.kept_groups))
+        # one epoch of one mini-batch (the kept groups never outnumber prompts_per_step): the training forward's own
+        # log-probs, detached, are the old ones and give the engine gap
+        on_policy = cfg.on_policy()
         if on_policy or cfg.algorithm.rollout_is_cap is not None:  # the workers need them (gap, TIS)
             batch.engine_logprobs_BT = engine_BT
 
@@ -204,11 +207,6 @@ class Trainer:
     def _pad_id(self) -> int:
         tokens = self.cluster.tokens
         return tokens["pad_id"] if tokens["pad_id"] is not None else tokens["eos_id"]
-
-    def _on_policy(self, num_groups: int) -> bool:
-        """Whether the step makes exactly one update (one epoch of one mini-batch): then its old log-probs are the
-        training forward's own and need no pass of their own."""
-        return self.cfg.on_policy() and num_groups <= self.cfg.trainer.prompts_per_update
 
     def _update(self, batch, group_ids: list[int]) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` whole prompt groups (the last
