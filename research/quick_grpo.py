@@ -170,7 +170,7 @@ def grpo_run(
 
     def run_eval() -> EvalResult:
         return evaluate(policy, tokenizer, test, encoder=encoder, style=style, num_samples=cfg.eval_samples,
-                        max_new_tokens=cfg.max_new_tokens)
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
 
     evals = [{"step": 0, **asdict(run_eval())}]
     if log:
@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.04)
+    parser.add_argument("--temperature", type=float, default=1.0, help="rollout and evaluation sampling temperature")
+    parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--reward", default="vote", choices=["vote", "label"])
     parser.add_argument("--min-agreement", type=float, default=0.0)
     parser.add_argument("--keep-zero", action="store_true", help="train on zero-advantage groups too")
@@ -247,7 +249,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32)
     cfg = GRPOConfig(steps=args.steps, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                     kl_coef=args.kl, reward=args.reward, min_agreement=args.min_agreement, drop_zero=not args.keep_zero, eval_every=args.eval_every, num_eval=args.num_eval,
+                     kl_coef=args.kl, temperature=args.temperature, eval_samples=args.eval_samples, reward=args.reward, min_agreement=args.min_agreement, drop_zero=not args.keep_zero, eval_every=args.eval_every, num_eval=args.num_eval,
                      freeze_vision=not args.train_vision)
     results = [grpo_run(base, tokenizer, world=world, style=style, cfg=cfg, seed=s) for s in args.seeds]
     if args.out:

@@ -112,14 +112,15 @@ def evaluate(
     num_samples: int = 8,
     batch_size: int = 64,
     max_new_tokens: int = 32,
+    temperature: float = 1.0,
 ) -> EvalResult:
-    """Greedy, sampled (temperature 1) and maj@``num_samples`` accuracy of a transformers model on world
+    """Greedy, sampled (at ``temperature``) and maj@``num_samples`` accuracy of a transformers model on world
     examples: the project's evaluator (training's extraction, equivalence and vote) with ``HFEngine``."""
     items = [EvalItem(prompt=build_prompt(e.question, instruction=style.instruction, system=style.system,
                                           image_first=style.image_first),
                       images=[e.image], answer=e.answer, category=e.kind, id=e.id) for e in examples]
     report = evaluate_items(HFEngine(model, tokenizer, encoder=encoder).generate, items, k=num_samples,
-                            temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                            temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     m = report.metrics
     by_kind = {kind: row["greedy"] for kind, row in report.by_category.items()} or {examples[0].kind: m["greedy"]}
     return EvalResult(greedy=m["greedy"], sampled=m["pass@1"], maj=m.get(f"maj@{num_samples}", m["pass@1"]),

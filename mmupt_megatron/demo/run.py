@@ -5,8 +5,9 @@
 
 1. Synthesize the world (train / test parquet files with real PNGs; a *hard* train / test pair too).
 2. Warm up a small Qwen2.5-VL-architecture model on labelled chains until an average of its weights is right
-   on 80% of sampled dev answers with every question type at 80% greedy, on two evaluations in a row (BASE_*):
-   the demo's stand-in for a pretrained VLM (the only labelled training; cached in OUT/base).
+   on 75% of sampled dev answers with every question type at 70% greedy, on two evaluations in a row (BASE_*);
+   the weights at the first of them are the demo's stand-in for a pretrained VLM (the only labelled training;
+   cached in OUT/base).
 3. MM-UPT: ``mmupt train demo`` from that base — Megatron policy workers, a vLLM engine, Ray — with the
    majority-vote reward and **no labels**; the paper's upper reference, supervised GRPO
    (``reward.kind=label``), from the same base.
@@ -32,18 +33,16 @@ from mmupt_megatron.data.synthetic import WorldConfig, generate, write_parquet, 
 from mmupt_megatron.eval.evaluator import EvalItem, EvalReport, evaluate, held_out_items
 
 
-BASE_TARGET_SAMPLED = 0.8
-BASE_MIN_KIND_ACCURACY = 0.8
-"""The warm-up stops once the averaged weights reach sampled dev accuracy 0.8 with every question type at
-greedy 0.8, on two evaluations in a row, and keeps the first (demo.warmup). Measured with research.quick_grpo
-(MM-UPT, 40 steps, seed 1's warm-up): from averaged weights with shape questions at greedy 0.65 / 0.80, MM-UPT
-took greedy 0.852 -> 0.852 / 0.914 -> 0.812 (the vote taught shape questions wrong answers: shape 0.80 -> 0.56,
-also at min_agreement 0.6 or lr 3e-5); at 0.93 (step 700: greedy 0.969, sampled 0.860, maj@8 0.914) it gave
-sampled +4.5 and maj@8 +4.7 points, greedy -1.6. The demo from a fresh clone (seeds 0 / 1 / 2) kept steps
-600 / 700 / 600 (dev greedy 0.949 / 0.980 / 0.988, sampled 0.810 / 0.832 / 0.846, shape questions 0.90 / 0.96 /
-0.98); on the test split MM-UPT raised pass@1 0.836 -> 0.870, 0.833 -> 0.875, 0.879 -> 0.928 and maj@8 0.875 ->
-0.906, 0.898 -> 0.922, 0.930 -> 0.961, greedy 0.945 -> 0.922, 0.953 -> 0.953, 0.977 -> 0.961 (supervised GRPO:
-greedy 0.922 / 0.953 / 0.969)."""
+BASE_TARGET_SAMPLED = 0.75
+BASE_MIN_KIND_ACCURACY = 0.7
+"""The warm-up stops once the averaged weights reach sampled dev accuracy 0.75 with every question type at
+greedy 0.7, on two evaluations in a row, and keeps the trained weights of the first (demo.warmup: the average
+decides when, the weights are the base). Measured with research.quick_grpo (MM-UPT, 40 steps, 512 held-out
+questions): the averaged weights confirmed at 0.8 / 0.8 (seeds 0 / 1 / 2: dev greedy 0.949 / 0.980 / 0.988) left
+greedy no headroom: the demo from a fresh clone gave greedy 0.945 -> 0.922, 0.953 -> 0.953, 0.977 -> 0.961 on 128
+test questions, and supervised GRPO did not raise it either; the weights of the steps this rule keeps (550 / 650 /
+550) went greedy 0.898 -> 0.957, 0.969 -> 0.992, 0.852 -> 0.912 under MM-UPT, sampled 0.810 -> 0.920, 0.906 ->
+0.964, 0.775 -> 0.883."""
 HARD_MIN_AGREEMENT = 0.9
 """``reward.min_agreement`` of the guarded hard-split run: groups whose majority share is below it earn nothing."""
 
@@ -54,7 +53,8 @@ class DemoPlan:
     seed: int = 0
     steps: int | None = None
     """Training steps per run (None: the recipe's)."""
-    num_eval: int = 128
+    num_eval: int = 256
+    """Held-out questions per split (one question = 0.4 points of accuracy)."""
     failure_mode: bool = True
     supervised: bool = True
     synthetic: bool = False
@@ -138,13 +138,17 @@ def prepare(plan: DemoPlan) -> tuple[Path, dict[str, Path]]:
 def describe_base(base: Path) -> str:
     """The warm-up step the base is from and its dev accuracy there (from ``demo_meta.json``)."""
     history = json.loads((base / "demo_meta.json").read_text())["history"]
-    kept = next((h["step"] for h in reversed(history) if h.get("kept")), None)
-    evals = [h for h in history if "greedy" in h]
-    row = next((h for h in evals if h["step"] == kept), evals[-1] if evals else None)
+    kept = next((h for h in reversed(history) if h.get("kept")), None)
+    evals = [h for h in history if "greedy" in h and not h.get("kept")]
+    if kept is not None and "greedy" in kept:  # the weights kept were evaluated themselves
+        row, what = kept, "weights"
+    else:  # the averaged weights of the kept step (or the last evaluation)
+        row = next((h for h in evals if kept is not None and h["step"] == kept["step"]), evals[-1] if evals else None)
+        what = "averaged weights"
     if row is None:
         return "no warm-up evaluations recorded"
     kinds = " ".join(f"{k}={v:.2f}" for k, v in sorted(row["by_kind"].items()))
-    return (f"warm-up step {row['step']} (dev greedy {row['greedy']:.3f}, sampled {row['sampled']:.3f}, "
+    return (f"the {what} of warm-up step {row['step']} (dev greedy {row['greedy']:.3f}, sampled {row['sampled']:.3f}, "
             f"maj {row['maj']:.3f}; greedy by type: {kinds})")
 
 

@@ -16,11 +16,12 @@ steps. At a constant lr the weights themselves swing between evaluations (seed 1
 from a lucky (or unlucky) moment, and MM-UPT from such a base moved with the swing (research.quick_grpo from
 seed 1's step 600, greedy 0.945: greedy 0.906, shape questions 0.87 -> 0.78). The warm-up therefore keeps an
 exponential moving average of the weights (``ema_decay``; its sampled accuracy rose 0.72 -> 0.74 -> 0.77 ->
-0.77 -> 0.79 -> 0.84 over steps 550-700) and stops only when the criterion (``stop_criterion``) holds on
-``consecutive`` evaluations in a row; with the demo's settings (run.BASE_*) seed 1 kept step 700 (dev greedy
-0.980, sampled 0.832, maj@4 0.887, shape 0.96) in 5.6 minutes.
+0.77 -> 0.79 -> 0.84 over steps 550-700) and stops only when the criterion (``stop_criterion``), measured on the
+average, holds on ``consecutive`` evaluations in a row. It then keeps the trained weights of the first of them
+(``keep_average``: the average itself is already at the tiny model's greedy ceiling, so it leaves MM-UPT nothing
+to show on greedy answers); with the demo's settings (run.BASE_*) seed 1 kept step 650 in ~4.5 minutes.
 
-Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.8
+Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.75
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ class WarmupConfig:
     weights themselves (None: the weights). Measured (seed 1, dev 256, every 25 steps): the raw weights' sampled
     accuracy swung 0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66 -> 0.90 between steps 525 and 650 (lr 3e-3); the
     average's rose 0.72 -> 0.74 -> 0.77 -> 0.77 -> 0.79 over steps 550-675."""
+    keep_average: bool = False
+    """Save the averaged weights as the base (True), or the trained weights at the evaluation the average
+    confirmed (False: the default). The average decides *when* to stop (one lucky evaluation of the swinging
+    weights cannot stop it); the weights at that moment are the base. Measured (research.quick_grpo, 40 steps,
+    512 held-out questions): from the averages of seeds 0 / 1 / 2, greedy is at the tiny model's ceiling
+    (0.95-0.98 dev) and neither MM-UPT nor supervised GRPO raises it (seed 1: 0.973 -> 0.965 voting, 0.959 with
+    labels, 100 steps); from the weights at the same kind of moment (steps 550-750 of seeds 0-2) MM-UPT took
+    greedy 0.85-0.97 -> 0.91-0.99 in 8 of 10 runs (+2 to +8 points), the others -1.5 to -10."""
     snapshots: bool = False
     """Also save a checkpoint at every evaluation, to ``{out_dir}/step{N}`` (to pick a base afterwards)."""
 
@@ -145,7 +154,9 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     first_ready: tuple[int, dict] | None = None  # the step and averaged weights at the first of them
 
     ema = copy.deepcopy(model) if cfg.ema_decay is not None else model
-    ema.requires_grad_(False)
+    if ema is not model:
+        ema.requires_grad_(False)
+    kept = ema if cfg.keep_average else model  # what is saved as the base
 
     def train_step(step: int) -> float:
         examples = [make_example(rng, cfg.world, example_id=f"w{step}-{i}") for i in range(cfg.batch_size)]
@@ -184,22 +195,28 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
                 save_checkpoint(ema, tokenizer, out_dir=Path(out_dir) / f"step{step}", cfg=cfg, history=history)
             ready = ready + 1 if stop_criterion(result, cfg) else 0
             if ready == 1:
-                first_ready = (step, {k: v.detach().clone() for k, v in ema.state_dict().items()})
+                first_ready = (step, {k: v.detach().clone() for k, v in kept.state_dict().items()})
             if ready >= cfg.consecutive:
                 # the model at the first of them: confirmed by the later evaluations, not yet trained further
-                ema.load_state_dict(first_ready[1])
-                history.append({"step": first_ready[0], "kept": True})
+                kept.load_state_dict(first_ready[1])
+                record = {"step": first_ready[0], "kept": True}
+                if kept is not ema:  # the weights themselves were not evaluated: their dev accuracy, for the record
+                    record.update(dataclasses.asdict(evaluate(kept, tokenizer, dev, encoder=encoder, style=cfg.style,
+                                                              num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens)))
+                history.append(record)
                 if log:
-                    print(f"[warmup seed {cfg.seed}] keeping step {first_ready[0]}: the stop criterion held there and "
-                          f"on the next {ready - 1} evaluation(s)", flush=True)
+                    print(f"[warmup seed {cfg.seed}] keeping the {'averaged ' if kept is ema else ''}weights of step "
+                          f"{first_ready[0]}: the stop criterion held there and on the next {ready - 1} evaluation(s)"
+                          + (f"; the weights: greedy {record['greedy']:.3f} sampled {record['sampled']:.3f}"
+                             if kept is not ema else ""), flush=True)
                 break
     else:
         if log and cfg.target_sampled is not None:
             print(f"[warmup seed {cfg.seed}] WARNING: the stop criterion was not met in {cfg.max_steps} steps; "
                   "keeping the last model", flush=True)
     if out_dir is not None:
-        save_checkpoint(ema, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
-    return ema, history
+        save_checkpoint(kept, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
+    return kept, history
 
 
 def stop_criterion(result, cfg: WarmupConfig) -> bool:  # noqa: ANN001 - demo.rollout.EvalResult

@@ -120,3 +120,33 @@ def test_warmup_stop_criterion_needs_the_target_and_every_question_type():
         WarmupConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="warmup: consecutive must be >= 1"):
         WarmupConfig(consecutive=0)
+
+
+def test_warmup_keeps_the_weights_the_average_confirmed_or_the_average(tmp_path, monkeypatch):
+    """The stop is decided on the averaged weights; the base saved is the trained weights of that step
+    (evaluated for the record, which ``describe_base`` reports) unless ``keep_average``."""
+    from mmupt_megatron.demo import warmup as warmup_module
+    from mmupt_megatron.demo.rollout import EvalResult
+    from mmupt_megatron.demo.run import describe_base
+
+    torch.set_num_threads(1)
+    calls = []
+
+    def fake_evaluate(model, *args, **kwargs):  # the stop criterion holds at once; a fixed result per call
+        calls.append(model)
+        return EvalResult(greedy=0.5 + 0.1 * len(calls), sampled=0.9, maj=0.9, format_rate=1.0, by_kind={"all": 1.0})
+
+    monkeypatch.setattr(warmup_module, "evaluate", fake_evaluate)
+    small = {"batch_size": 2, "max_steps": 3, "eval_every": 1, "num_eval": 2, "warmup_steps": 1, "target_sampled": 0.5,
+             "min_kind_accuracy": 0.0, "consecutive": 2, "ema_decay": 0.5, "lr": 1e-2}
+    model, history = warmup_module.warmup(WarmupConfig(**small), out_dir=tmp_path / "weights", log=False)
+    average, _ = warmup_module.warmup(WarmupConfig(**small, keep_average=True), out_dir=tmp_path / "avg", log=False)
+    # both runs trained identically; stop after step 2, keeping step 1: the weights differ from their average
+    kept = history[-1]
+    assert kept["kept"] and kept["step"] == 1 and kept["greedy"] == 0.5 + 0.1 * 3  # the weights' own evaluation
+    assert calls[2] is model and calls[0] is not model  # evaluations 1-2 were of the average, 3 of the weights
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), average.state_dict().values()))
+    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "weights"), dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
+    assert describe_base(tmp_path / "weights").startswith("the weights of warm-up step 1 (dev greedy 0.800")
+    assert describe_base(tmp_path / "avg").startswith("the averaged weights of warm-up step 1 (dev greedy 0.")
