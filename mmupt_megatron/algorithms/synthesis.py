@@ -18,6 +18,11 @@ stopped mid-question) is ``unclosed``. Both are counted, never an exception.
 
 - ``no_question``, ``unclosed``, ``empty``: the parse above;
 - ``special_tokens``: the question spells a chat/vision special token (``<|...|>``);
+- ``tag_fragment``: the question holds a piece of the output format's tags (``< /``, ``<question``,
+  ``question>``): the model botched a tag and the words around it are not a question. Measured on the demo
+  (seed 1, in-context): 23 of 623 kept questions were such fragments (``How many shapes are < /``); the base
+  answered them with chains shifted by the stray tag words, and MM-UPT on that set took "how many shapes"
+  questions from greedy 1.00 to 0.49;
 - ``too_short`` / ``too_long``: fewer than ``min_words`` words, or more than ``max_words`` words or
   ``max_chars`` characters (words = whitespace-separated pieces);
 - ``repeats_seed``: the question's normalised tokens equal the seed question's, or their word-bigram
@@ -52,6 +57,7 @@ REASONS = (
     "unclosed",
     "empty",
     "special_tokens",
+    "tag_fragment",
     "too_short",
     "too_long",
     "repeats_seed",
@@ -77,6 +83,7 @@ DIRECT_TEMPLATE = (
 _OPEN = re.compile(r"<\s*question\s*>", re.IGNORECASE)
 _CLOSE = re.compile(r"<\s*/\s*question\s*>", re.IGNORECASE)
 _SPECIAL = re.compile(r"<\|[^<>|]*\|>")
+_TAG_FRAGMENT = re.compile(r"<\s*/|<\s*question|question\s*>", re.IGNORECASE)
 _TOKEN = re.compile(r"[^\W_]+|[^\w\s.,;:!?'\"`()\[\]]")
 _SHINGLE_WORDS = 2
 
@@ -185,6 +192,8 @@ def screen_question(text: str, *, seed_question: str | None, limits: QuestionLim
         return None, reason
     if _SPECIAL.search(question):
         return None, "special_tokens"
+    if _TAG_FRAGMENT.search(question):
+        return None, "tag_fragment"
     num_words = len(question.split())
     if num_words < limits.min_words:
         return None, "too_short"

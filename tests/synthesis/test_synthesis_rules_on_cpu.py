@@ -91,6 +91,10 @@ def test_parse_question_wants_a_string():
     ("<question>How many blue", "unclosed"),
     ("<question></question>", "empty"),
     ("<question>Is the <|image_pad|> red today?</question>", "special_tokens"),
+    ("<question>How many shapes are < /</question>", "tag_fragment"),  # measured on the demo: a botched tag
+    ("<question>How many shapes < question are there?</question>", "tag_fragment"),
+    ("<question>How many shapes question> are there?</question>", "tag_fragment"),
+    ("<question>Is x < 3 or is the question about y > 4?</question>", None),  # comparisons are not tags
     ("<question>How many?</question>", "too_short"),
     ("<question>" + "very " * 20 + "long question?</question>", "too_long"),
     ("<question>" + "x" * 130 + " is it?</question>", "too_long"),
@@ -106,7 +110,7 @@ def test_screen_question_gives_one_reason_per_rejection(generation, reason):
 
 
 def test_every_reason_code_is_exercised_by_name():
-    assert set(REASONS) >= {"no_question", "unclosed", "empty", "special_tokens", "too_short", "too_long",
+    assert set(REASONS) >= {"no_question", "unclosed", "empty", "special_tokens", "tag_fragment", "too_short", "too_long",
                             "repeats_seed", "near_duplicate", "unanswerable", "agreement_band"}
 
 

@@ -36,7 +36,7 @@ CANDIDATES = {  # seed row -> 4 generations
     1: ["<question>Is there a <|image_pad|> here?</question>", "<question>Why?</question>",
         "<question>" + "word " * 100 + "</question>", "<question>how many SQUARES are there</question>"],
     2: ["<question>What colour is the largest shape?</question>", "<question>How many shapes are red or blue?</question>",
-        "<question>How many shapes are red or blue ?</question>", "<question>Which shape appears most often?</question>"],
+        "<question>How many shapes are < /</question>", "<question>Which shape appears most often?</question>"],
     3: [f"<question>{Q_BLUE}</question>", f"<question>{Q_BLUE_2}</question>",
         "<question>Count the circles</question> and <question>How many", f"<question>{Q_TRIANGLES}</question>"],
 }
@@ -51,7 +51,7 @@ ANSWERS = {  # question -> 4 answers
     "How many green shapes are there?": ["no"] * 4,  # seed 3: nobody answers
 }
 EXPECTED = {"candidates": 16, "kept": 3, "no_question": 1, "unclosed": 2, "empty": 1, "special_tokens": 1,
-            "too_short": 1, "too_long": 1, "repeats_seed": 1, "near_duplicate": 2, "unanswerable": 1,
+            "tag_fragment": 1, "too_short": 1, "too_long": 1, "repeats_seed": 1, "near_duplicate": 1, "unanswerable": 1,
             "agreement_band": 2}
 OVERRIDES = ["synthesis.candidates_per_seed=4", "synthesis.answer_n=4", "synthesis.min_words=3",
              "synthesis.max_words=40", "synthesis.agreement_low=0.3", "synthesis.agreement_high=0.9"]
