@@ -99,7 +99,8 @@ class WarmupConfig:
     512 held-out questions): from the averages of seeds 0 / 1 / 2, greedy is at the tiny model's ceiling
     (0.95-0.98 dev) and neither MM-UPT nor supervised GRPO raises it (seed 1: 0.973 -> 0.965 voting, 0.959 with
     labels, 100 steps); from the weights at the same kind of moment (steps 550-750 of seeds 0-2) MM-UPT took
-    greedy 0.85-0.97 -> 0.91-0.99 in 8 of 10 runs (+2 to +8 points), the others -1.5 to -10."""
+    greedy up in 8 of 10 runs (+0.2 to +7.6 points;
+    0.85-0.97 -> 0.91-0.99), down in 2 (-1.5, and -10.3 in a run that drifted to consistently wrong answers)."""
     snapshots: bool = False
     """Also save a checkpoint at every evaluation, to ``{out_dir}/step{N}`` (to pick a base afterwards)."""
 
