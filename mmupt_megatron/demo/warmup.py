@@ -19,7 +19,7 @@ exponential moving average of the weights (``ema_decay``; its sampled accuracy r
 0.77 -> 0.79 -> 0.84 over steps 550-700) and stops only when the criterion (``stop_criterion``), measured on the
 average, holds on ``consecutive`` evaluations in a row. It then keeps the trained weights of the first of them
 (``keep_average``: the average itself is already at the tiny model's greedy ceiling, so it leaves MM-UPT nothing
-to show on greedy answers); with the demo's settings (run.BASE_*) seed 1 kept step 650 in ~4.5 minutes.
+to show on greedy answers); with the demo's settings (run.BASE_*) seed 1 kept step 650 after 5 minutes.
 
 Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.75
 """
@@ -152,7 +152,7 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     start = time.time()
     step = 0
     ready = 0  # evaluations in a row that met the stop criterion
-    first_ready: tuple[int, dict] | None = None  # the step and averaged weights at the first of them
+    first_ready: tuple[int, dict] | None = None  # the step and the kept weights at the first of them
 
     ema = copy.deepcopy(model) if cfg.ema_decay is not None else model
     if ema is not model:
