@@ -112,10 +112,13 @@ class BatchTraffic:
 
 
 def take_sequences(batch: PolicyBatch, start: int, stop: int, *, image_token_id: int | None) -> PolicyBatch:
-    """Sequences ``[start, stop)`` of a packed batch, with the images they use."""
+    """Sequences ``[start, stop)`` of a packed batch, with the images they use (the batch itself when that is all
+    of it)."""
     num = batch.input_ids_BT.shape[0]
     if not 0 <= start < stop <= num:
         raise ValueError(f"sequences [{start}, {stop}) are not a non-empty range of the batch's {num}")
+    if start == 0 and stop == num:
+        return batch
     return select_samples(batch, range(start, stop), image_token_id=image_token_id)
 
 

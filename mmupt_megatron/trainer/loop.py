@@ -38,7 +38,7 @@ from mmupt_megatron.eval.evaluator import evaluate, held_out_items
 from mmupt_megatron.models.qwen2_5_vl import check_fp8
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
-from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts
+from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts, take_sequences
 from mmupt_megatron.trainer.metrics_log import MetricsLog, combine_metrics, open_metrics_log, plot_metrics
 from mmupt_megatron.trainer.preflight import check_before_start
 
@@ -215,7 +215,7 @@ class Trainer:
         metrics: list[dict[str, float]] = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
             for start, stop in bounds:
-                metrics.append(self.cluster.train(_slice(batch, start, stop, self.cluster.image_token_id)))
+                metrics.append(self.cluster.train(take_sequences(batch, start, stop, image_token_id=self.cluster.image_token_id)))
         return combine_metrics(metrics)
 
     def _metrics(self, step, rollouts, answers, rewards, vote, train_metrics, timer) -> dict[str, float]:
@@ -326,15 +326,6 @@ class Trainer:
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
         return out_dir
-
-
-def _slice(batch, start: int, stop: int, image_token_id: int | None):
-    """Sequences [start, stop) of a packed batch, images following."""
-    from mmupt_megatron.trainer.batching import take_sequences
-
-    if start == 0 and stop >= batch.input_ids_BT.shape[0]:
-        return batch
-    return take_sequences(batch, start, stop, image_token_id=image_token_id)
 
 
 __all__ = ["Trainer"]
