@@ -12,7 +12,7 @@ PACKAGE = Path(mmupt_megatron.__file__).parent
 FORBIDDEN = ("megatron", "vllm", "ray", "nemo_run", "torch.distributed", "transformers")
 LAYERS = (
     ("algorithms",),
-    ("config", "config_loading", "config_docs", "output_dirs"),
+    ("config", "config_loading", "config_docs", "config_synthesis", "output_dirs"),
     ("data", "distributed"),
     ("models",),
     ("engines",),
