@@ -66,11 +66,15 @@ class StepPath:
     """No old-log-prob forward: the training forward's own log-probs, detached, are the old ones."""
     drop_zero: bool = False
     """Groups whose advantages are all zero left out of every pass."""
+    packed: bool = False
+    """Each micro-batch's sequences end to end in one row (``trainer.sequence_packing``; CPU: attention per sequence)."""
 
 
 PATHS = {"old": StepPath(), "tokens": StepPath(images_once=True, token_budget=True),
          "+on-policy": StepPath(images_once=True, token_budget=True, on_policy=True),
-         "new": StepPath(images_once=True, token_budget=True, on_policy=True, drop_zero=True)}
+         "new": StepPath(images_once=True, token_budget=True, on_policy=True, drop_zero=True),
+         "+packed": StepPath(images_once=True, token_budget=True, on_policy=True, packed=True),
+         "new packed": StepPath(images_once=True, token_budget=True, on_policy=True, drop_zero=True, packed=True)}
 
 
 def build_inputs(folder: Path, *, truncated: float, unanimous: float, seed: int = 0) -> dict:
@@ -122,14 +126,13 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     from mmupt_megatron.algorithms.group_selection import select_groups
     from mmupt_megatron.config_loading import load_config
     from mmupt_megatron.distributed.parallel import ParallelDims, free_port
-    from mmupt_megatron.engines.micro_batching import padded_tokens
     from mmupt_megatron.trainer.batching import pack_rollouts
     from mmupt_megatron.trainer.cluster import policy_optim_config
     from mmupt_megatron.trainer.workers import PolicyWorker
 
     torch.set_num_threads(1)
     path = PATHS[name]
-    cfg = load_config("demo", [f"model.path={folder}"]
+    cfg = load_config("demo", [f"model.path={folder}", f"trainer.sequence_packing={str(path.packed).lower()}"]
                       + ([f"trainer.max_tokens_per_micro_batch={max_tokens}"] if path.token_budget else []))
     inputs = torch.load(folder / "inputs.pt", weights_only=False)  # this run's own temp folder (Rollout objects)
     worker = PolicyWorker(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), dims=ParallelDims(),
@@ -159,8 +162,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
         times["logprobs"].append(middle - start)
         times["train"].append(time.perf_counter() - middle)
         if repeat == 0:
-            padded, real = padded_tokens(batch, max_tokens=cfg.trainer.max_tokens_per_micro_batch,
-                                         multiple=worker.sequence_multiple())
+            padded, real = worker.micro_batch_layout().padded_tokens(batch)
             out = {"loss": metrics["loss"], "bytes": sent, "padding_waste": 100 * (1 - real / padded),
                    "logprobs": batch.ref_logprobs_BT, "valid": batch.loss_mask_BT.bool(), "sequences": len(rollouts)}
     out["seconds"] = {phase: min(values) for phase, values in times.items()}

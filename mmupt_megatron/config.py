@@ -56,7 +56,8 @@ class ModelConfig:
     """Training dtype: float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)."""
     fp8: bool = False
     """Transformer Engine FP8 linear layers. Needs Transformer Engine and a Hopper-or-newer GPU: without them
-    training stops at start with an error naming model.fp8. Sequences are padded to a multiple of 16 x TP."""
+    training stops at start with an error naming model.fp8. Sequences (packed rows) are padded to a multiple of 16 x TP
+    (fp8_recipe=blockwise: 128 x TP)."""
     fp8_recipe: str = "delayed"
     """FP8 scaling recipe (megatron-core 0.16.1's Fp8Recipe, used when model.fp8=true): delayed (per-tensor
     scales from an amax history), tensorwise (per-tensor current scaling), blockwise (1x128 / 128x128 block
@@ -324,6 +325,12 @@ class TrainerConfig:
     waste is logged as batch/padding_waste_pct). Must hold the longest possible sequence
     (rollout.max_prompt_length + rollout.max_new_tokens). null: micro_batch_size sequences, padded to the batch's
     longest."""
+    sequence_packing: str = "auto"
+    """Lay each micro-batch's sequences end to end in one row (Megatron's packed "thd" format: no padding between
+    sequences, each attends only to itself, Transformer Engine's THD attention on GPU): auto (on when the policy runs
+    Transformer Engine layers, i.e. on GPU; off on CPU, where micro-batches are length-bucketed instead), true or
+    false. With max_tokens_per_micro_batch a row holds up to that many tokens (first fit by length), without it
+    micro_batch_size sequences. true on CPU runs Megatron's packed path with torch attention per sequence."""
     lr: float = 1e-6
     """Adam learning rate."""
     weight_decay: float = 1e-2
@@ -382,9 +389,19 @@ class TrainerConfig:
             out.append("trainer.output_dir must name a folder, got ''")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             out.append(f"trainer.max_tokens_per_micro_batch must be >= 1 or null, got {self.max_tokens_per_micro_batch}")
+        if str(self.sequence_packing).lower() not in PACKING_CHOICES:
+            out.append(f"trainer.sequence_packing must be auto, true or false, got {self.sequence_packing!r}")
         if not (math.isfinite(self.placement_timeout_s) and self.placement_timeout_s > 0):
             out.append(f"trainer.placement_timeout_s must be finite and > 0, got {self.placement_timeout_s}")
         return out
+
+
+    def packing(self) -> bool | None:
+        """trainer.sequence_packing as the policy takes it: None (auto: the layer spec decides), True or False."""
+        return PACKING_CHOICES[str(self.sequence_packing).lower()]
+
+
+PACKING_CHOICES = {"auto": None, "true": True, "false": False}
 
 
 @dataclass(kw_only=True)

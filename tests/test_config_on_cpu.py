@@ -56,6 +56,14 @@ def test_type_errors_name_the_key():
         load_config("demo", ["rollout.n"])
 
 
+def test_sequence_packing_takes_auto_or_a_boolean():
+    assert load_config("demo").trainer.packing() is None  # auto: the policy packs where Transformer Engine runs
+    assert load_config("demo", ["trainer.sequence_packing=true"]).trainer.packing() is True
+    assert load_config("demo", ["trainer.sequence_packing=false"]).trainer.packing() is False
+    with pytest.raises(ValueError, match=r"trainer.sequence_packing must be auto, true or false, got 'thd'"):
+        load_config("demo", ["trainer.sequence_packing=thd"])
+
+
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ValueError, match="demo"):
         load_config("no-such-recipe")

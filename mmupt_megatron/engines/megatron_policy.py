@@ -22,13 +22,21 @@ epoch). With ``engine_logprobs_BT`` too, that training forward also reports the 
 would otherwise have given.
 
 FP8 (Transformer Engine) needs sequence lengths divisible by 16 x TP, sequence parallelism by TP: ``_run`` pads
-every batch with ``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut back to
-[B, T-1].
+every unpacked batch with ``pad_sequences`` (attention 0, loss mask 0) to ``seq_multiple``, and log-probs are cut
+back to [B, T-1]; a packed row is padded to it as a whole (each sequence in it to TP under sequence parallelism).
 
-Micro-batches (``engines/micro_batching.py``): ``micro_batch_size`` sequences each, all padded to the batch's
-longest; or, with ``max_tokens_per_micro_batch``, sequences sorted by length and packed under that many tokens
-(padding counted), each micro-batch cut to its own longest (a multiple of ``seq_multiple``); log-probs come back in
-the batch's order. Under PP the stages then exchange each micro-batch's shape (Megatron's variable_seq_lengths).
+Micro-batches (``engines/micro_batching.py``, ``MicroBatchLayout``): ``micro_batch_size`` sequences each, all padded
+to the batch's longest; or, with ``max_tokens_per_micro_batch``, sequences sorted by length and grouped under that
+many tokens (padding counted), each micro-batch cut to its own longest (a multiple of ``seq_multiple``); log-probs
+come back in the batch's order. Under PP the stages then exchange each micro-batch's shape (Megatron's
+variable_seq_lengths).
+
+Packed sequences (``sequence_packing``; by default on when the model runs Transformer Engine layers): each
+micro-batch's sequences are laid end to end in one row [1, T] (``engines/sequence_packing.py``: first fit under the
+token budget, or ``micro_batch_size`` sequences), Megatron runs it as ``PackedSeqParams(qkv_format="thd")`` with
+``cu_seqlens`` at the sequences' bounds (TE's THD attention on GPU; ``models/packed_attention.py`` on the local
+spec), mrope position ids per token, and the row's log-probs are unpacked to the micro-batch's [B, T-1] before the
+loss, which is unchanged. Needs right-padded samples (what ``trainer/batching.pack_rollouts`` builds).
 Images travel once per prompt (``PolicyBatch.image_index_B``); the vision tower sees each distinct image of a
 micro-batch once and its features go to every sample that uses it.
 """
@@ -47,8 +55,9 @@ from mmupt_megatron.algorithms.logprobs import check_temperature, vocab_parallel
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap, grpo_policy_loss, logprob_gap
 from mmupt_megatron.distributed.cpu_compat import cuda_type_names
 from mmupt_megatron.distributed.parallel import ParallelGroups
-from mmupt_megatron.engines.micro_batching import image_order, image_rows, micro_batch_widths, plan_micro_batches, select_samples, sequence_lengths
-from mmupt_megatron.models.qwen2_5_vl import sequence_multiple
+from mmupt_megatron.engines.micro_batching import MicroBatchLayout, image_order, image_rows, select_samples, sequence_lengths
+from mmupt_megatron.engines.sequence_packing import check_right_padded, pack_values, unpack_logprobs
+from mmupt_megatron.models.qwen2_5_vl import packed_sequence_multiple, sequence_multiple
 from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
 
 
@@ -69,6 +78,8 @@ class PolicyOptimConfig:
     """Sequences per forward/backward micro-batch on each DP rank (when ``max_tokens_per_micro_batch`` is None)."""
     max_tokens_per_micro_batch: int | None = None
     """Token budget per micro-batch (padding counted; sequences grouped by length); None: ``micro_batch_size``."""
+    sequence_packing: bool | None = None
+    """Each micro-batch's sequences end to end in one row (thd); None: when the model runs Transformer Engine layers."""
     freeze_vision: bool = False
     """Keep the vision tower fixed (no grads, no optimizer state)."""
     temperature: float = 1.0
@@ -136,24 +147,19 @@ def pad_sequences(batch: PolicyBatch, multiple: int, *, pad_id: int = 0) -> Poli
     )
 
 
-def _micro_batches(batch: PolicyBatch, size: int, *, image_token_id: int | None, max_tokens: int | None = None,
-                   multiple: int = 1) -> tuple[list[dict], list[list[int]]]:
-    """(micro-batches as dicts, the batch's sample indices in each). Fixed: ``size`` consecutive samples at the
-    batch's width. Token budget: ``plan_micro_batches``, each cut to its longest (a multiple of ``multiple``).
-    Each micro-batch carries only the images its samples use."""
-    num, width = batch.input_ids_BT.shape
-    if max_tokens is None:
-        plan = [list(range(start, min(start + size, num))) for start in range(0, num, size)]
-        widths = [width] * len(plan)
-    else:
-        lengths = sequence_lengths(batch)
-        plan = plan_micro_batches(lengths, max_tokens=max_tokens, multiple=multiple)
-        widths = micro_batch_widths(lengths, plan, multiple)
+def _micro_batches(batch: PolicyBatch, layout: MicroBatchLayout, *,
+                   image_token_id: int | None) -> tuple[list[dict], list[list[int]]]:
+    """(micro-batches as dicts, the batch's sample indices in each), planned by ``layout``, each cut to its width
+    and carrying only the images its samples use; packed ones also carry their row (``pack``)."""
+    lengths = sequence_lengths(batch)
+    plan = layout.plan(lengths)
+    widths = layout.widths(lengths, plan, width=batch.input_ids_BT.shape[1])
     rows = image_rows(batch, image_token_id)
     mbs = []
     for indices, w in zip(plan, widths):
         mb = vars(select_samples(batch, indices, image_token_id=image_token_id, width=w, rows=rows))
         mb["image_order"] = image_order(rows, indices)  # grid rows in the order of the image-pad runs
+        mb["pack"] = layout.pack([lengths[i] for i in indices]) if layout.packed else None
         mbs.append(mb)
     return mbs, plan
 
@@ -202,7 +208,11 @@ class MegatronPolicy:
         config.finalize_model_grads_func = self._finalize_grads
         self.seq_multiple = sequence_multiple(config)
         """Sequences are padded to a multiple of this before the forward (FP8: 16 x TP; sequence parallel: TP)."""
-        if cfg.max_tokens_per_micro_batch is not None:
+        self.layout = MicroBatchLayout(
+            micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_micro_batch,
+            multiple=self.seq_multiple, sequence_multiple=packed_sequence_multiple(config),
+            packed=model.te_spec if cfg.sequence_packing is None else cfg.sequence_packing)
+        if self.layout.packed or self.layout.max_tokens is not None:
             config.variable_seq_lengths = True  # micro-batches differ in shape: PP stages exchange them first
 
     # ------------------------------------------------------------------ collectives for the loss
@@ -216,16 +226,22 @@ class MegatronPolicy:
 
         finalize_model_grads(model, None, pg_collection=self.groups.megatron_pgs)
 
-    def _logprobs(self, local_logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
-                  temperature: float | None = None) -> torch.Tensor:
-        return vocab_parallel_token_logprobs(
+    def _logprobs(self, mb: dict, local_logits_BTV: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """[B, T-1] log-probs of the micro-batch's tokens (a packed row's unpacked to its samples)."""
+        ids_BT = mb["input_ids_BT"]
+        if mb["pack"] is not None:
+            ids_BT = pack_values(ids_BT, mb["pack"])
+        logprobs = vocab_parallel_token_logprobs(
             local_logits_BTV[:, :-1],
-            input_ids_BT[:, 1:],
+            ids_BT[:, 1:],
             vocab_start=self.model.vocab_start(),
             all_reduce_max=partial(self._all_reduce, op=dist.ReduceOp.MAX),
             all_reduce_sum=partial(self._all_reduce, op=dist.ReduceOp.SUM),
             temperature=self.cfg.temperature if temperature is None else temperature,
         )
+        if mb["pack"] is None:
+            return logprobs
+        return unpack_logprobs(logprobs, mb["pack"], width=mb["input_ids_BT"].shape[1])
 
     # ------------------------------------------------------------------ schedule plumbing
     def _forward_step(self, data_iterator: Iterator[dict], model, *, loss_fn):
@@ -239,27 +255,34 @@ class MegatronPolicy:
             spatial_merge_size=arch.spatial_merge_size if arch.is_multimodal else 2,
             attention_mask_BT=mb["attention_mask_BT"],
         )
-        mask = causal_attention_mask(ids_BT.shape[1], mb["attention_mask_BT"], device=ids_BT.device)
         pixels = mb["pixel_values"]
         if pixels is not None and self.model.config.params_dtype != pixels.dtype:
             pixels = pixels.to(self.model.config.params_dtype)
-        output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"], image_order=mb["image_order"])
+        packed = None
+        if mb["pack"] is None:
+            mask = causal_attention_mask(ids_BT.shape[1], mb["attention_mask_BT"], device=ids_BT.device)
+        else:  # one row [1, T]; the sequences' bounds replace the mask
+            packed, mask = _packed_seq_params(mb["pack"], device=ids_BT.device), None
+            ids_BT, position_ids = pack_values(ids_BT, mb["pack"]), pack_values(position_ids, mb["pack"], fill=1)
+        output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"], image_order=mb["image_order"],
+                       packed_seq_params=packed)
         return output, partial(loss_fn, mb)
 
     def _run(self, batch: PolicyBatch, loss_fn, *, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        image_token_id = self.model.arch.image_token_id
-        batch = pad_sequences(batch, self.seq_multiple)
-        mbs, plan = _micro_batches(batch, self.cfg.micro_batch_size, image_token_id=image_token_id,
-                                   max_tokens=self.cfg.max_tokens_per_micro_batch, multiple=self.seq_multiple)
+        if self.layout.packed:  # each row is padded by its own rule
+            check_right_padded(batch.attention_mask_BT)
+        else:
+            batch = pad_sequences(batch, self.seq_multiple)
+        mbs, plan = _micro_batches(batch, self.layout, image_token_id=self.model.arch.image_token_id)
         outputs = get_forward_backward_func(pp_size=self.groups.dims.pp)(
             forward_step_func=partial(self._forward_step, loss_fn=loss_fn),
             data_iterator=iter(mbs),
             model=[self.ddp],
             num_microbatches=len(mbs),
             seq_length=batch.input_ids_BT.shape[1],
-            micro_batch_size=max(len(indices) for indices in plan),
+            micro_batch_size=1 if self.layout.packed else max(len(indices) for indices in plan),
             forward_only=forward_only,
             pg_collection=self.groups.megatron_pgs,
             **({"p2p_communicator": self.p2p} if self.p2p is not None else {}),
@@ -282,7 +305,7 @@ class MegatronPolicy:
         config's temperature unless ``temperature`` says otherwise (refit checks compare at 1)."""
 
         def collect(mb: dict, logits_BTV: torch.Tensor):
-            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"], temperature)
+            logprobs = self._logprobs(mb, logits_BTV, temperature)
             return torch.zeros((), requires_grad=False), torch.zeros((), dtype=torch.int), {"logprobs": logprobs}
 
         self.ddp.eval()
@@ -317,7 +340,7 @@ class MegatronPolicy:
         loss_cfg = self.cfg.loss
 
         def loss_fn(mb: dict, logits_BTV: torch.Tensor):
-            logprobs = self._logprobs(logits_BTV, mb["input_ids_BT"])
+            logprobs = self._logprobs(mb, logits_BTV)
             old = mb["old_logprobs_BT"] if mb["old_logprobs_BT"] is not None else logprobs.detach()
             engine = mb["engine_logprobs_BT"]
             loss, metrics = grpo_policy_loss(
@@ -383,6 +406,17 @@ class MegatronPolicy:
         if self._stash is not None:
             self._stash.restore()
             self._stash = None
+
+
+def _packed_seq_params(pack, *, device: torch.device):
+    """Megatron's description of a packed row: every bound counts its slot's padding (``cu_seqlens_*_padded`` equal
+    to ``cu_seqlens_*``, as NeMo-RL passes them), so the row's length is the last bound (THD RoPE reads per-token
+    positions only then) and each slot's padding, after its real tokens, is attended causally by nothing real."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = torch.tensor(pack.cu_seqlens, dtype=torch.int32, device=device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, cu_seqlens_q_padded=bounds,
+                           cu_seqlens_kv_padded=bounds, max_seqlen_q=pack.max_seqlen, max_seqlen_kv=pack.max_seqlen)
 
 
 def _merge_micro_batch_metrics(outputs: list[dict]) -> dict[str, float]:

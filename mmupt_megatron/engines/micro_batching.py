@@ -10,23 +10,24 @@ Token budget: ``plan_micro_batches`` sorts sequences by length (longest first) a
 whose padded size (count x the micro-batch's longest, rounded up to the sequence multiple) stays within the budget;
 each micro-batch is then cut to its own width, so padding is paid per micro-batch, not per batch.
 
+``MicroBatchLayout`` is the one description of how a DP rank's sequences become forward micro-batches (fixed,
+bucketed by a token budget, or packed end to end: ``engines/sequence_packing.py``), read by the policy and by the
+driver's padding count.
+
 Works on any dataclass with the ``PolicyBatch`` fields (``*_BT`` tensors are [B, T] or [B, T-1]); no Megatron.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
+from mmupt_megatron.engines.sequence_packing import BUDGET_KEY, Pack, make_pack, plan_packs, round_up
+
 IMAGE_FIELDS = ("pixel_values", "image_grid_thw", "image_index_B")
-BUDGET_KEY = "trainer.max_tokens_per_micro_batch"
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def sequence_lengths(batch: Any) -> list[int]:
@@ -124,15 +125,50 @@ def micro_batch_widths(lengths: Sequence[int], plan: Sequence[Sequence[int]], mu
     return [round_up(max(max(lengths[i] for i in mb), 1), multiple) for mb in plan]
 
 
-def padded_tokens(batch: Any, *, max_tokens: int | None, multiple: int = 1) -> tuple[int, int]:
-    """(tokens the forward passes compute, real tokens) for ``batch`` on one DP rank: with a token budget, each
-    micro-batch padded to its own longest; without, every sequence padded to the batch's (rounded) width."""
-    lengths = sequence_lengths(batch)
-    real = sum(lengths)
-    if max_tokens is None:
-        return len(lengths) * round_up(batch.input_ids_BT.shape[1], multiple), real
-    plan = plan_micro_batches(lengths, max_tokens=max_tokens, multiple=multiple)
-    return sum(len(mb) * w for mb, w in zip(plan, micro_batch_widths(lengths, plan, multiple))), real
+@dataclass(frozen=True)
+class MicroBatchLayout:
+    """How a DP rank's sequences become forward micro-batches. Fixed: ``micro_batch_size`` consecutive sequences at
+    the batch's width. Bucketed (``max_tokens``): ``plan_micro_batches``, each at its own longest. Packed: each
+    micro-batch's sequences end to end in one row (``make_pack``), by ``plan_packs`` under ``max_tokens`` or
+    ``micro_batch_size`` consecutive ones without it."""
+
+    micro_batch_size: int = 1
+    max_tokens: int | None = None
+    multiple: int = 1
+    """Widths (bucketed, fixed) and packed rows are rounded up to this (FP8: 16 x TP; sequence parallelism: TP)."""
+    packed: bool = False
+    sequence_multiple: int = 1
+    """Packed: each sequence's slot is rounded up to this (sequence parallelism: TP)."""
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        if self.packed and self.max_tokens is not None:
+            return plan_packs(lengths, max_tokens=self.max_tokens, sequence_multiple=self.sequence_multiple,
+                              pack_multiple=self.multiple)
+        if self.max_tokens is not None:
+            return plan_micro_batches(lengths, max_tokens=self.max_tokens, multiple=self.multiple)
+        size = self.micro_batch_size
+        return [list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]
+
+    def pack(self, lengths: Sequence[int]) -> Pack:
+        """The row of a packed micro-batch whose samples have ``lengths`` (in micro-batch order)."""
+        return make_pack(lengths, sequence_multiple=self.sequence_multiple, pack_multiple=self.multiple)
+
+    def widths(self, lengths: Sequence[int], plan: Sequence[Sequence[int]], *, width: int) -> list[int]:
+        """Each micro-batch's [B, T] width: its longest (rounded) with a budget or packing, else the batch's."""
+        if self.max_tokens is None and not self.packed:
+            return [width] * len(plan)
+        return micro_batch_widths(lengths, plan, 1 if self.packed else self.multiple)
+
+    def padded_tokens(self, batch: Any) -> tuple[int, int]:
+        """(tokens the forward passes compute, real tokens) for ``batch`` on one DP rank."""
+        lengths = sequence_lengths(batch)
+        plan = self.plan(lengths)
+        if self.packed:
+            computed = sum(self.pack([lengths[i] for i in mb]).total for mb in plan)
+        else:
+            width = round_up(batch.input_ids_BT.shape[1], self.multiple)
+            computed = sum(len(mb) * w for mb, w in zip(plan, self.widths(lengths, plan, width=width)))
+        return computed, sum(lengths)
 
 
 def batch_nbytes(batch: Any) -> int:

@@ -7,8 +7,9 @@
   Qwen2.5-VL encoder), replicated on every TP rank of the first pipeline stage; its merged features
   replace the embeddings at the ``<|image_pad|>`` positions.
 - ``select_layer_spec`` is the single place that picks Transformer Engine (GPU, FP8 on Hopper) or
-  Megatron's local torch layers (CPU); ``fp8_problems`` / ``check_fp8`` refuse ``model.fp8`` where it
-  cannot run (no TE, no Hopper), and ``sequence_multiple`` is the padding FP8 and sequence parallelism need.
+  Megatron's local torch layers (CPU; their attention takes packed ``thd`` rows too: ``models/packed_attention.py``);
+  ``fp8_problems`` / ``check_fp8`` refuse ``model.fp8`` where it cannot run (no TE, no Hopper), and
+  ``sequence_multiple`` is the padding FP8 and sequence parallelism need.
 - Sequence parallelism (``parallel.sequence_parallel``): the embeddings are computed whole (images merged in),
   then scattered along the sequence over the TP ranks; Megatron's layers take it from there.
 - Images: each distinct image goes through the vision tower once; ``image_order`` (rows of ``image_grid_thw``
@@ -40,6 +41,8 @@ FP8_MIN_CAPABILITY = {"delayed": (9, 0), "tensorwise": (9, 0), "blockwise": (9, 
 """Oldest GPU (CUDA compute capability) each ``model.fp8_recipe`` runs on: Hopper, or Blackwell for MX."""
 FP8_SEQUENCE_MULTIPLE = 16
 """Transformer Engine's FP8 GEMMs need token counts divisible by 16 (times TP: sequence-parallel shards)."""
+FP8_BLOCKWISE_SEQUENCE_MULTIPLE = 128
+"""The blockwise recipe scales 1 x 128 blocks: token counts divisible by 128 (times TP)."""
 
 
 def _importable(module: str) -> bool:
@@ -88,14 +91,22 @@ def check_fp8(fp8: bool, recipe: str = "delayed") -> None:
 
 def fp8_sequence_multiple(config: Any) -> int:
     """What FP8 needs sequence lengths to be a multiple of (1: anything, FP8 off)."""
-    return FP8_SEQUENCE_MULTIPLE * config.tensor_model_parallel_size if config.fp8 else 1
+    if not config.fp8:
+        return 1
+    blockwise = "blockwise" in str(config.fp8_recipe)
+    return (FP8_BLOCKWISE_SEQUENCE_MULTIPLE if blockwise else FP8_SEQUENCE_MULTIPLE) * config.tensor_model_parallel_size
 
 
 def sequence_multiple(config: Any) -> int:
     """What a Megatron TransformerConfig needs sequence lengths to be a multiple of: FP8's 16 x TP, sequence
     parallelism's TP (the sequence is split over the TP ranks), else 1."""
-    tp_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    return max(fp8_sequence_multiple(config), tp_split)
+    return max(fp8_sequence_multiple(config), packed_sequence_multiple(config))
+
+
+def packed_sequence_multiple(config: Any) -> int:
+    """What each sequence of a packed row is padded to a multiple of: sequence parallelism's TP (as NeMo-RL pads
+    THD sequences for TE), else 1; the row as a whole is padded to ``sequence_multiple``."""
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
 def select_layer_spec(*, fp8: bool = False, fp8_recipe: str = "delayed", layer_spec: str = "auto") -> tuple[Any, str | None]:
@@ -115,7 +126,11 @@ def select_layer_spec(*, fp8: bool = False, fp8_recipe: str = "delayed", layer_s
         raise ValueError("model.fp8=true needs the Transformer Engine layer spec, not the local one")
     if te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), "hybrid" if fp8 else None
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), None
+    from mmupt_megatron.models.packed_attention import PackedDotProductAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention  # packed rows (thd) too
+    return spec, None
 
 
 def default_dtype() -> torch.dtype:
@@ -246,10 +261,12 @@ class Qwen2_5_VLModel(torch.nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         image_order: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
     ) -> torch.Tensor:
         """Local logits [B, T, V_local] on the last stage; hidden states [T, B, H] on the others (sequence
         parallel: [T/TP, B, H]). ``image_order``: rows of ``image_grid_thw`` in the order of the image-pad runs
-        (None: the rows as given)."""
+        (None: the rows as given). Packed sequences: ``input_ids_BT`` is one row [1, T], ``packed_seq_params`` (thd)
+        its sequences' bounds, ``attention_mask_B1TT`` None."""
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids_BT, position_ids=None)
@@ -265,6 +282,7 @@ class Qwen2_5_VLModel(torch.nn.Module):
             position_ids=position_ids_3BT,
             attention_mask=attention_mask_B1TT,
             decoder_input=decoder_input,
+            packed_seq_params=packed_seq_params,
         )
         if not self.post_process:
             return out

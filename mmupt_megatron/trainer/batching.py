@@ -12,12 +12,12 @@ log-prob convention ``logprobs[b, t] = log p(ids[b, t+1] | ids[b, :t+1])``). Ima
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch
-from mmupt_megatron.engines.micro_batching import batch_nbytes, padded_tokens, select_samples
+from mmupt_megatron.engines.micro_batching import MicroBatchLayout, batch_nbytes, select_samples
 from mmupt_megatron.engines.rollout import Rollout
 
 
@@ -90,9 +90,8 @@ class BatchTraffic:
     """What one step sends to the policy workers (tensor bytes, every call) and the tokens their forwards compute
     (once per DP shard and pass): ``pop`` returns the step's metrics and starts counting afresh."""
 
-    max_tokens: int | None = None
-    """trainer.max_tokens_per_micro_batch (None: every sequence padded to its shard's longest)"""
-    multiple: int = 1
+    layout: MicroBatchLayout = field(default_factory=MicroBatchLayout)
+    """The policy's (``PolicyWorker.micro_batch_layout``): how its forwards cut and pad a shard."""
     sent_bytes: int = 0
     padded: int = 0
     real: int = 0
@@ -101,7 +100,7 @@ class BatchTraffic:
         """``shards[i]`` went to ``copies[i]`` workers (its DP rank's TP x PP ranks)."""
         for shard, count in zip(shards, copies, strict=True):
             self.sent_bytes += count * batch_nbytes(shard)
-            padded, real = padded_tokens(shard, max_tokens=self.max_tokens, multiple=self.multiple)
+            padded, real = self.layout.padded_tokens(shard)
             self.padded, self.real = self.padded + padded, self.real + real
 
     def pop(self) -> dict[str, float]:

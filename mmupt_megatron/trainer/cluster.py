@@ -107,6 +107,7 @@ def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
         grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
         max_tokens_per_micro_batch=cfg.trainer.max_tokens_per_micro_batch,
+        sequence_packing=cfg.trainer.packing(),
         freeze_vision=cfg.model.freeze_vision,
         temperature=cfg.rollout.temperature,
         rollout_is_cap=cfg.algorithm.rollout_is_cap,
@@ -221,8 +222,7 @@ class Cluster:
         self.refit_routes = self._route_refits(cfg.rollout.refit_transport, on_gpu=on_gpu)
         """Per policy rank: (the engines its DP replica refits — the same list on each rank of the replica —,
         the transport it sends them by)."""
-        self.traffic = BatchTraffic(max_tokens=cfg.trainer.max_tokens_per_micro_batch,
-                                    multiple=ray.get(self.workers[0].sequence_multiple.remote()))
+        self.traffic = BatchTraffic(layout=ray.get(self.workers[0].micro_batch_layout.remote()))
         """Bytes sent to the policy workers and padding computed, per step (``pop``)."""
 
     def _route_refits(self, requested: str, *, on_gpu: bool) -> list[tuple[list[Any], str]]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
+from mmupt_megatron.engines.micro_batching import MicroBatchLayout
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 
@@ -228,9 +229,9 @@ class PolicyWorker:
         """Where this rank runs (a refit sender's location, ``engines/refit_routes.py``)."""
         return actor_location()
 
-    def sequence_multiple(self) -> int:
-        """What the policy pads sequence lengths to a multiple of (FP8, sequence parallelism)."""
-        return self.policy.seq_multiple
+    def micro_batch_layout(self) -> MicroBatchLayout:
+        """How the policy cuts a DP rank's sequences into micro-batches (fixed, bucketed or packed; padding)."""
+        return self.policy.layout
 
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False,
                  temperature: float | None = None) -> torch.Tensor | None:

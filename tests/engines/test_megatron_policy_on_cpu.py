@@ -35,6 +35,14 @@ def make_batch(hf_dir, tmp_path) -> dict:
                 "pixels": torch.cat([pix_a, pix_b]), "grid": torch.cat([grid_a, grid_b])}
 
 
+def right_padded(data: dict, keys=("ids", "attention", "loss_mask")) -> dict:
+    """``make_batch``'s left-padded rows (``keys``) moved to the left end, padding after them (packed sequences
+    take right-padded samples); the other entries as they are."""
+    pads = (data["attention"].cumsum(dim=1) == 0).sum(dim=1).tolist()  # masked tokens before the first attended
+    moved = {key: torch.stack([row.roll(-p) for row, p in zip(data[key], pads)]) for key in keys}
+    return {**data, **moved}
+
+
 def step_worker(hf_dir: str, data: dict, optimizer: str) -> dict:
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyBatch, PolicyOptimConfig
     from mmupt_megatron.distributed.parallel import init_parallel

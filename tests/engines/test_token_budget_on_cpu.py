@@ -1,10 +1,13 @@
 """Micro-batches by token budget and images once per prompt change no log-prob, loss or update (fp32): the same
 rollout batch through the fixed path (micro_batch_size, one image copy per sample, every sequence at the batch's
-width) and the new one (sorted by length, packed under a token budget, each micro-batch at its own width, each
+width) and the new one (sorted by length, grouped under a token budget, each micro-batch at its own width, each
 prompt's image once), under DP=2 (the global-token normalisation across ranks) and PP=2 (micro-batches of
-different shapes between stages)."""
+different shapes between stages); and packed (each micro-batch's sequences end to end in one row, Megatron's thd
+path)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -48,8 +51,8 @@ def budget_worker(hf_dir: str, data: dict) -> dict:
     out = {}
     for tp, pp, dp in LAYOUTS:
         groups = init_parallel(ParallelDims(tp=tp, pp=pp, dp=dp))
-        for mode in ("fixed", "budget"):
-            once = mode == "budget"
+        for mode in ("fixed", "budget", "packed"):
+            once = mode != "fixed"
             full = pack_rollouts(data["rollouts"], pad_id=0, images=data["images"], advantages_B=data["advantages"],
                                  images_once=once)
             budget = 2 * max(sequence_lengths(full)) + 3 if once else None
@@ -58,8 +61,8 @@ def budget_worker(hf_dir: str, data: dict) -> dict:
             load_hf_weights(model, hf_dir)
             policy = MegatronPolicy(model, groups, PolicyOptimConfig(
                 optimizer="sgd", lr=0.5, grad_clip=0.0, weight_decay=0.0, micro_batch_size=1,
-                max_tokens_per_micro_batch=budget))
-            _, plan = _micro_batches(batch, 1, image_token_id=arch.image_token_id, max_tokens=budget)
+                max_tokens_per_micro_batch=budget, sequence_packing=mode == "packed"))
+            _, plan = _micro_batches(batch, policy.layout, image_token_id=arch.image_token_id)
             logprobs = policy.compute_logprobs(batch)
             batch.old_logprobs_BT = data["old"][groups.dp_rank * 8 // dp: (groups.dp_rank + 1) * 8 // dp]
             metrics = policy.train_step(batch)
@@ -75,6 +78,7 @@ def budget_worker(hf_dir: str, data: dict) -> dict:
 @pytest.mark.slow
 def test_token_budget_and_shared_images_equal_the_fixed_path_under_dp_and_pp(tmp_path):
     from mmupt_megatron.engines.micro_batching import micro_batch_widths, sequence_lengths
+    from mmupt_megatron.engines.sequence_packing import make_pack
     from mmupt_megatron.trainer.batching import pack_rollouts
 
     hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=5)
@@ -93,8 +97,8 @@ def test_token_budget_and_shared_images_equal_the_fixed_path_under_dp_and_pp(tmp
         return sum(r[key]["loss"] for r in per_rank if key[2] > 1 or r[key]["logprobs"] is not None)
 
     reference = logprobs((1, 2, 1, "fixed"))
-    for layout in LAYOUTS:
-        fixed, budget = (*layout, "fixed"), (*layout, "budget")
+    for layout, mode in itertools.product(LAYOUTS, ("budget", "packed")):
+        fixed, budget = (*layout, "fixed"), (*layout, mode)
         assert logprobs(budget).shape == reference.shape == full.loss_mask_BT.shape
         torch.testing.assert_close(logprobs(budget)[valid], logprobs(fixed)[valid], rtol=0, atol=1e-6)
         torch.testing.assert_close(logprobs(budget)[valid], reference[valid], rtol=0, atol=1e-5)
@@ -103,8 +107,11 @@ def test_token_budget_and_shared_images_equal_the_fixed_path_under_dp_and_pp(tmp
         for rank in per_rank:
             plan = rank[budget]["plan"]
             assert 1 < len(plan) < sum(map(len, plan))  # several micro-batches, several sequences in one
-            if layout[2] == 1:  # the whole batch: micro-batches of their own widths
+            if layout[2] == 1 and mode == "budget":  # the whole batch: micro-batches of their own widths
                 assert len(set(micro_batch_widths(sequence_lengths(full), plan, 1))) > 1
+            if mode == "packed":  # rows of different lengths (PP: shapes exchanged), each within the budget
+                rows = [make_pack([sequence_lengths(full)[i] for i in mb]).total for mb in plan] if layout[2] == 1 else []
+                assert not rows or (len(set(rows)) > 1 and max(rows) <= 2 * max(sequence_lengths(full)) + 3)
             assert rank[budget]["bytes"] <= rank[fixed]["bytes"]  # each prompt's image once (at most once here)
             for name, tensor in rank[fixed]["weights"].items():
                 torch.testing.assert_close(rank[budget]["weights"][name], tensor, rtol=1e-5, atol=1e-6)

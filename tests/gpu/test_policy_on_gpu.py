@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmupt_megatron.distributed.parallel import ParallelDims, run_workers
-from tests.engines.test_megatron_policy_on_cpu import make_batch
+from tests.engines.test_megatron_policy_on_cpu import make_batch, right_padded
 from tests.gpu import GPU
 from tests.models.tiny_inputs import hf_logits, image_prompt_batch
 from tests.tiny_models import make_tiny_qwen2_5_vl
@@ -29,7 +29,8 @@ BF16_ATOL = 0.1
 """bf16 has 8 bits of mantissa: a tiny model's logits (|x| < ~5) agree with fp32 to a few 1e-2."""
 
 
-def _policy(hf_dir: str, spec: str, *, fp8: bool = False, optimizer: str = "adam", lr: float = 1e-3):
+def _policy(hf_dir: str, spec: str, *, fp8: bool = False, optimizer: str = "adam", lr: float = 1e-3,
+            sequence_packing: bool | None = None):
     from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyOptimConfig
     from mmupt_megatron.models.hf_config import load_arch
@@ -40,7 +41,8 @@ def _policy(hf_dir: str, spec: str, *, fp8: bool = False, optimizer: str = "adam
     model = Qwen2_5_VLModel(load_arch(hf_dir), groups, init_weights=False, layer_spec=spec, fp8=fp8)
     load_hf_weights(model, hf_dir)
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in model.parameters())
-    cfg = PolicyOptimConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, micro_batch_size=2)
+    cfg = PolicyOptimConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, micro_batch_size=2,
+                            sequence_packing=sequence_packing)
     return groups, model, MegatronPolicy(model, groups, cfg)
 
 
@@ -76,7 +78,7 @@ def _fp8_runs_here() -> bool:
 @pytest.mark.skipif(not _fp8_runs_here(), reason="FP8 needs Transformer Engine and a Hopper-or-newer GPU")
 def test_fp8_policy_pads_to_16_and_gives_finite_logprobs(tmp_path):
     hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=1)
-    data = make_batch(hf_dir, tmp_path)
+    data = right_padded(make_batch(hf_dir, tmp_path))
     (out,) = run_workers(fp8_worker, world_size=1, args=(str(hf_dir), data))
     assert out["seq_multiple"] == 16
     assert out["logprobs_shape"] == (4, data["ids"].shape[1] - 1)
@@ -115,7 +117,7 @@ def grpo_worker(hf_dir: str, spec: str, data: dict) -> dict:
 @pytest.mark.parametrize("spec", SPECS)
 def test_one_grpo_step(tmp_path, spec):
     hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7)
-    data = make_batch(hf_dir, tmp_path)
+    data = right_padded(make_batch(hf_dir, tmp_path))
     (out,) = run_workers(grpo_worker, world_size=1, args=(str(hf_dir), spec, data))
     metrics = out["metrics"]
     assert metrics["skipped"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"]))
@@ -123,6 +125,42 @@ def test_one_grpo_step(tmp_path, spec):
     assert out["changed"] >= out["num_params"] // 2
     adv = data["advantages"].tolist()
     assert sum(g for g, a in zip(out["gain"], adv) if a > 0) > sum(g for g, a in zip(out["gain"], adv) if a < 0)
+
+
+def packing_worker(hf_dir: str, spec: str, data: dict, fp8: bool) -> dict:
+    """The same batch through bucketed micro-batches and through packed rows (TE: its THD attention), lr 0."""
+    from mmupt_megatron.engines.megatron_policy import PolicyBatch
+
+    out = {"default_packed": _policy(hf_dir, spec, fp8=fp8)[2].layout.packed}
+    for packed in (False, True):
+        _, _, policy = _policy(hf_dir, spec, fp8=fp8, optimizer="sgd", lr=0.0, sequence_packing=packed)
+        batch = PolicyBatch(input_ids_BT=data["ids"], attention_mask_BT=data["attention"], loss_mask_BT=data["loss_mask"],
+                            advantages_B=data["advantages"], pixel_values=data["pixels"], image_grid_thw=data["grid"])
+        logprobs = policy.compute_logprobs(batch)
+        batch.old_logprobs_BT = logprobs.detach() - 0.1
+        metrics = policy.train_step(batch)
+        out[packed] = {"logprobs": logprobs.float().cpu(), "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                       "layout": policy.layout}
+    return out
+
+
+PACKING_CASES = [pytest.param("local", False, id="local"),
+                 pytest.param("te", False, id="te", marks=pytest.mark.skipif(not _te_importable(), reason="no TE")),
+                 pytest.param("te", True, id="te-fp8", marks=pytest.mark.skipif(not _fp8_runs_here(), reason="no FP8"))]
+
+
+@pytest.mark.parametrize(("spec", "fp8"), PACKING_CASES)
+def test_packed_rows_match_bucketed_micro_batches(tmp_path, spec, fp8):
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7)
+    data = right_padded(make_batch(hf_dir, tmp_path))
+    (out,) = run_workers(packing_worker, world_size=1, args=(str(hf_dir), spec, data, fp8))
+    assert out["default_packed"] == (spec == "te")  # trainer.sequence_packing=auto: packed where TE runs
+    assert out[True]["layout"].packed and out[True]["layout"].multiple == (16 if fp8 else 1)
+    valid = data["loss_mask"].bool()
+    torch.testing.assert_close(out[True]["logprobs"][valid], out[False]["logprobs"][valid], rtol=0,
+                               atol=0.5 if fp8 else BF16_ATOL)
+    assert out[True]["loss"] == pytest.approx(out[False]["loss"], rel=0.05 if fp8 else 0.02, abs=0.01)
+    assert 0 < out[True]["grad_norm"] < float("inf")
 
 
 def offload_worker(hf_dir: str, data: dict) -> dict:

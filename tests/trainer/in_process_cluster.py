@@ -33,8 +33,7 @@ class InProcessCluster:
         self.script = script
         self.tokens = {"pad_id": self.tokenizer.pad_token_id, "eos_id": self.tokenizer.eos_token_id}
         self.image_token_id = self.worker.image_token_id()
-        self.traffic = BatchTraffic(max_tokens=cfg.trainer.max_tokens_per_micro_batch,
-                                    multiple=self.worker.sequence_multiple())
+        self.traffic = BatchTraffic(layout=self.worker.micro_batch_layout())
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
         self.num_engines = 1

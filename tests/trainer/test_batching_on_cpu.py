@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmupt_megatron.engines.rollout import Rollout
-from mmupt_megatron.engines.micro_batching import (batch_nbytes, image_order, image_rows, micro_batch_widths,
+from mmupt_megatron.engines.micro_batching import (MicroBatchLayout, batch_nbytes, image_order, image_rows, micro_batch_widths,
                                                    plan_micro_batches, select_samples, sequence_lengths)
 from mmupt_megatron.trainer.batching import BatchTraffic, pack_rollouts, shard_for_rank
 
@@ -87,12 +87,14 @@ def test_token_budget_plan_groups_by_length_under_the_budget():
 
 def test_traffic_counts_bytes_and_padding():
     batch = pack_rollouts([rollout(0, [1, 2], [3] * 6), rollout(0, [1, 2], [3])], pad_id=0)
-    fixed, budget = BatchTraffic(), BatchTraffic(max_tokens=8)
-    for traffic in (fixed, budget):
+    fixed, budget = BatchTraffic(), BatchTraffic(layout=MicroBatchLayout(max_tokens=8))
+    packed = BatchTraffic(layout=MicroBatchLayout(max_tokens=16, multiple=4, packed=True, sequence_multiple=2))
+    for traffic in (fixed, budget, packed):
         traffic.record([batch], copies=[2])
     assert fixed.sent_bytes == budget.sent_bytes == 2 * batch_nbytes(batch) > 0
     assert fixed.pop()["batch/padding_waste_pct"] == pytest.approx(100 * (1 - 11 / 16))
     assert budget.pop()["batch/padding_waste_pct"] == 0.0  # 8 + 3 tokens in two micro-batches
+    assert packed.pop()["batch/padding_waste_pct"] == pytest.approx(100 * (1 - 11 / 12))  # one row: 8 + 4 slots
     assert fixed.pop() == {"batch/bytes_to_policy": 0.0, "batch/padding_waste_pct": 0.0}
 
 
