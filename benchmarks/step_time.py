@@ -21,24 +21,32 @@ Paths (rows): ``old``: one image copy per sample, ``trainer.micro_batch_size`` s
 the batch's longest, an old-log-prob pass, every group trained (the code before issue 12); ``tokens``: each
 prompt's image once and ``trainer.max_tokens_per_micro_batch`` micro-batches grouped by length; ``+on-policy``:
 also no old-log-prob pass (the demo's steps are one update: the training forward's own log-probs serve); ``new``:
-also the groups with all-zero advantages dropped (``algorithm.drop_zero_advantage_groups``, the default). A
+also the groups with all-zero advantages dropped (``algorithm.drop_zero_advantage_groups``, the default);
+``+packed`` / ``new packed``: ``+on-policy`` / ``new`` with each micro-batch's sequences in one packed row
+(``trainer.sequence_packing=true``, first fit under the same budget). A
 feature becomes a row by adding a ``StepPath`` to ``PATHS``; ratios are always against ``old``. The loss and the
 log-prob comparison (reference log-probs, the same weights as the old pass's) are shown where the maths is the
 old path's: dropping groups changes the token-mean's denominator (and drops their KL term), by design.
 Target: the new step at most 0.6x the old one's time, with the same loss (1e-5) where the maths is unchanged.
 
-Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 5``, default budget 2048, 50% unanimous):
+Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 3``, default budget 2048, 50% unanimous):
 
 | path | flags | sequences | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy | bytes / old | loss | max log-prob diff vs old |
 |---|---|---|---|---|---|---|---|---|---|---|---|
-| old | - | 256 | 1.226 | 1.223 | 2.449 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
-| tokens | images_once, token_budget | 256 | 0.648 | 0.747 | 1.395 | 0.57x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
-| +on-policy | images_once, token_budget, on_policy | 256 | 0.343 | 0.765 | 1.107 | 0.45x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
-| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.186 | 0.380 | 0.566 | 0.23x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
+| old | - | 256 | 1.329 | 1.268 | 2.597 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
+| tokens | images_once, token_budget | 256 | 0.752 | 0.851 | 1.603 | 0.62x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
+| +on-policy | images_once, token_budget, on_policy | 256 | 0.382 | 0.856 | 1.238 | 0.48x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.153 | 0.367 | 0.520 | 0.20x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
+| +packed | images_once, token_budget, on_policy, packed | 256 | 0.610 | 1.442 | 2.052 | 0.79x | 0.0% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new packed | images_once, token_budget, on_policy, drop_zero, packed | 96 | 0.252 | 0.594 | 0.845 | 0.33x | 0.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
 
 Images once + the token budget alone measured 0.57x-0.69x over several runs (the forwards are matmul-bound: the
 step costs about what its tokens do, 13.1k computed vs 17.2k, of 12.8k real); the on-policy skip removes one of
 the three forwards; dropping unanimous groups removes their tokens from every pass (here 10 of 16 groups).
+Packed rows compute no padding at all (the same loss and log-probs to the last digit) but are slower here: on CPU
+the attention of a row runs sequence by sequence through torch (``models/packed_attention.py``, a Python loop over
+~40 sequences per row and layer), where a GPU runs one Transformer Engine THD kernel per row; so CPU runs bucket
+(``trainer.sequence_packing=auto``) and this row is the CPU check of the packed path's maths, not its GPU speed.
 """
 
 from __future__ import annotations

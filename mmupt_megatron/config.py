@@ -23,6 +23,21 @@ from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_ca
 from mmupt_megatron.config_synthesis import SynthesisConfig
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_SEQUENCE_MULTIPLE = 16
+"""Transformer Engine's FP8 GEMMs need token counts divisible by 16 (times TP: sequence-parallel shards)."""
+FP8_BLOCKWISE_SEQUENCE_MULTIPLE = 128
+"""The blockwise recipe scales 1 x 128 blocks: token counts divisible by 128 (times TP)."""
+
+
+def token_multiples(*, tp: int, sequence_parallel: bool, fp8: bool, fp8_recipe: str = "delayed") -> tuple[int, int]:
+    """(what a micro-batch's sequence length, or a packed row's, is padded to a multiple of; what each sequence of a
+    packed row is padded to a multiple of). FP8: 16 x TP (blockwise: 128 x TP); sequence parallelism splits the
+    sequence over the TP ranks: TP, for the row and for each packed sequence (as NeMo-RL pads THD rows for TE)."""
+    per_sequence = tp if sequence_parallel else 1
+    if not fp8:
+        return per_sequence, per_sequence
+    block = FP8_BLOCKWISE_SEQUENCE_MULTIPLE if "blockwise" in fp8_recipe else FP8_SEQUENCE_MULTIPLE
+    return max(block * tp, per_sequence), per_sequence
 """megatron-core 0.16.1's FP8 recipes, less ``custom`` (it needs a quantizer factory we do not expose)."""
 
 
@@ -509,10 +524,16 @@ class Config:
                 f"got {self.rollout.num_voters}"
             )
         budget, longest = self.trainer.max_tokens_per_micro_batch, self.rollout.max_prompt_length + self.rollout.max_new_tokens
-        if budget is not None and 1 <= budget < longest:
+        multiple, _ = token_multiples(tp=max(self.parallel.tensor_parallel_size, 1),
+                                      sequence_parallel=self.parallel.sequence_parallel, fp8=self.model.fp8,
+                                      fp8_recipe=self.model.fp8_recipe)
+        padded = -(-longest // multiple) * multiple
+        if budget is not None and 1 <= budget < padded:
             out.append(f"trainer.max_tokens_per_micro_batch={budget} is smaller than the longest possible sequence: "
                        f"rollout.max_prompt_length + rollout.max_new_tokens = {self.rollout.max_prompt_length} + "
-                       f"{self.rollout.max_new_tokens} = {longest}")
+                       f"{self.rollout.max_new_tokens} = {longest}"
+                       + (f", padded to a multiple of {multiple} (model.fp8 / parallel.sequence_parallel): {padded}"
+                          if padded != longest else ""))
         return out + self.layout_problems()
 
     def layout_problems(self) -> list[str]:

@@ -52,13 +52,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmupt_megatron.algorithms.logprobs import check_temperature, vocab_parallel_token_logprobs
-from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap, grpo_policy_loss, logprob_gap
+from mmupt_megatron.algorithms.loss import (
+    PolicyLossConfig,
+    check_rollout_is_cap,
+    grpo_policy_loss,
+    logprob_gap,
+)
 from mmupt_megatron.distributed.cpu_compat import cuda_type_names
 from mmupt_megatron.distributed.parallel import ParallelGroups
-from mmupt_megatron.engines.micro_batching import MicroBatchLayout, image_order, image_rows, select_samples, sequence_lengths
+from mmupt_megatron.engines.micro_batching import (
+    MicroBatchLayout,
+    image_order,
+    image_rows,
+    select_samples,
+    sequence_lengths,
+)
 from mmupt_megatron.engines.sequence_packing import check_right_padded, pack_values, unpack_logprobs
 from mmupt_megatron.models.qwen2_5_vl import packed_sequence_multiple, sequence_multiple
-from mmupt_megatron.models.rope_index import image_runs, causal_attention_mask, mrope_position_ids
+from mmupt_megatron.models.rope_index import causal_attention_mask, mrope_position_ids
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -47,7 +48,7 @@ class Pack:
 
     @property
     def max_seqlen(self) -> int:
-        return max(b - a for a, b in zip(self.offsets[:-1], self.offsets[1:]))
+        return max(b - a for a, b in pairwise(self.offsets))
 
 
 def make_pack(lengths: Sequence[int], *, sequence_multiple: int = 1, pack_multiple: int = 1) -> Pack:
@@ -95,7 +96,7 @@ def _positions(pack: Pack, *, drop_last: int = 0) -> tuple[torch.Tensor, torch.T
     return torch.cat(samples), torch.cat(cols), torch.cat(dest)
 
 
-def pack_values(values_BT: torch.Tensor, pack: Pack, *, fill: int | float = 0) -> torch.Tensor:
+def pack_values(values_BT: torch.Tensor, pack: Pack, *, fill: float = 0) -> torch.Tensor:
     """``[..., B, T]`` -> ``[..., 1, total]``: each sample's real tokens at its slot, ``fill`` elsewhere."""
     if values_BT.shape[-2] != len(pack.lengths):
         raise ValueError(f"{values_BT.shape[-2]} samples for a pack of {len(pack.lengths)}")

@@ -11,6 +11,8 @@ local attention unchanged.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -30,7 +32,7 @@ class PackedDotProductAttention(DotProductAttention):
         if bounds[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {query.shape[0]} tokens")
         outputs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):  # [t, heads, dim] -> one [s, 1, heads, dim] sequence
+        for start, end in pairwise(bounds):  # [t, heads, dim] -> one [s, 1, heads, dim] sequence
             mask = causal_attention_mask(end - start, device=query.device)
             outputs.append(super().forward(query[start:end, None], key[start:end, None], value[start:end, None],
                                            mask, attn_mask_type, attention_bias))

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmupt_megatron.config import token_multiples
 from mmupt_megatron.distributed.parallel import ParallelGroups
 from mmupt_megatron.models.hf_config import LMArch
 from mmupt_megatron.models.mapping import MEG_LM_PREFIX, padded_vocab_size
@@ -39,10 +40,7 @@ _TE_NORM_KEYS = {  # TE fuses the norms into the next linear; checkpoints always
 
 FP8_MIN_CAPABILITY = {"delayed": (9, 0), "tensorwise": (9, 0), "blockwise": (9, 0), "mxfp8": (10, 0)}
 """Oldest GPU (CUDA compute capability) each ``model.fp8_recipe`` runs on: Hopper, or Blackwell for MX."""
-FP8_SEQUENCE_MULTIPLE = 16
-"""Transformer Engine's FP8 GEMMs need token counts divisible by 16 (times TP: sequence-parallel shards)."""
-FP8_BLOCKWISE_SEQUENCE_MULTIPLE = 128
-"""The blockwise recipe scales 1 x 128 blocks: token counts divisible by 128 (times TP)."""
+
 
 
 def _importable(module: str) -> bool:
@@ -89,24 +87,20 @@ def check_fp8(fp8: bool, recipe: str = "delayed") -> None:
         raise ValueError("; ".join(problems))
 
 
-def fp8_sequence_multiple(config: Any) -> int:
-    """What FP8 needs sequence lengths to be a multiple of (1: anything, FP8 off)."""
-    if not config.fp8:
-        return 1
-    blockwise = "blockwise" in str(config.fp8_recipe)
-    return (FP8_BLOCKWISE_SEQUENCE_MULTIPLE if blockwise else FP8_SEQUENCE_MULTIPLE) * config.tensor_model_parallel_size
+def _token_multiples(config: Any) -> tuple[int, int]:
+    return token_multiples(tp=config.tensor_model_parallel_size, sequence_parallel=bool(config.sequence_parallel),
+                           fp8=bool(config.fp8), fp8_recipe=str(config.fp8_recipe))
 
 
 def sequence_multiple(config: Any) -> int:
-    """What a Megatron TransformerConfig needs sequence lengths to be a multiple of: FP8's 16 x TP, sequence
-    parallelism's TP (the sequence is split over the TP ranks), else 1."""
-    return max(fp8_sequence_multiple(config), packed_sequence_multiple(config))
+    """What a Megatron TransformerConfig needs sequence lengths (a packed row's length) to be a multiple of:
+    ``config.token_multiples`` (FP8's 16 x TP, sequence parallelism's TP, else 1)."""
+    return _token_multiples(config)[0]
 
 
 def packed_sequence_multiple(config: Any) -> int:
-    """What each sequence of a packed row is padded to a multiple of: sequence parallelism's TP (as NeMo-RL pads
-    THD sequences for TE), else 1; the row as a whole is padded to ``sequence_multiple``."""
-    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+    """What each sequence of a packed row is padded to a multiple of (sequence parallelism: TP, else 1)."""
+    return _token_multiples(config)[1]
 
 
 def select_layer_spec(*, fp8: bool = False, fp8_recipe: str = "delayed", layer_spec: str = "auto") -> tuple[Any, str | None]:

@@ -10,10 +10,14 @@ import torch
 
 from mmupt_megatron.distributed.parallel import run_workers
 from mmupt_megatron.engines.micro_batching import MicroBatchLayout
-from mmupt_megatron.engines.sequence_packing import (check_right_padded, make_pack, pack_values, plan_packs,
-                                                     unpack_logprobs)
-from tests.engines.test_token_budget_on_cpu import make_rollouts
-from tests.tiny_models import make_tiny_qwen2_5_vl
+from mmupt_megatron.engines.sequence_packing import (
+    check_right_padded,
+    make_pack,
+    pack_values,
+    plan_packs,
+    unpack_logprobs,
+)
+from tests.engines.test_token_budget_on_cpu import tiny_step_inputs
 
 
 def test_pack_slots_pad_each_sequence_and_the_row():
@@ -162,12 +166,7 @@ def packing_worker(hf_dir: str, data: dict) -> dict:
 
 @pytest.mark.distributed
 def test_packed_step_equals_the_bucketed_step(tmp_path):
-    from mmupt_megatron.trainer.batching import pack_rollouts
-
-    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=5)
-    data = make_rollouts(hf_dir, tmp_path)
-    full = pack_rollouts(data["rollouts"], pad_id=0, images=data["images"], advantages_B=data["advantages"])
-    data["old"] = -3.0 + 0.1 * torch.randn(full.loss_mask_BT.shape, generator=torch.Generator().manual_seed(1))
+    hf_dir, data, full = tiny_step_inputs(tmp_path)
     (result,) = run_workers(packing_worker, world_size=1, args=(str(hf_dir), data))
     assert max(result["rope_errors"]) < 1e-6
     bucketed, packed = result[False], result[True]

@@ -38,6 +38,17 @@ def make_rollouts(hf_dir, tmp_path) -> dict:
             "advantages": torch.tensor([1.0, -0.5, 0.75, -0.25, 0.5, -1.0, 0.3, 0.2])}
 
 
+def tiny_step_inputs(tmp_path):
+    """(the tiny model's folder, ``make_rollouts``' data with old log-probs, the packed full batch)."""
+    from mmupt_megatron.trainer.batching import pack_rollouts
+
+    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=5)
+    data = make_rollouts(hf_dir, tmp_path)
+    full = pack_rollouts(data["rollouts"], pad_id=0, images=data["images"], advantages_B=data["advantages"])
+    data["old"] = -3.0 + 0.1 * torch.randn(full.loss_mask_BT.shape, generator=torch.Generator().manual_seed(1))
+    return hf_dir, data, full
+
+
 def budget_worker(hf_dir: str, data: dict) -> dict:
     from mmupt_megatron.distributed.parallel import init_parallel
     from mmupt_megatron.engines.megatron_policy import MegatronPolicy, PolicyOptimConfig, _micro_batches
@@ -79,12 +90,8 @@ def budget_worker(hf_dir: str, data: dict) -> dict:
 def test_token_budget_and_shared_images_equal_the_fixed_path_under_dp_and_pp(tmp_path):
     from mmupt_megatron.engines.micro_batching import micro_batch_widths, sequence_lengths
     from mmupt_megatron.engines.sequence_packing import make_pack
-    from mmupt_megatron.trainer.batching import pack_rollouts
 
-    hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=5)
-    data = make_rollouts(hf_dir, tmp_path)
-    full = pack_rollouts(data["rollouts"], pad_id=0, images=data["images"], advantages_B=data["advantages"])
-    data["old"] = -3.0 + 0.1 * torch.randn(full.loss_mask_BT.shape, generator=torch.Generator().manual_seed(1))
+    hf_dir, data, full = tiny_step_inputs(tmp_path)
     per_rank = run_workers(budget_worker, world_size=2, args=(str(hf_dir), data))
 
     valid = (full.attention_mask_BT[:, 1:] * full.attention_mask_BT[:, :-1]).bool()  # real tokens' log-probs
@@ -120,7 +127,7 @@ def test_token_budget_and_shared_images_equal_the_fixed_path_under_dp_and_pp(tmp
 
 
 def test_a_budget_below_the_longest_sequence_is_refused_before_start():
-    from mmupt_megatron.config import Config, RolloutConfig, TrainerConfig
+    from mmupt_megatron.config import Config, ParallelConfig, RolloutConfig, TrainerConfig
 
     cfg = Config(rollout=RolloutConfig(max_prompt_length=96, max_new_tokens=40),
                  trainer=TrainerConfig(max_tokens_per_micro_batch=100))
@@ -129,3 +136,10 @@ def test_a_budget_below_the_longest_sequence_is_refused_before_start():
         raise ValueError("; ".join(cfg.problems()))
     assert not [p for p in Config(trainer=TrainerConfig(max_tokens_per_micro_batch=8192)).problems()
                 if "max_tokens" in p]
+    # with sequence parallelism (and FP8) the longest sequence is padded first: the budget must hold that
+    padded = Config(rollout=RolloutConfig(max_prompt_length=96, max_new_tokens=41),
+                    trainer=TrainerConfig(max_tokens_per_micro_batch=137),
+                    parallel=ParallelConfig(tensor_parallel_size=2, sequence_parallel=True))
+    assert [p for p in padded.problems() if "max_tokens" in p] == [
+        "trainer.max_tokens_per_micro_batch=137 is smaller than the longest possible sequence: rollout.max_prompt_length"
+        " + rollout.max_new_tokens = 96 + 41 = 137, padded to a multiple of 2 (model.fp8 / parallel.sequence_parallel): 138"]
