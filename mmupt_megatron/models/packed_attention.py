@@ -2,8 +2,9 @@
 
 Megatron-Core runs packed sequences (``PackedSeqParams(qkv_format="thd")``) only through Transformer Engine's
 attention; its local ``DotProductAttention`` refuses them. ``PackedDotProductAttention`` is the local one that
-accepts them: each sequence of the row (``cu_seqlens_q_padded``, else ``cu_seqlens_q``) goes through the local
-attention on its own with a causal mask, so no token sees another sequence. Everything around it (THD RoPE with
+accepts them: the sequences of the row (``cu_seqlens_q_padded``, else ``cu_seqlens_q``) go through the local
+attention side by side as a batch, each causal and blind to the others' tokens and to the batch's padding (one call
+per layer; the linear layers still run on the row's tokens only). Everything around it (THD RoPE with
 per-token mrope positions, the squeezed [t, heads, dim] shapes, the output reshape) is Megatron's own code, so the
 CPU runs the same packed path as a GPU, with TE's fused kernel replaced. Without ``packed_seq_params`` it is the
 local attention unchanged.
@@ -31,9 +32,16 @@ class PackedDotProductAttention(DotProductAttention):
         bounds = bounds.tolist()
         if bounds[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {query.shape[0]} tokens")
-        outputs = []
-        for start, end in pairwise(bounds):  # [t, heads, dim] -> one [s, 1, heads, dim] sequence
-            mask = causal_attention_mask(end - start, device=query.device)
-            outputs.append(super().forward(query[start:end, None], key[start:end, None], value[start:end, None],
-                                           mask, attn_mask_type, attention_bias))
-        return torch.cat(outputs, dim=0)  # [t, 1, heads x dim]
+        lengths = [end - start for start, end in pairwise(bounds)]
+        cols_T = torch.cat([torch.arange(n) for n in lengths]).to(query.device)  # position in its sequence
+        seqs_T = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(query.device)
+        width = max(lengths)
+
+        def batched(x_THD: torch.Tensor) -> torch.Tensor:  # [t, heads, dim] -> [width, sequences, heads, dim]
+            return x_THD.new_zeros((width, len(lengths), *x_THD.shape[1:])).index_put((cols_T, seqs_T), x_THD)
+
+        real_BT = torch.zeros((len(lengths), width), dtype=torch.bool, device=query.device)
+        real_BT[seqs_T, cols_T] = True
+        mask = causal_attention_mask(width, real_BT, device=query.device)  # causal within each sequence only
+        out_TBH = super().forward(batched(query), batched(key), batched(value), mask, attn_mask_type, attention_bias)
+        return out_TBH[cols_T, seqs_T][:, None]  # [t, 1, heads x dim], the row's order
