@@ -33,20 +33,22 @@ Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 3``, defaul
 
 | path | flags | sequences | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy | bytes / old | loss | max log-prob diff vs old |
 |---|---|---|---|---|---|---|---|---|---|---|---|
-| old | - | 256 | 1.329 | 1.268 | 2.597 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
-| tokens | images_once, token_budget | 256 | 0.752 | 0.851 | 1.603 | 0.62x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
-| +on-policy | images_once, token_budget, on_policy | 256 | 0.382 | 0.856 | 1.238 | 0.48x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
-| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.153 | 0.367 | 0.520 | 0.20x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
-| +packed | images_once, token_budget, on_policy, packed | 256 | 0.610 | 1.442 | 2.052 | 0.79x | 0.0% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
-| new packed | images_once, token_budget, on_policy, drop_zero, packed | 96 | 0.252 | 0.594 | 0.845 | 0.33x | 0.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
+| old | - | 256 | 1.376 | 1.536 | 2.912 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
+| tokens | images_once, token_budget | 256 | 0.990 | 1.080 | 2.069 | 0.71x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
+| +on-policy | images_once, token_budget, on_policy | 256 | 0.389 | 0.876 | 1.264 | 0.43x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.160 | 0.390 | 0.550 | 0.19x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
+| +packed | images_once, token_budget, on_policy, packed | 256 | 0.453 | 0.968 | 1.421 | 0.49x | 0.0% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new packed | images_once, token_budget, on_policy, drop_zero, packed | 96 | 0.152 | 0.329 | 0.481 | 0.17x | 0.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
 
-Images once + the token budget alone measured 0.57x-0.69x over several runs (the forwards are matmul-bound: the
+Images once + the token budget alone measured 0.57x-0.71x over several runs (the forwards are matmul-bound: the
 step costs about what its tokens do, 13.1k computed vs 17.2k, of 12.8k real); the on-policy skip removes one of
 the three forwards; dropping unanimous groups removes their tokens from every pass (here 10 of 16 groups).
-Packed rows compute no padding at all (the same loss and log-probs to the last digit) but are slower here: on CPU
-the attention of a row runs sequence by sequence through torch (``models/packed_attention.py``, a Python loop over
-~40 sequences per row and layer), where a GPU runs one Transformer Engine THD kernel per row; so CPU runs bucket
-(``trainer.sequence_packing=auto``) and this row is the CPU check of the packed path's maths, not its GPU speed.
+Packed rows compute no padding in the linear layers (0.0%; the same loss and log-probs to the last digit) and run
+about as fast as length buckets here (0.49x vs 0.43x, 0.17x vs 0.19x: within this box's run-to-run swing): on CPU
+the attention of a row still runs its sequences side by side padded to the row's longest
+(``models/packed_attention.py``), where a GPU runs one Transformer Engine THD kernel over the real tokens only. So CPU
+runs bucket (``trainer.sequence_packing=auto``) and these rows check the packed path's maths, not its GPU speed.
+(The first version, one attention call per sequence, measured 0.79x / 0.33x.)
 """
 
 from __future__ import annotations
