@@ -345,7 +345,7 @@ class TrainerConfig:
     sequences, each attends only to itself, Transformer Engine's THD attention on GPU): auto (on when the policy runs
     Transformer Engine layers, i.e. on GPU; off on CPU, where micro-batches are length-bucketed instead), true or
     false. With max_tokens_per_micro_batch a row holds up to that many tokens (first fit by length), without it
-    micro_batch_size sequences. true on CPU runs Megatron's packed path with torch attention per sequence."""
+    micro_batch_size sequences. true on CPU runs Megatron's packed path with torch attention in place of TE's kernel."""
     lr: float = 1e-6
     """Adam learning rate."""
     weight_decay: float = 1e-2
