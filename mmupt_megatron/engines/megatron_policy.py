@@ -239,9 +239,7 @@ class MegatronPolicy:
 
     def _logprobs(self, mb: dict, local_logits_BTV: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """[B, T-1] log-probs of the micro-batch's tokens (a packed row's unpacked to its samples)."""
-        ids_BT = mb["input_ids_BT"]
-        if mb["pack"] is not None:
-            ids_BT = pack_values(ids_BT, mb["pack"])
+        ids_BT = mb["input_ids_BT"] if mb["pack"] is None else mb["row_ids"]
         logprobs = vocab_parallel_token_logprobs(
             local_logits_BTV[:, :-1],
             ids_BT[:, 1:],
@@ -275,6 +273,7 @@ class MegatronPolicy:
         else:  # one row [1, T]; the sequences' bounds replace the mask
             packed, mask = _packed_seq_params(mb["pack"], device=ids_BT.device), None
             ids_BT, position_ids = pack_values(ids_BT, mb["pack"]), pack_values(position_ids, mb["pack"], fill=1)
+            mb["row_ids"] = ids_BT  # the loss reads its targets from the same row
         output = model(ids_BT, position_ids, mask, pixels, mb["image_grid_thw"], image_order=mb["image_order"],
                        packed_seq_params=packed)
         return output, partial(loss_fn, mb)

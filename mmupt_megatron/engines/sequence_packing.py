@@ -51,12 +51,17 @@ class Pack:
         return max(b - a for a, b in pairwise(self.offsets))
 
 
+def _slot(length: int, sequence_multiple: int) -> int:
+    """Tokens a sequence of ``length`` takes in a row (at least one)."""
+    return round_up(max(length, 1), sequence_multiple)
+
+
 def make_pack(lengths: Sequence[int], *, sequence_multiple: int = 1, pack_multiple: int = 1) -> Pack:
     if not lengths:
         raise ValueError("a pack needs at least one sequence")
     offsets = [0]
     for n in lengths:
-        offsets.append(offsets[-1] + round_up(max(n, 1), sequence_multiple))
+        offsets.append(offsets[-1] + _slot(n, sequence_multiple))
     offsets[-1] = round_up(offsets[-1], pack_multiple)  # the last slot takes the row's padding
     return Pack(lengths=tuple(int(n) for n in lengths), offsets=tuple(offsets))
 
@@ -64,16 +69,17 @@ def make_pack(lengths: Sequence[int], *, sequence_multiple: int = 1, pack_multip
 def plan_packs(lengths: Sequence[int], *, max_tokens: int, sequence_multiple: int = 1,
                pack_multiple: int = 1) -> list[list[int]]:
     """Sample indices per packed micro-batch, first fit by decreasing length: each row (slots rounded up to
-    ``sequence_multiple``, the row to ``pack_multiple``) at most ``max_tokens`` long. A sequence that cannot fit alone is a ValueError naming the budget key and the numbers."""
+    ``sequence_multiple``, the row to ``pack_multiple``) at most ``max_tokens`` long. A sequence that cannot fit
+    alone is a ValueError naming the budget key and the numbers."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     plan: list[list[int]] = []
     used: list[int] = []  # slot tokens of each row so far (before the row's own rounding)
     for i in order:
-        slot = round_up(max(lengths[i], 1), sequence_multiple)
-        if round_up(slot, pack_multiple) > max_tokens:
-            raise ValueError(
-                f"{BUDGET_KEY}={max_tokens} is smaller than a sequence of {lengths[i]} tokens (packed: "
-                f"{round_up(slot, pack_multiple)} with its padding); raise it to at least {round_up(slot, pack_multiple)}")
+        slot = _slot(lengths[i], sequence_multiple)
+        alone = round_up(slot, pack_multiple)
+        if alone > max_tokens:
+            raise ValueError(f"{BUDGET_KEY}={max_tokens} is smaller than a sequence of {lengths[i]} tokens (packed: "
+                             f"{alone} with its padding); raise it to at least {alone}")
         for k, tokens in enumerate(used):
             if round_up(tokens + slot, pack_multiple) <= max_tokens:
                 plan[k].append(i)

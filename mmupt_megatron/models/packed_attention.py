@@ -12,6 +12,7 @@ local attention unchanged.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import pairwise
 
 import torch
@@ -29,19 +30,26 @@ class PackedDotProductAttention(DotProductAttention):
             raise ValueError(f"packed sequences in format {packed_seq_params.qkv_format!r}; only 'thd' is supported")
         bounds = packed_seq_params.cu_seqlens_q_padded
         bounds = packed_seq_params.cu_seqlens_q if bounds is None else bounds
-        bounds = bounds.tolist()
+        bounds = tuple(bounds.tolist())
         if bounds[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {query.shape[0]} tokens")
-        lengths = [end - start for start, end in pairwise(bounds)]
-        cols_T = torch.cat([torch.arange(n) for n in lengths]).to(query.device)  # position in its sequence
-        seqs_T = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(query.device)
-        width = max(lengths)
+        cols_T, seqs_T, mask = _row_layout(bounds, query.device)
+        width, num = mask.shape[-1], len(bounds) - 1
 
         def batched(x_THD: torch.Tensor) -> torch.Tensor:  # [t, heads, dim] -> [width, sequences, heads, dim]
-            return x_THD.new_zeros((width, len(lengths), *x_THD.shape[1:])).index_put((cols_T, seqs_T), x_THD)
+            return x_THD.new_zeros((width, num, *x_THD.shape[1:])).index_put((cols_T, seqs_T), x_THD)
 
-        real_BT = torch.zeros((len(lengths), width), dtype=torch.bool, device=query.device)
-        real_BT[seqs_T, cols_T] = True
-        mask = causal_attention_mask(width, real_BT, device=query.device)  # causal within each sequence only
         out_TBH = super().forward(batched(query), batched(key), batched(value), mask, attn_mask_type, attention_bias)
         return out_TBH[cols_T, seqs_T][:, None]  # [t, 1, heads x dim], the row's order
+
+
+@lru_cache(maxsize=8)
+def _row_layout(bounds: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each token's position in its sequence, its sequence, the [sequences, 1, width, width] mask: causal within
+    each sequence, the side-by-side padding masked) for a row with these bounds: built once per row, not per layer."""
+    lengths = [end - start for start, end in pairwise(bounds)]
+    cols_T = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    seqs_T = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(device)
+    real_BT = torch.zeros((len(lengths), max(lengths)), dtype=torch.bool, device=device)
+    real_BT[seqs_T, cols_T] = True
+    return cols_T, seqs_T, causal_attention_mask(max(lengths), real_BT, device=device)
