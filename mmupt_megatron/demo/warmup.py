@@ -3,25 +3,25 @@
 The paper starts from an instruction-tuned model that is already right more often than not; a random
 tiny model is not, so the demo first teaches it the task with labelled target chains (this is the only
 place labels are trained on). Fresh examples every batch, AdamW with linear warm-up then constant lr,
-fp32. The warm-up stops early once held-out *sampled* accuracy reaches ``target_sampled`` (the demo wants
-a base that is good but not perfect: ~0.75-0.85 sampled, DEMO.md), or after ``max_steps``.
+fp32. The base is chosen in two stages: an exponential moving average of the weights (``ema_decay``), evaluated
+every ``eval_every`` steps, must reach the band's low end in sampled accuracy with every question type at
+``min_kind_accuracy`` on ``consecutive`` evaluations in a row (the task is learnt, not a lucky moment); then the
+base is the first *trained* weights whose own dev evaluation lies in ``band`` with greedy accuracy at most
+``max_greedy``: those of the first of those evaluations, else of every ``fine_every`` steps from the last, for at
+most ``search_steps`` (past them the nearest evaluated weights, with a warning). Good but not perfect, as the paper's
+models are, and measured rather than inferred: a jump between evaluations changes which step is kept, not how good
+the base is.
 
-Output: an HF checkpoint folder (``config.json`` + weights, tokenizer, ``preprocessor_config.json``) and
-``demo_meta.json`` (world, prompt style, the accuracy at the stop).
+Measured (tally chains, shape + "all" questions, 10% question-writing rows, lr 3e-3, batch 64, a shared 2-core
+box): "all" is solved by ~300 steps, shape questions break through between ~450 and ~700 steps, and at a constant
+lr the weights swing between evaluations (seed 1, every 25 steps: sampled 0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66
+-> 0.90 over steps 525-650). Floating-point differences between machines move the whole trajectory: on one machine
+seed 0's weights were at dev sampled 0.973 when the average confirmed (step 550), then 0.953, 0.985, 0.937, 0.945,
+0.948, 0.921 every 10 steps (the base: step 650, greedy 0.941). Both stages matter: from weights at the ceiling
+MM-UPT has nothing to teach, and weights caught in the band before the average confirms (mid-breakthrough)
+lost greedy accuracy under MM-UPT in 9 of 10 research runs (run.BASE_BAND).
 
-Measured (tally chains, shape + "all" questions, 10% question-writing rows, lr 3e-3, batch 64, 1 thread on
-a shared 2-core box): "all" is solved by ~300 steps, shape questions break through between ~500 and ~700
-steps. At a constant lr the weights themselves swing between evaluations (seed 1, every 25 steps: sampled
-0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66 -> 0.90 over steps 525-650), so a stop on one evaluation kept a base
-from a lucky (or unlucky) moment, and MM-UPT from such a base moved with the swing (research.quick_grpo from
-seed 1's step 600, greedy 0.945: greedy 0.906, shape questions 0.87 -> 0.78). The warm-up therefore keeps an
-exponential moving average of the weights (``ema_decay``; its sampled accuracy rose 0.72 -> 0.74 -> 0.77 ->
-0.77 -> 0.79 -> 0.84 over steps 550-700) and stops only when the criterion (``stop_criterion``), measured on the
-average, holds on ``consecutive`` evaluations in a row. It then keeps the trained weights of the first of them
-(``keep_average``: the average itself is already at the tiny model's greedy ceiling, so it leaves MM-UPT nothing
-to show on greedy answers); with the demo's settings (run.BASE_*) seed 1 kept step 650 after 5 minutes.
-
-Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --target-sampled 0.75
+Run:  .venv/bin/python -m mmupt_megatron.demo.warmup --out /tmp/demo_base --seed 0 --band 0.75 0.90
 """
 
 from __future__ import annotations
@@ -74,33 +74,33 @@ class WarmupConfig:
     num_eval: int = 256
     eval_samples: int = 4
     max_new_tokens: int = 40
-    target_sampled: float | None = None
-    """Stop once the sampled accuracy has reached this, with every question type's greedy accuracy at least
-    ``min_kind_accuracy``, on ``consecutive`` evaluations in a row (None: run max_steps)."""
-    min_kind_accuracy: float = 0.6
-    """Greedy accuracy every question type must reach before the warm-up may stop: a type the base gets wrong
-    more often than not is one the majority vote would teach wrong answers."""
+    band: tuple[float, float] | None = None
+    """(low, high) sampled dev accuracy the kept base must have (None: train ``max_steps``, keep the last
+    weights). The base is the first *trained* weights whose own evaluation lies in the band, with greedy accuracy at
+    most ``max_greedy`` and every question type's greedy accuracy at least ``min_kind_accuracy``: good but not
+    perfect, so a label-free run has headroom on greedy, sampled and majority answers."""
+    max_greedy: float = 0.95
+    """Greedy dev accuracy the kept weights may have at most (headroom for greedy answers)."""
+    min_kind_accuracy: float = 0.7
+    """Greedy accuracy every question type must reach in the kept weights: a type the base gets wrong more often
+    than not is one the majority vote would teach wrong answers."""
     consecutive: int = 2
-    """Evaluations in a row on which the stop criterion must hold (one lucky evaluation cannot stop it); the
-    model of the first of them is kept."""
+    """Evaluations of the averaged weights in a row (every ``eval_every`` steps) with sampled accuracy at least the
+    band's low end and every question type at ``min_kind_accuracy`` before the search for the base starts: the
+    model has learnt the task, not just caught a lucky moment of it."""
+    fine_every: int = 10
+    """Steps between evaluations of the trained weights while searching for the base."""
+    search_steps: int = 200
+    """Steps the search may take; past them the nearest evaluated weights are kept (with a warning)."""
     synthesis_share: float = 0.1
     """Share of warm-up examples that teach writing a question about the image (in-context or direct, half
     each; target ``<question> ... </question>``): the base's stand-in for a VLM's ability to ask questions,
     which MM-UPT's self-synthesized data needs."""
     ema_decay: float | None = 0.99
-    """Evaluate, stop on and save an exponential moving average of the weights (decay per step) instead of the
-    weights themselves (None: the weights). Measured (seed 1, dev 256, every 25 steps): the raw weights' sampled
-    accuracy swung 0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66 -> 0.90 between steps 525 and 650 (lr 3e-3); the
-    average's rose 0.72 -> 0.74 -> 0.77 -> 0.77 -> 0.79 over steps 550-675."""
-    keep_average: bool = False
-    """Save the averaged weights as the base (True), or the trained weights at the evaluation the average
-    confirmed (False: the default). The average decides *when* to stop (one lucky evaluation of the swinging
-    weights cannot stop it); the weights at that moment are the base. Measured (research.quick_grpo, 40 steps,
-    512 held-out questions): from the averages of seeds 0 / 1 / 2, greedy is at the tiny model's ceiling
-    (0.95-0.98 dev) and neither MM-UPT nor supervised GRPO raises it (seed 1: 0.973 -> 0.965 voting, 0.959 with
-    labels, 100 steps); from the weights at the same kind of moment (steps 550-750 of seeds 0-2) MM-UPT took
-    greedy up in 8 of 10 runs (+0.2 to +7.6 points;
-    0.85-0.97 -> 0.91-0.99), down in 2 (-1.5, and -10.3 in a run that drifted to consistently wrong answers)."""
+    """Evaluate an exponential moving average of the weights (decay per step) every ``eval_every`` steps to tell
+    when the trained weights near the band (None: the weights themselves). Measured (seed 1, dev 256, every 25
+    steps): the trained weights' sampled accuracy swung 0.79 -> 0.64 -> 0.70 -> 0.85 -> 0.66 -> 0.90 between
+    steps 525 and 650 (lr 3e-3); the average's rose 0.72 -> 0.74 -> 0.77 -> 0.77 -> 0.79 over steps 550-675."""
     snapshots: bool = False
     """Also save a checkpoint at every evaluation, to ``{out_dir}/step{N}`` (to pick a base afterwards)."""
 
@@ -109,13 +109,14 @@ class WarmupConfig:
             raise ValueError(f"warmup: synthesis_share must be in [0, 1), got {self.synthesis_share}")
         if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ValueError("warmup: batch_size, max_steps and eval_every must be >= 1")
-        if self.target_sampled is not None and not 0 < self.target_sampled <= 1:
-            raise ValueError(f"warmup: target_sampled must be in (0, 1], got {self.target_sampled}")
+        if self.band is not None and not 0 <= self.band[0] <= self.band[1] <= 1:
+            raise ValueError(f"warmup: band must be (low, high) with 0 <= low <= high <= 1, got {self.band}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"warmup: ema_decay must be in [0, 1) or None, got {self.ema_decay}")
-        if self.consecutive < 1 or not 0 <= self.min_kind_accuracy <= 1:
-            raise ValueError(f"warmup: consecutive must be >= 1 and min_kind_accuracy in [0, 1], got "
-                             f"{self.consecutive} and {self.min_kind_accuracy}")
+        if self.fine_every < 1 or self.consecutive < 1 or self.search_steps < 0 or not 0 <= self.min_kind_accuracy <= 1:
+            raise ValueError(f"warmup: fine_every and consecutive must be >= 1, search_steps >= 0 and min_kind_accuracy "
+                             f"in [0, 1], got {self.fine_every}, {self.consecutive}, {self.search_steps} and "
+                             f"{self.min_kind_accuracy}")
 
 
 def question_writing(rng: random.Random, example: Example, world: WorldConfig) -> tuple[str, str, str]:
@@ -150,14 +151,11 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
     dev = generate(cfg.num_eval, seed=cfg.seed + 500_000, cfg=cfg.world, prefix="dev")
     history: list[dict] = []
     start = time.time()
-    step = 0
-    ready = 0  # evaluations in a row that met the stop criterion
-    first_ready: tuple[int, dict] | None = None  # the step and the kept weights at the first of them
+    nearest: tuple | None = None  # (band distance, step, weights, evaluation) of the closest trained weights so far
 
     ema = copy.deepcopy(model) if cfg.ema_decay is not None else model
     if ema is not model:
         ema.requires_grad_(False)
-    kept = ema if cfg.keep_average else model  # what is saved as the base
 
     def train_step(step: int) -> float:
         examples = [make_example(rng, cfg.world, example_id=f"w{step}-{i}") for i in range(cfg.batch_size)]
@@ -180,51 +178,82 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
             raise RuntimeError(f"warm-up loss became {loss.item()} at step {step}")
         return loss.item()
 
-    def run_eval(step: int, loss: float) -> dict:
-        result = evaluate(ema, tokenizer, dev, encoder=encoder, style=cfg.style, num_samples=cfg.eval_samples,
+    def run_eval(step: int, loss: float, which: torch.nn.Module, *, of: str):  # -> demo.rollout.EvalResult
+        result = evaluate(which, tokenizer, dev, encoder=encoder, style=cfg.style, num_samples=cfg.eval_samples,
                           max_new_tokens=cfg.max_new_tokens)
-        history.append({"step": step, "loss": loss, "seconds": time.time() - start, **dataclasses.asdict(result)})
+        history.append({"step": step, "loss": loss, "seconds": time.time() - start, "of": of, **dataclasses.asdict(result)})
         if log:
-            print(f"[warmup seed {cfg.seed}] step {step} loss {loss:.4f} {time.time() - start:.0f}s {result.row()}", flush=True)
+            print(f"[warmup seed {cfg.seed}] step {step} loss {loss:.4f} {time.time() - start:.0f}s {of:<7} {result.row()}",
+                  flush=True)
+        if cfg.snapshots and out_dir is not None:
+            save_checkpoint(which, tokenizer, out_dir=Path(out_dir) / f"step{step}{'' if of == 'weights' else '_average'}",
+                            cfg=cfg, history=history)
         return result
 
+    def keep(step: int, result, how: str) -> None:  # noqa: ANN001 - demo.rollout.EvalResult
+        history.append({"step": step, "kept": True, "how": how, **dataclasses.asdict(result)})
+        if log:
+            print(f"[warmup seed {cfg.seed}] keeping the weights of step {step} ({how}): {result.row()}", flush=True)
+
+    def consider(step: int, loss: float, weights: torch.nn.Module) -> bool:
+        """Evaluate trained ``weights`` of ``step``; keep them (True) if they are in the band."""
+        nonlocal nearest
+        result = run_eval(step, loss, weights, of="weights")
+        distance = band_distance(result, cfg)
+        if distance == 0.0:
+            model.load_state_dict(weights.state_dict())
+            keep(step, result, "the first trained weights in the band")
+            return True
+        if nearest is None or distance < nearest[0]:
+            nearest = (distance, step, {k: v.detach().clone() for k, v in weights.state_dict().items()}, result)
+        return False
+
+    settled = 0  # evaluations of the average in a row that met the band's low end
+    first: tuple[int, float, torch.nn.Module] | None = None  # the trained weights at the first of them
+    search_from: int | None = None  # the step the search for the base started
     for step in range(1, cfg.max_steps + 1):
         loss = train_step(step)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            result = run_eval(step, loss)
-            if cfg.snapshots and out_dir is not None:
-                save_checkpoint(ema, tokenizer, out_dir=Path(out_dir) / f"step{step}", cfg=cfg, history=history)
-            ready = ready + 1 if stop_criterion(result, cfg) else 0
-            if ready == 1:
-                first_ready = (step, {k: v.detach().clone() for k, v in kept.state_dict().items()})
-            if ready >= cfg.consecutive:
-                # the model at the first of them: confirmed by the later evaluations, not yet trained further
-                kept.load_state_dict(first_ready[1])
-                record = {"step": first_ready[0], "kept": True}
-                if kept is not ema:  # the weights themselves were not evaluated: their dev accuracy, for the record
-                    record.update(dataclasses.asdict(evaluate(kept, tokenizer, dev, encoder=encoder, style=cfg.style,
-                                                              num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens)))
-                history.append(record)
+        if search_from is None and step % cfg.eval_every == 0:
+            settled = settled + 1 if learnt(run_eval(step, loss, ema, of="average"), cfg) else 0
+            if settled == 1:
+                first = (step, loss, copy.deepcopy(model))
+            if settled >= cfg.consecutive:
+                search_from = step
+                if consider(*first):  # the weights the average confirmed, if they are in the band
+                    break
+        if search_from is not None and (step - search_from) % cfg.fine_every == 0:
+            if consider(step, loss, model):
+                break
+            if step - search_from >= cfg.search_steps:
+                model.load_state_dict(nearest[2])
+                keep(nearest[1], nearest[3], f"no trained weights were in the band in {cfg.search_steps} steps; "
+                     f"the nearest (distance {nearest[0]:.3f})")
                 if log:
-                    print(f"[warmup seed {cfg.seed}] keeping the {'averaged ' if kept is ema else ''}weights of step "
-                          f"{first_ready[0]}: the stop criterion held there and on the next {ready - 1} evaluation(s)"
-                          + (f"; the weights: greedy {record['greedy']:.3f} sampled {record['sampled']:.3f}"
-                             if kept is not ema else ""), flush=True)
+                    print(f"[warmup seed {cfg.seed}] WARNING: the base is outside the band {cfg.band}", flush=True)
                 break
     else:
-        if log and cfg.target_sampled is not None:
-            print(f"[warmup seed {cfg.seed}] WARNING: the stop criterion was not met in {cfg.max_steps} steps; "
-                  "keeping the last model", flush=True)
+        if log and cfg.band is not None:
+            print(f"[warmup seed {cfg.seed}] WARNING: no base in the band {cfg.band} in {cfg.max_steps} steps; keeping "
+                  "the last weights", flush=True)
     if out_dir is not None:
-        save_checkpoint(kept, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
-    return kept, history
+        save_checkpoint(model, tokenizer, out_dir=out_dir, cfg=cfg, history=history)
+    return model, history
 
 
-def stop_criterion(result, cfg: WarmupConfig) -> bool:  # noqa: ANN001 - demo.rollout.EvalResult
-    """Sampled accuracy at least ``target_sampled`` and every question type's greedy accuracy at least
-    ``min_kind_accuracy`` (never met without a target)."""
-    return (cfg.target_sampled is not None and result.sampled >= cfg.target_sampled
+def learnt(result, cfg: WarmupConfig) -> bool:  # noqa: ANN001 - demo.rollout.EvalResult
+    """Sampled accuracy at least the band's low end and every question type's greedy accuracy at least
+    ``min_kind_accuracy`` (never without a band)."""
+    return (cfg.band is not None and result.sampled >= cfg.band[0]
             and min(result.by_kind.values(), default=0.0) >= cfg.min_kind_accuracy)
+
+
+def band_distance(result, cfg: WarmupConfig) -> float:  # noqa: ANN001 - demo.rollout.EvalResult
+    """How far an evaluation is from the base ``cfg`` asks for (0: inside): sampled accuracy outside ``band``,
+    greedy above ``max_greedy``, the weakest question type below ``min_kind_accuracy`` (each in accuracy points)."""
+    low, high = cfg.band if cfg.band is not None else (0.0, 1.0)
+    weakest = min(result.by_kind.values(), default=0.0)
+    return (max(low - result.sampled, 0.0) + max(result.sampled - high, 0.0) + max(result.greedy - cfg.max_greedy, 0.0)
+            + max(cfg.min_kind_accuracy - weakest, 0.0))
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, *, out_dir: str | Path, cfg: WarmupConfig, history: list[dict]) -> Path:
@@ -252,7 +281,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-sampled", type=float, default=None)
+    parser.add_argument("--band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="sampled dev accuracy of the kept weights (default: train --max-steps)")
+    parser.add_argument("--max-greedy", type=float, default=0.95)
+    parser.add_argument("--min-kind-accuracy", type=float, default=0.7)
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--chain", default="tally", choices=["named", "tally", "describe"])
@@ -267,7 +299,9 @@ def main() -> None:
     world_args = {"chain_style": args.chain, "question_weights": tuple(args.question_weights)}
     world = WorldConfig.hard(**world_args) if args.hard else WorldConfig(**world_args)
     cfg = WarmupConfig(world=world, seed=args.seed, lr=args.lr,
-                       max_steps=args.max_steps, target_sampled=args.target_sampled, snapshots=args.snapshots,
+                       max_steps=args.max_steps, snapshots=args.snapshots,
+                       band=tuple(args.band) if args.band else None, max_greedy=args.max_greedy,
+                       min_kind_accuracy=args.min_kind_accuracy,
                        eval_every=args.eval_every)
     warmup(cfg, out_dir=args.out)
 

@@ -1,6 +1,7 @@
 """The demo tokenizer, tiny model and batching: tokenisation round trips, labels cover only the answer,
 a warm-up step lowers the loss, and a saved base checkpoint reloads with identical logits."""
 
+import dataclasses
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -102,51 +103,81 @@ def test_question_writing_examples_match_what_synthesize_parses():
     assert modes == {"in-context", "direct"}
 
 
-def test_warmup_stop_criterion_needs_the_target_and_every_question_type():
+def test_warmup_band_distance_needs_the_band_headroom_and_every_question_type():
     import pytest
 
     from mmupt_megatron.demo.rollout import EvalResult
-    from mmupt_megatron.demo.warmup import stop_criterion
+    from mmupt_megatron.demo.warmup import band_distance
 
-    cfg = WarmupConfig(target_sampled=0.75, min_kind_accuracy=0.6)
+    cfg = WarmupConfig(band=(0.75, 0.9), max_greedy=0.95, min_kind_accuracy=0.6)
     good = EvalResult(greedy=0.9, sampled=0.8, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.7})
-    assert stop_criterion(good, cfg)
-    weak_type = EvalResult(greedy=0.9, sampled=0.8, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.55})
-    assert not stop_criterion(weak_type, cfg)  # a type below 0.6: the vote would teach its wrong answers
-    low = EvalResult(greedy=0.9, sampled=0.7, maj=0.85, format_rate=1.0, by_kind={"all": 1.0, "shape": 0.9})
-    assert not stop_criterion(low, cfg)
-    assert not stop_criterion(good, WarmupConfig())  # no target: never stops early
+    assert band_distance(good, cfg) == 0.0
+    weak_type = dataclasses.replace(good, by_kind={"all": 1.0, "shape": 0.55})
+    assert band_distance(weak_type, cfg) == pytest.approx(0.05)  # a type below 0.6: the vote would teach its wrong answers
+    assert band_distance(dataclasses.replace(good, sampled=0.7), cfg) == pytest.approx(0.05)
+    assert band_distance(dataclasses.replace(good, sampled=0.97), cfg) == pytest.approx(0.07)  # no headroom
+    assert band_distance(dataclasses.replace(good, greedy=0.99), cfg) == pytest.approx(0.04)
     with pytest.raises(ValueError, match="warmup: ema_decay must be in"):
         WarmupConfig(ema_decay=1.0)
-    with pytest.raises(ValueError, match="warmup: consecutive must be >= 1"):
-        WarmupConfig(consecutive=0)
+    with pytest.raises(ValueError, match="warmup: fine_every and consecutive must be >= 1"):
+        WarmupConfig(fine_every=0)
+    with pytest.raises(ValueError, match=r"warmup: band must be \(low, high\)"):
+        WarmupConfig(band=(0.9, 0.75))
 
 
-def test_warmup_keeps_the_weights_the_average_confirmed_or_the_average(tmp_path, monkeypatch):
-    """The stop is decided on the averaged weights; the base saved is the trained weights of that step
-    (evaluated for the record, which ``describe_base`` reports) unless ``keep_average``."""
+def _scripted_warmup(tmp_path, sampled: list[float], monkeypatch):
+    """A warm-up (average evaluated every 2 steps; once it meets the band's low end twice in a row, the weights of
+    the first of them, then the trained weights every step, at most 2 steps) whose evaluations return
+    ``sampled[i]`` in call order; returns the history and the weights evaluated at each call."""
     from mmupt_megatron.demo import warmup as warmup_module
     from mmupt_megatron.demo.rollout import EvalResult
-    from mmupt_megatron.demo.run import describe_base
 
     torch.set_num_threads(1)
-    calls = []
+    seen: list[dict] = []
 
-    def fake_evaluate(model, *args, **kwargs):  # the stop criterion holds at once; a fixed result per call
-        calls.append(model)
-        return EvalResult(greedy=0.5 + 0.1 * len(calls), sampled=0.9, maj=0.9, format_rate=1.0, by_kind={"all": 1.0})
+    def fake_evaluate(model, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return EvalResult(greedy=0.9, sampled=sampled[len(seen) - 1], maj=0.9, format_rate=1.0, by_kind={"all": 1.0})
 
     monkeypatch.setattr(warmup_module, "evaluate", fake_evaluate)
-    small = {"batch_size": 2, "max_steps": 3, "eval_every": 1, "num_eval": 2, "warmup_steps": 1, "target_sampled": 0.5,
-             "min_kind_accuracy": 0.0, "consecutive": 2, "ema_decay": 0.5, "lr": 1e-2}
-    model, history = warmup_module.warmup(WarmupConfig(**small), out_dir=tmp_path / "weights", log=False)
-    average, _ = warmup_module.warmup(WarmupConfig(**small, keep_average=True), out_dir=tmp_path / "avg", log=False)
-    # both runs trained identically; stop after step 2, keeping step 1: the weights differ from their average
+    cfg = WarmupConfig(batch_size=2, max_steps=20, eval_every=2, fine_every=1, search_steps=2, num_eval=2,
+                       warmup_steps=1, lr=1e-2, band=(0.7, 0.8), min_kind_accuracy=0.0, ema_decay=0.5)
+    _, history = warmup_module.warmup(cfg, out_dir=tmp_path / "base", log=False)
+    assert len(seen) == len(sampled)  # nothing evaluated after the base was chosen
+    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    return history, seen, saved.state_dict()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warmup_keeps_the_weights_the_average_confirmed_when_they_are_in_the_band(tmp_path, monkeypatch):
+    """The average must meet the band's low end twice in a row (an evaluation below it starts the count again);
+    the trained weights of the first of the two, evaluated themselves, are the base: ``describe_base`` says so."""
+    from mmupt_megatron.demo.run import describe_base
+
+    # average @2 0.75, @4 0.60 (count reset), @6 0.75, @8 0.76; the weights of step 6: 0.78
+    history, seen, saved = _scripted_warmup(tmp_path, [0.75, 0.6, 0.75, 0.76, 0.78], monkeypatch)
     kept = history[-1]
-    assert kept["kept"] and kept["step"] == 1 and kept["greedy"] == 0.5 + 0.1 * 3  # the weights' own evaluation
-    assert calls[2] is model and calls[0] is not model  # evaluations 1-2 were of the average, 3 of the weights
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), average.state_dict().values()))
-    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "weights"), dtype=torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
-    assert describe_base(tmp_path / "weights").startswith("the weights of warm-up step 1 (dev greedy 0.800")
-    assert describe_base(tmp_path / "avg").startswith("the averaged weights of warm-up step 1 (dev greedy 0.")
+    assert kept["kept"] and kept["step"] == 6 and kept["sampled"] == 0.78
+    assert [h["of"] for h in history[:-1]] == ["average"] * 4 + ["weights"]
+    assert _same(saved, seen[4]) and not _same(saved, seen[3])  # the weights of step 6, not the average of step 8
+    assert describe_base(tmp_path / "base").startswith("the weights of warm-up step 6 (dev greedy 0.900, sampled 0.780")
+
+
+def test_warmup_searches_on_when_the_confirmed_weights_have_no_headroom(tmp_path, monkeypatch):
+    """Weights past the band (0.95) when the average confirms: the trained weights are evaluated every step and
+    the first inside the band is the base."""
+    # average @2 0.75, @4 0.76; the weights of step 2: 0.95; of step 4: 0.97; of step 5: 0.78
+    history, seen, saved = _scripted_warmup(tmp_path, [0.75, 0.76, 0.95, 0.97, 0.78], monkeypatch)
+    assert history[-1]["step"] == 5 and history[-1]["how"] == "the first trained weights in the band"
+    assert _same(saved, seen[4]) and not _same(saved, seen[3]) and not _same(saved, seen[2])
+
+
+def test_warmup_keeps_the_nearest_weights_when_none_is_in_the_band(tmp_path, monkeypatch):
+    """No trained weights in the band within ``search_steps``: the nearest evaluated (step 5, 0.85), not the last."""
+    history, seen, saved = _scripted_warmup(tmp_path, [0.75, 0.76, 0.95, 0.97, 0.85, 0.99], monkeypatch)
+    kept = history[-1]
+    assert kept["step"] == 5 and kept["sampled"] == 0.85 and "the nearest (distance 0.050)" in kept["how"]
+    assert _same(saved, seen[4]) and not _same(saved, seen[5])
