@@ -221,6 +221,8 @@ def warmup(cfg: WarmupConfig, *, out_dir: str | Path | None = None, log: bool = 
                 search_from = step
                 if consider(*first):  # the weights the average confirmed, if they are in the band
                     break
+                if first[0] == step:  # consecutive=1: those were this step's weights
+                    continue
         if search_from is not None and (step - search_from) % cfg.fine_every == 0:
             if consider(step, loss, model):
                 break
