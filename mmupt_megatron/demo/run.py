@@ -4,9 +4,10 @@
                          [key=value ...]
 
 1. Synthesize the world (train / test parquet files with real PNGs; a *hard* train / test pair too).
-2. Warm up a small Qwen2.5-VL-architecture model on labelled chains and keep the first trained weights that are
-   right on 75-90% of sampled dev answers, at most 95% greedy, every question type at 70% greedy (BASE_BAND): the
-   demo's stand-in for a pretrained VLM, good but not perfect (the only labelled training; cached in OUT/base).
+2. Warm up a small Qwen2.5-VL-architecture model on labelled chains; once an average of its weights has learnt
+   the task (75% of sampled dev answers, every question type at 70% greedy, two evaluations in a row), keep the
+   first trained weights right on 75-93% of sampled dev answers and at most 95% greedy (BASE_BAND): the demo's
+   stand-in for a pretrained VLM, good but not perfect (the only labelled training; cached in OUT/base).
 3. MM-UPT: ``mmupt train demo`` from that base — Megatron policy workers, a vLLM engine, Ray — with the
    majority-vote reward and **no labels**; the paper's upper reference, supervised GRPO
    (``reward.kind=label``), from the same base.
