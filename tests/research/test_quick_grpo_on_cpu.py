@@ -46,3 +46,14 @@ def test_one_label_free_step_runs_and_reports(capsys):
     result = grpo_run(model, tokenizer, world=WorldConfig(), style=DEMO_STYLE, cfg=cfg, seed=0, log=False)
     assert [e["step"] for e in result["evals"]] == [0, 1]
     assert len(result["steps"]) == 1 and 0.0 <= result["steps"][0]["reward"] <= 1.0
+
+
+def test_grpo_seeds_names_the_missing_demo_file_before_training(tmp_path):
+    """research.grpo_seeds refuses a demo folder without a base, naming the file, before anything starts."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "research.grpo_seeds", "--demo", str(tmp_path / "demo_s1"), "--seeds", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"grpo_seeds: {tmp_path / 'demo_s1' / 'base' / 'config.json'} does not exist" in result.stderr
