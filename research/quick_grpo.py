@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=GRPOConfig.lr)
     parser.add_argument("--kl", type=float, default=0.04)
     parser.add_argument("--temperature", type=float, default=1.0, help="rollout and evaluation sampling temperature")
     parser.add_argument("--eval-samples", type=int, default=8)
