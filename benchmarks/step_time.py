@@ -26,7 +26,8 @@ also the groups with all-zero advantages dropped (``algorithm.drop_zero_advantag
 (``trainer.sequence_packing=true``, first fit under the same budget). A
 feature becomes a row by adding a ``StepPath`` to ``PATHS``; ratios are always against ``old``. The loss and the
 log-prob comparison (reference log-probs, the same weights as the old pass's) are shown where the maths is the
-old path's: dropping groups changes the token-mean's denominator (and drops their KL term), by design.
+old path's: dropping groups drops their KL term, by design (the token-mean's denominator stays the full batch's,
+``algorithm.loss_over=batch``, so the policy-gradient term is the old one).
 Target: the new step at most 0.6x the old one's time, with the same loss (1e-5) where the maths is unchanged.
 
 Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 3``, default budget 2048, 50% unanimous):
@@ -133,7 +134,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     """One path in this process: ``repeats`` steps; times per phase, bytes, padding, loss, first log-probs."""
     import torch
 
-    from mmupt_megatron.algorithms.group_selection import select_groups
+    from mmupt_megatron.algorithms.group_selection import filled_batch_scale, select_groups
     from mmupt_megatron.config_loading import load_config
     from mmupt_megatron.distributed.parallel import ParallelDims, free_port
     from mmupt_megatron.trainer.batching import pack_rollouts
@@ -153,9 +154,12 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     for repeat in range(repeats):
         start = time.perf_counter()
         rollouts, advantages = inputs["rollouts"], inputs["advantages"]
+        scale = (1.0, 1.0)
         if path.drop_zero:
-            keep = list(select_groups(advantages.tolist(), [r.group_id for r in rollouts],
-                                      target_groups=cfg.trainer.prompts_per_step).keep)
+            selection = select_groups(advantages.tolist(), [r.group_id for r in rollouts],
+                                      target_groups=cfg.trainer.prompts_per_step)
+            scale = filled_batch_scale(selection, [len(r.response_token_ids) for r in rollouts])  # loss_over=batch
+            keep = list(selection.keep)
             rollouts, advantages = [rollouts[i] for i in keep], advantages[keep]
         batch = pack_rollouts(rollouts, pad_id=inputs["pad_id"], images=inputs["images"],
                               advantages_B=advantages, images_once=path.images_once)
@@ -167,8 +171,8 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
         batch.ref_logprobs_BT = worker.logprobs(batch, reference=True)
         middle = time.perf_counter()
         sent += len(pickle.dumps(batch))
-        metrics = worker.train(batch, global_num_tokens=int(batch.loss_mask_BT.sum()),
-                               global_num_seqs=batch.input_ids_BT.shape[0])
+        metrics = worker.train(batch, global_num_tokens=float(batch.loss_mask_BT.sum()) * scale[0],
+                               global_num_seqs=batch.input_ids_BT.shape[0] * scale[1])
         times["logprobs"].append(middle - start)
         times["train"].append(time.perf_counter() - middle)
         if repeat == 0:

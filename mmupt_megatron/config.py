@@ -22,6 +22,8 @@ from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap
 from mmupt_megatron.config_synthesis import SynthesisConfig
 
+LOSS_OVER = ("batch", "trained")
+"""algorithm.loss_over: what the loss is averaged over when zero-advantage groups were dropped."""
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_SEQUENCE_MULTIPLE = 16
 """Transformer Engine's FP8 GEMMs need token counts divisible by 16 (times TP: sequence-parallel shards)."""
@@ -259,9 +261,16 @@ class AlgorithmConfig:
     than the policy's (other kernels, bf16/FP8, top-p truncation); must be > 1; null: off."""
     drop_zero_advantage_groups: bool = True
     """Leave out of the log-prob and training passes the groups whose advantages are all zero (unanimous votes,
-    all-equal rewards): their policy-gradient term is exactly zero. The loss is then averaged over the trained
-    groups' tokens only (DAPO's dynamic sampling), and their KL term is not applied. The share dropped is logged
-    (groups/zero_share); a step where every group is dropped skips its update (logged and counted)."""
+    all-equal rewards): their policy-gradient term is exactly zero, and their KL term is not applied. The share
+    dropped is logged (groups/zero_share); a step where every group is dropped skips its update (logged and
+    counted). What the loss is then averaged over: ``loss_over``."""
+    loss_over: str = "batch"
+    """With groups dropped, the normaliser of the loss (tokens, or sequences for the seq-mean aggregations):
+    ``batch`` - the step's full batch of trainer.prompts_per_step groups, the dropped groups standing in for
+    the missing ones, so the policy-gradient term is the one training on every group would give and a step
+    whose groups are mostly unanimous moves the policy by their share only; ``trained`` - the trained groups
+    only (DAPO's dynamic sampling): every step moves the policy as far, however few groups it learns from
+    (on the demo's confident bases, where steps train on 0-3 of 16 groups, that noise lost accuracy)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The GRPO loss: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, norm_length."""
 
@@ -271,6 +280,8 @@ class AlgorithmConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if self.loss_over not in LOSS_OVER:
+            out.append(f"algorithm.loss_over must be one of {LOSS_OVER}, got {self.loss_over!r}")
         if self.advantage not in ESTIMATORS:
             out.append(f"algorithm.advantage must be one of {ESTIMATORS}, got {self.advantage!r}")
         if self.ppo_epochs < 1:

@@ -43,7 +43,7 @@ from mmupt_megatron.algorithms import (
     majority_vote,
     token_logprobs,
 )
-from mmupt_megatron.algorithms.group_selection import select_groups
+from mmupt_megatron.algorithms.group_selection import filled_batch_scale, select_groups
 from mmupt_megatron.data.synthetic import WorldConfig, generate, make_example
 from mmupt_megatron.demo.model import PromptStyle, encode_batch
 from mmupt_megatron.demo.rollout import EvalResult, decode, evaluate, generate_responses
@@ -60,11 +60,13 @@ class GRPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 40
     reward: str = "vote"
+    """``vote`` (MM-UPT, label-free) or ``label`` (true answers; reference only)."""
     min_agreement: float = 0.0
     """``reward.min_agreement``: groups whose majority share is below it earn nothing."""
     drop_zero: bool = True
     """``algorithm.drop_zero_advantage_groups``: train only on groups whose advantages are not all zero."""
-    """``vote`` (MM-UPT, label-free) or ``label`` (true answers; reference only)."""
+    loss_over: str = "batch"
+    """``algorithm.loss_over``: the loss's normaliser counts the dropped groups (``batch``) or not (``trained``)."""
     num_eval: int = 256
     eval_samples: int = 8
     eval_every: int = 0
@@ -121,8 +123,10 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     return token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
 
 
-def grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep, *, pad_id, num_rows, cfg, loss_cfg):  # noqa: ANN001
-    """One clipped-ratio + KL update on the responses at positions ``keep`` (whole groups)."""
+def grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep, *, pad_id, num_rows, cfg, loss_cfg,  # noqa: ANN001
+              scale=(1.0, 1.0)):
+    """One clipped-ratio + KL update on the responses at positions ``keep`` (whole groups), the loss's normaliser
+    (tokens, sequences) times ``scale``."""
     prompts = {k: v.view(num_rows, -1, v.shape[-1])[keep].flatten(0, 1) if k == "pixel_values" else v[keep]
                for k, v in prompts.items()}
     batch, mask = response_batch(prompts, [responses[i] for i in keep], pad_id)
@@ -131,7 +135,7 @@ def grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep
     policy.train()
     lp = sequence_logprobs(policy, batch, group_size=cfg.group_size)
     loss, metrics = grpo_policy_loss(lp, lp.detach(), advantages[keep], mask, cfg=loss_cfg,
-                                     global_num_tokens=int(mask.sum()), global_num_seqs=len(keep),
+                                     global_num_tokens=float(mask.sum()) * scale[0], global_num_seqs=len(keep) * scale[1],
                                      ref_logprobs_BT=ref_lp)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -195,11 +199,13 @@ def grpo_run(
             rewards = label_rewards(answers, group_ids, labels={i: e.answer for i, e in enumerate(examples)}, matcher=matcher)
             pseudo_acc = float("nan")
         advantages = group_advantages(rewards, group_ids)
-        keep = list(select_groups(advantages.tolist(), group_ids, target_groups=cfg.batch_size, drop_zero=cfg.drop_zero).keep)
+        selection = select_groups(advantages.tolist(), group_ids, target_groups=cfg.batch_size, drop_zero=cfg.drop_zero)
+        keep = list(selection.keep)
+        scale = filled_batch_scale(selection, [len(r) for r in responses]) if cfg.loss_over == "batch" else (1.0, 1.0)
         metrics = {}
         if keep:  # else every group was unanimous: no update this step
             metrics = grpo_step(policy, reference, optimizer, prompts, responses, advantages, keep, pad_id=tokenizer.pad_token_id,
-                                num_rows=len(rep), cfg=cfg, loss_cfg=loss_cfg)
+                                num_rows=len(rep), cfg=cfg, loss_cfg=loss_cfg, scale=scale)
         true_acc = sum(a == rep[i].answer for i, a in enumerate(answers)) / len(answers)
         stats.append({"step": step, "reward": sum(rewards) / len(rewards), "train_acc": true_acc,
                       "pseudo_label_acc": pseudo_acc, "kl_ref": float(metrics.get("kl_ref", 0.0)),
@@ -233,6 +239,7 @@ def main() -> None:
     parser.add_argument("--reward", default="vote", choices=["vote", "label"])
     parser.add_argument("--min-agreement", type=float, default=0.0)
     parser.add_argument("--keep-zero", action="store_true", help="train on zero-advantage groups too")
+    parser.add_argument("--loss-over", choices=("batch", "trained"), default="batch", help="algorithm.loss_over")
     parser.add_argument("--hard", action="store_true", help="train and evaluate on the hard world")
     parser.add_argument("--shift", type=float, default=0.0, help="train and evaluate on WorldConfig.shifted(SHIFT)")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -249,7 +256,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32)
     cfg = GRPOConfig(steps=args.steps, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                     kl_coef=args.kl, temperature=args.temperature, eval_samples=args.eval_samples, reward=args.reward, min_agreement=args.min_agreement, drop_zero=not args.keep_zero, eval_every=args.eval_every, num_eval=args.num_eval,
+                     kl_coef=args.kl, temperature=args.temperature, eval_samples=args.eval_samples, reward=args.reward, min_agreement=args.min_agreement, drop_zero=not args.keep_zero, loss_over=args.loss_over, eval_every=args.eval_every, num_eval=args.num_eval,
                      freeze_vision=not args.train_vision)
     results = [grpo_run(base, tokenizer, world=world, style=style, cfg=cfg, seed=s) for s in args.seeds]
     if args.out:

@@ -143,3 +143,5 @@ def test_oversample_is_checked_and_sizes_the_sampled_prompts():
         load_config("demo", ["rollout.oversample=twice"])
     with pytest.raises(ValueError, match="rollout.oversample=2.0 needs algorithm.drop_zero_advantage_groups=true"):
         load_config("demo", ["rollout.oversample=2", "algorithm.drop_zero_advantage_groups=false"])
+    with pytest.raises(ValueError, match=r"algorithm.loss_over must be one of \('batch', 'trained'\), got 'groups'"):
+        load_config("demo", ["algorithm.loss_over=groups"])

@@ -8,6 +8,11 @@ be contiguous in the input, but the selection lists them group by group (mini-ba
 
 With ``drop_zero=False`` the first ``target_groups`` groups are kept whatever their advantages (the behaviour
 without this selection).
+
+``filler`` names the dropped groups that stand in for the missing ones when fewer than ``target_groups`` groups
+carry signal (the first zero-advantage groups sampled): counting their tokens in the loss's normaliser makes the
+update the one the full batch would give (``algorithm.loss_over="batch"``), so a step that learns from few
+groups moves the policy by their share of the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class GroupSelection:
     """Groups of the input whose advantages are all zero."""
     target_groups: int
     """Groups the step wanted to train on."""
+    filler: tuple[int, ...] = ()
+    """Positions of the responses of the zero-advantage groups that fill the batch up to ``target_groups``."""
 
     @property
     def unfilled(self) -> int:
@@ -53,9 +60,20 @@ def select_groups(advantages: Sequence[float], group_ids: Sequence[Hashable], *,
     with_signal = {g: any(float(advantages[p]) != 0.0 for p in positions) for g, positions in members.items()}
     candidates = [g for g in members if with_signal[g]] if drop_zero else list(members)
     kept = tuple(candidates[:target_groups])
+    fill = [g for g in members if not with_signal[g]][: max(target_groups - len(kept), 0)] if drop_zero else []
     return GroupSelection(keep=tuple(p for g in kept for p in members[g]), kept_groups=kept,
                           sampled_groups=len(members), zero_groups=sum(not s for s in with_signal.values()),
-                          target_groups=target_groups)
+                          target_groups=target_groups, filler=tuple(p for g in fill for p in members[g]))
+
+
+def filled_batch_scale(selection: GroupSelection, lengths: Sequence[int]) -> tuple[float, float]:
+    """(tokens, sequences) multipliers of the loss's normaliser that count ``selection.filler`` as trained:
+    ``lengths[i]`` is the number of loss tokens of input position ``i``. (1, 1) when the batch is full."""
+    if not selection.filler or not selection.keep:
+        return 1.0, 1.0
+    tokens = sum(lengths[p] for p in selection.keep)
+    return ((tokens + sum(lengths[p] for p in selection.filler)) / max(tokens, 1),
+            (len(selection.keep) + len(selection.filler)) / len(selection.keep))
 
 
 def minibatch_bounds(group_ids: Sequence[Hashable], groups_per_update: int) -> list[tuple[int, int]]:

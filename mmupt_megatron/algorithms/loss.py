@@ -92,7 +92,7 @@ def kl_penalty(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, estimat
 
 
 def aggregate(
-    loss_BT: torch.Tensor, mask_BT: torch.Tensor, *, cfg: PolicyLossConfig, global_num_tokens: int, global_num_seqs: int
+    loss_BT: torch.Tensor, mask_BT: torch.Tensor, *, cfg: PolicyLossConfig, global_num_tokens: float, global_num_seqs: float
 ) -> torch.Tensor:
     masked_BT = loss_BT * mask_BT
     if cfg.loss_agg == "token-mean":
@@ -143,8 +143,8 @@ def grpo_policy_loss(
     mask_BT: torch.Tensor,
     *,
     cfg: PolicyLossConfig,
-    global_num_tokens: int,
-    global_num_seqs: int,
+    global_num_tokens: float,
+    global_num_seqs: float,
     ref_logprobs_BT: torch.Tensor | None = None,
     engine_logprobs_BT: torch.Tensor | None = None,
     rollout_is_cap: float | None = None,

@@ -330,8 +330,8 @@ class MegatronPolicy:
             out_BT[torch.tensor(indices), : logprobs.shape[1]] = logprobs.to(out_BT.device, out_BT.dtype)
         return out_BT
 
-    def train_step(self, batch: PolicyBatch, *, global_num_tokens: int | None = None,
-                   global_num_seqs: int | None = None) -> dict[str, float]:
+    def train_step(self, batch: PolicyBatch, *, global_num_tokens: float | None = None,
+                   global_num_seqs: float | None = None) -> dict[str, float]:
         """One optimizer step on this rank's batch. Global counts default to the DP-all-reduced sums of
         ``loss_mask_BT`` and of the batch size. Without ``old_logprobs_BT``: on policy (module docstring)."""
         if batch.loss_mask_BT is None or batch.advantages_B is None:

@@ -289,11 +289,12 @@ class Cluster:
                                for w, s in zip(self.workers, shards)])
         return torch.cat(self._gather(results), dim=0)[: batch.input_ids_BT.shape[0]]
 
-    def train(self, batch: PolicyBatch) -> dict[str, float]:
+    def train(self, batch: PolicyBatch, *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+        """One optimizer step on ``batch``, the loss averaged over its tokens (sequences) times ``scale``."""
         import ray
 
         shards = self._per_rank(batch)
-        num_tokens, num_seqs = int(batch.loss_mask_BT.sum()), batch.input_ids_BT.shape[0]
+        num_tokens, num_seqs = float(batch.loss_mask_BT.sum()) * scale[0], batch.input_ids_BT.shape[0] * scale[1]
         results = ray.get([
             w.train.remote(s, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for w, s in zip(self.workers, shards)

@@ -9,7 +9,8 @@ Each step, for a batch of unlabeled (image, question) prompts:
    the supervised reference);
 3. the first ``rollout.n`` responses per prompt are trained on with group-normalised advantages; groups whose
    advantages are all zero are left out (``algorithm.drop_zero_advantage_groups``; with ``rollout.oversample``
-   more prompts are sampled and the first ``trainer.prompts_per_step`` groups with signal are kept);
+   more prompts are sampled and the first ``trainer.prompts_per_step`` groups with signal are kept), the loss
+   still averaged over the full batch's tokens (``algorithm.loss_over``);
 4. old (and, with KL, reference) log-probs come from the Megatron policy, at the sampling temperature; the GRPO
    loss is minimised for ``algorithm.ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update``
    prompts. When that is exactly one update (one epoch, one mini-batch) it is on policy: no old-log-prob pass,
@@ -28,7 +29,7 @@ from typing import Any
 
 
 from mmupt_megatron.algorithms import AnswerMatcher, extract_answers, group_advantages, label_rewards, majority_vote
-from mmupt_megatron.algorithms.group_selection import minibatch_bounds, select_groups
+from mmupt_megatron.algorithms.group_selection import filled_batch_scale, minibatch_bounds, select_groups
 from mmupt_megatron.algorithms.loss import logprob_gap
 from mmupt_megatron.config import Config
 from mmupt_megatron.data.configured import image_encoder, open_dataset, prompt_for
@@ -141,7 +142,9 @@ class Trainer:
             if cfg.algorithm.loss.kl_coef > 0:
                 batch.ref_logprobs_BT = self.cluster.logprobs(batch, reference=True)
         with timer("train"):
-            train_metrics = self._update(batch, [r.group_id for r in train_rollouts])
+            scale = (filled_batch_scale(selection, [len(rollouts[i].response_token_ids) for i in trained])
+                     if cfg.algorithm.loss_over == "batch" else (1.0, 1.0))
+            train_metrics = self._update(batch, [r.group_id for r in train_rollouts], scale=scale)
         gap = {key: train_metrics.pop(key) for key in ("logprob_gap_mean", "logprob_gap_max")} if on_policy else gap
         # engine vs policy on the sampled tokens: large values mean the two models disagree (refit, prompt layout,
         # position ids, temperature), and the update then trains a different model from the one sampled
@@ -208,14 +211,15 @@ class Trainer:
         tokens = self.cluster.tokens
         return tokens["pad_id"] if tokens["pad_id"] is not None else tokens["eos_id"]
 
-    def _update(self, batch, group_ids: list[int]) -> dict[str, float]:
+    def _update(self, batch, group_ids: list[int], *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of ``trainer.prompts_per_update`` whole prompt groups (the last
-        one holds the rest when groups were dropped)."""
+        one holds the rest when groups were dropped); each mini-batch's loss normaliser times ``scale``."""
         bounds = minibatch_bounds(group_ids, self.cfg.trainer.prompts_per_update)
         metrics: list[dict[str, float]] = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
             for start, stop in bounds:
-                metrics.append(self.cluster.train(take_sequences(batch, start, stop, image_token_id=self.cluster.image_token_id)))
+                minibatch = take_sequences(batch, start, stop, image_token_id=self.cluster.image_token_id)
+                metrics.append(self.cluster.train(minibatch, scale=scale))
         return combine_metrics(metrics)
 
     def _metrics(self, step, rollouts, answers, rewards, vote, train_metrics, timer) -> dict[str, float]:

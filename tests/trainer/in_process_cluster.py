@@ -36,6 +36,7 @@ class InProcessCluster:
         self.traffic = BatchTraffic(layout=self.worker.micro_batch_layout())
         self.calls: list[tuple] = []
         self.trained_advantages: list[list[float]] = []
+        self.loss_scales: list[tuple[tuple[float, float], int]] = []  # (scale, the batch's loss tokens) per update
         self.num_engines = 1
         self.dims = ParallelDims()
         self.moved_bytes: list[int] = []
@@ -89,12 +90,13 @@ class InProcessCluster:
         with self.schedule.reference():
             return self.worker.logprobs(batch, reference=True, temperature=temperature)
 
-    def train(self, batch) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
+    def train(self, batch, *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
         self.calls.append(("train", batch.input_ids_BT.shape[0]))
         self.trained_advantages.append(batch.advantages_B.tolist())
+        self.loss_scales.append((scale, int(batch.loss_mask_BT.sum())))
         self.traffic.record([batch], copies=[1])
-        return self.worker.train(batch, global_num_tokens=int(batch.loss_mask_BT.sum()),
-                                 global_num_seqs=batch.input_ids_BT.shape[0])
+        return self.worker.train(batch, global_num_tokens=float(batch.loss_mask_BT.sum()) * scale[0],
+                                 global_num_seqs=batch.input_ids_BT.shape[0] * scale[1])
 
     def refit(self) -> int:
         self.schedule.before_refit()

@@ -116,14 +116,14 @@ def dropping_steps(model_dir: str, data: str, out: str):
         start = len(cluster.calls)
         metrics = trainer.step(step)
         results.append((metrics, cluster.calls[start:]))
-    return results, cluster.trained_advantages
+    return results, cluster.trained_advantages, cluster.loss_scales
 
 
 @pytest.mark.slow
 def test_zero_advantage_groups_are_dropped_oversampling_refills_and_unanimous_steps_skip(tmp_path, capfd):
     model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=0)
     data = write_splits(tmp_path / "data", num_train=8, num_test=1, seed=0)["train"]
-    [(steps, advantages)] = run_workers(dropping_steps, world_size=1, args=(str(model), str(data), str(tmp_path / "run")))
+    [(steps, advantages, scales)] = run_workers(dropping_steps, world_size=1, args=(str(model), str(data), str(tmp_path / "run")))
     (first, first_calls), (second, second_calls), (third, third_calls) = steps
 
     # step 0: 4 prompts sampled (oversample 2 x prompts_per_step 2); the two with signal are the only ones whose
@@ -143,6 +143,11 @@ def test_zero_advantage_groups_are_dropped_oversampling_refills_and_unanimous_st
         ("logprobs", "policy", 4), ("logprobs", "reference", 4), ("train", 4)]
     assert second["groups/trained"] == 1 and second["groups/unfilled"] == 1 and second["groups/unfilled_steps"] == 1
     assert second["groups/zero_share"] == 0.75 and second["no_answer"] == pytest.approx(1 / 16)
+    # the loss is averaged over the full batch's tokens (algorithm.loss_over=batch): a full step as it is; here the
+    # first dropped group (group 0, four "so \boxed{1}": as long as step 0's group 1) stands in for the missing one
+    assert [scale for scale, _ in scales[:2]] == [(1.0, 1.0), (1.0, 1.0)]
+    (token_scale, seq_scale), tokens = scales[2]
+    assert seq_scale == 2.0 and token_scale * tokens == pytest.approx(tokens + scales[0][1])
 
     # step 2: all unanimous: no log-probs, no update (counted), the engine still wakes for the next rollout
     assert third_calls == [("generate", 4, 4), ("engines_sleep",), ("engines_wake", "weights"), ("refit",),
