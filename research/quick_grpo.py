@@ -55,7 +55,7 @@ class GRPOConfig:
     steps: int = 40
     batch_size: int = 16
     group_size: int = 16
-    lr: float = 1e-4
+    lr: float = 5e-5
     kl_coef: float = 0.04
     temperature: float = 1.0
     max_new_tokens: int = 40
