@@ -30,22 +30,28 @@ old path's: dropping groups drops their KL term, by design (the token-mean's den
 ``algorithm.loss_over=batch``, so the policy-gradient term is the old one).
 Target: the new step at most 0.6x the old one's time, with the same loss (1e-5) where the maths is unchanged.
 
-Measured (2-core CPU shared with other jobs, 2026-12-01, ``--repeats 3``, default budget 2048, 50% unanimous):
+Measured (2-core CPU shared with a running demo, 2026-12-01, ``--repeats 1``, default budget 2048, 50% unanimous):
 
 | path | flags | sequences | log-probs (old+ref) s | train s | step s | step / old | padding waste | bytes to policy | bytes / old | loss | max log-prob diff vs old |
 |---|---|---|---|---|---|---|---|---|---|---|---|
-| old | - | 256 | 1.376 | 1.536 | 2.912 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
-| tokens | images_once, token_budget | 256 | 0.990 | 1.080 | 2.069 | 0.71x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
-| +on-policy | images_once, token_budget, on_policy | 256 | 0.389 | 0.876 | 1.264 | 0.43x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
-| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.160 | 0.390 | 0.550 | 0.19x | 10.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
-| +packed | images_once, token_budget, on_policy, packed | 256 | 0.453 | 0.968 | 1.421 | 0.49x | 0.0% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
-| new packed | images_once, token_budget, on_policy, drop_zero, packed | 96 | 0.152 | 0.329 | 0.481 | 0.17x | 0.0% | 2.21 MiB | 0.02x | (-0.0039307) | - |
+| old | - | 256 | 1.731 | 1.396 | 3.127 | 1.00x | 26.3% | 125.23 MiB | 1.00x | -0.0014632 | 0.0e+00 |
+| tokens | images_once, token_budget | 256 | 0.971 | 1.003 | 1.974 | 0.63x | 3.4% | 8.94 MiB | 0.07x | -0.0014632 | 0.0e+00 |
+| +on-policy | images_once, token_budget, on_policy | 256 | 0.473 | 1.066 | 1.540 | 0.49x | 3.4% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new | images_once, token_budget, on_policy, drop_zero | 96 | 0.202 | 0.399 | 0.601 | 0.19x | 10.0% | 2.21 MiB | 0.02x | (-0.0014632) | - |
+| +packed | images_once, token_budget, on_policy, packed | 256 | 0.490 | 0.925 | 1.415 | 0.45x | 0.0% | 5.90 MiB | 0.05x | -0.0014632 | 0.0e+00 |
+| new packed | images_once, token_budget, on_policy, drop_zero, packed | 96 | 0.281 | 0.513 | 0.794 | 0.25x | 0.0% | 2.21 MiB | 0.02x | (-0.0014632) | - |
+
+The ``new`` rows' loss equals the old one here: the normaliser is the full batch's (``algorithm.loss_over=batch``)
+and, at the reference's own weights, the dropped groups' KL term is zero (with the trained groups' tokens only as
+the normaliser, ``loss_over=trained``, it read -0.0039307). An earlier run (``--repeats 3``, no demo running)
+measured the same ratios within the box's swing: 0.71x / 0.43x / 0.19x / 0.49x / 0.17x.
 
 Images once + the token budget alone measured 0.57x-0.71x over several runs (the forwards are matmul-bound: the
 step costs about what its tokens do, 13.1k computed vs 17.2k, of 12.8k real); the on-policy skip removes one of
 the three forwards; dropping unanimous groups removes their tokens from every pass (here 10 of 16 groups).
 Packed rows compute no padding in the linear layers (0.0%; the same loss and log-probs to the last digit) and run
-about as fast as length buckets here (0.49x vs 0.43x, 0.17x vs 0.19x: within this box's run-to-run swing): on CPU
+about as fast as length buckets here (0.45x vs 0.49x and 0.25x vs 0.19x in this run, 0.49x vs 0.43x and 0.17x vs
+0.19x in the earlier one: within this box's run-to-run swing): on CPU
 the attention of a row still runs its sequences side by side padded to the row's longest
 (``models/packed_attention.py``), where a GPU runs one Transformer Engine THD kernel over the real tokens only. So CPU
 runs bucket (``trainer.sequence_packing=auto``) and these rows check the packed path's maths, not its GPU speed.

@@ -9,6 +9,17 @@ run (GRPO seed 1) on its direct questions ended at 0.891 / 0.876 / 0.891; GRPO s
 0.945 / 0.931 / 0.949 and 0.938 / 0.923 / 0.941 (seed 11 rerun with this script: the same digits). About 3
 minutes a seed on a 2-core box.
 
+Measured with it (2026-12-01, the same demos' bases; greedy / pass@1 / maj@8), which set the demo's recipe:
+- seed 2's direct questions (base 0.863 / 0.862 / 0.863), GRPO seeds 2 / 21 / 22, 40 steps at lr 5e-5: the loss
+  averaged over the trained groups only (``algorithm.loss_over=trained``) 0.852 / 0.847 / 0.852 for seed 2; with
+  every group trained (``algorithm.drop_zero_advantage_groups=false``) 0.934 / 0.906 / 0.926 greedy; over the full
+  batch with groups dropped (``loss_over=batch``) 0.934 / 0.926 / 0.926 greedy, pass@1 0.925 / 0.922 / 0.918;
+- lr 1e-4 (``loss_over=batch``, 40 steps) from seed 0's base on the dataset's questions: GRPO seeds 0 / 1 / 2 ended
+  at greedy 1.000 / 0.395 / 1.000 (seed 1: pseudo-labels right in 0.94 -> 0.38 of groups); at 5e-5 for 60 steps
+  seed 1 reached 1.000;
+- seed 1's direct questions (base 0.910 / 0.875 / 0.914), GRPO seed 1 at 5e-5: 0.910 / 0.899 / 0.914 after 40
+  steps, 0.938 / 0.924 / 0.945 after 60.
+
 Run (from the repository root, after ``mmupt demo --synthetic --seed 1 --out runs/demo_s1``):
     .venv/bin/python -m research.grpo_seeds --demo runs/demo_s1 --seeds 11 12 [--train-file FILE] [key=value ...]
 """

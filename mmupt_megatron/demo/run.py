@@ -39,7 +39,8 @@ dev answers with every question type at greedy 0.7 on two evaluations in a row, 
 then on with sampled dev accuracy in this band and greedy at most 0.95. Measured on a second machine (AMD EPYC):
 the earlier rule (the weights the average confirmed, whatever their accuracy) kept seed 0's weights at dev greedy
 0.988, sampled 0.973, and MM-UPT from them lost 3 points of greedy accuracy; ten steps later its weights swung to
-0.941 / 0.921 and MM-UPT from those reached 1.000 (research.quick_grpo, lr 5e-5, 3 seeds). Weights caught in the
+0.941 / 0.921 and MM-UPT from those reached 1.000 (research.quick_grpo, lr 5e-5, 3 seeds; these runs averaged the
+loss over the trained groups only, algorithm.loss_over=trained). Weights caught in the
 band *before* the average confirms (mid-breakthrough: shape questions at 0.69-0.86) lost greedy accuracy in 9 of
 10 research runs (-0.7 to -9.8 points, at lr 1e-4 and 5e-5, with and without min_agreement), and the average
 itself caught in the band in 3 of 3 (-6.6 to -11.7)."""
