@@ -143,7 +143,7 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
     from mmupt_megatron.algorithms.group_selection import filled_batch_scale, select_groups
     from mmupt_megatron.config_loading import load_config
     from mmupt_megatron.distributed.parallel import ParallelDims, free_port
-    from mmupt_megatron.trainer.batching import pack_rollouts
+    from mmupt_megatron.trainer.batching import loss_normalisers, pack_rollouts
     from mmupt_megatron.trainer.cluster import policy_optim_config
     from mmupt_megatron.trainer.workers import PolicyWorker
 
@@ -177,8 +177,8 @@ def run_path(name: str, folder: Path, *, repeats: int, max_tokens: int) -> dict:
         batch.ref_logprobs_BT = worker.logprobs(batch, reference=True)
         middle = time.perf_counter()
         sent += len(pickle.dumps(batch))
-        metrics = worker.train(batch, global_num_tokens=float(batch.loss_mask_BT.sum()) * scale[0],
-                               global_num_seqs=batch.input_ids_BT.shape[0] * scale[1])
+        num_tokens, num_seqs = loss_normalisers(batch, scale)
+        metrics = worker.train(batch, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
         times["logprobs"].append(middle - start)
         times["train"].append(time.perf_counter() - middle)
         if repeat == 0:

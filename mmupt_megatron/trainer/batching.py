@@ -67,6 +67,12 @@ def pack_rollouts(
     )
 
 
+def loss_normalisers(batch: PolicyBatch, scale: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
+    """The loss's global (tokens, sequences) for ``batch``: its loss tokens and sequences times ``scale``
+    (``algorithms.group_selection.filled_batch_scale``: dropped groups counted as trained)."""
+    return float(batch.loss_mask_BT.sum()) * scale[0], batch.input_ids_BT.shape[0] * scale[1]
+
+
 def engine_logprobs(rollouts: Sequence[Rollout], like_BT: torch.Tensor) -> torch.Tensor:
     """The engine's log-probs of the sampled tokens laid out like the policy's ``[B, T-1]`` log-probs."""
     out_BT = torch.zeros_like(like_BT)

@@ -32,7 +32,7 @@ from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfi
 from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
-from mmupt_megatron.trainer.batching import BatchTraffic, pad_for_ranks, shard_for_rank
+from mmupt_megatron.trainer.batching import BatchTraffic, loss_normalisers, pad_for_ranks, shard_for_rank
 from mmupt_megatron.trainer.metrics_log import combine_metrics
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
@@ -294,7 +294,7 @@ class Cluster:
         import ray
 
         shards = self._per_rank(batch)
-        num_tokens, num_seqs = float(batch.loss_mask_BT.sum()) * scale[0], batch.input_ids_BT.shape[0] * scale[1]
+        num_tokens, num_seqs = loss_normalisers(batch, scale)
         results = ray.get([
             w.train.remote(s, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for w, s in zip(self.workers, shards)

@@ -241,7 +241,7 @@ class PolicyWorker:
             raise ValueError("reference log-probs requested but the worker has no reference model (kl_coef = 0)")
         return policy.compute_logprobs(batch, temperature=temperature)
 
-    def train(self, batch: PolicyBatch, *, global_num_tokens: float, global_num_seqs: int) -> dict[str, float]:
+    def train(self, batch: PolicyBatch, *, global_num_tokens: float, global_num_seqs: float) -> dict[str, float]:
         return self.policy.train_step(batch, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
 
     def set_lr(self, lr: float) -> None:

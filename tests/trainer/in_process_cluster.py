@@ -12,7 +12,7 @@ from mmupt_megatron.data.configured import image_encoder
 from mmupt_megatron.data.prompts import expand_image_pads
 from mmupt_megatron.distributed.parallel import ParallelDims, free_port
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.trainer.batching import BatchTraffic
+from mmupt_megatron.trainer.batching import BatchTraffic, loss_normalisers
 from mmupt_megatron.trainer.cluster import policy_optim_config
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker
@@ -95,8 +95,8 @@ class InProcessCluster:
         self.trained_advantages.append(batch.advantages_B.tolist())
         self.loss_scales.append((scale, int(batch.loss_mask_BT.sum())))
         self.traffic.record([batch], copies=[1])
-        return self.worker.train(batch, global_num_tokens=float(batch.loss_mask_BT.sum()) * scale[0],
-                                 global_num_seqs=batch.input_ids_BT.shape[0] * scale[1])
+        num_tokens, num_seqs = loss_normalisers(batch, scale)
+        return self.worker.train(batch, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
 
     def refit(self) -> int:
         self.schedule.before_refit()
