@@ -172,6 +172,10 @@ class RolloutConfig:
     colocated engines, broadcast for engines on GPUs of their own; on CPU: shm on one host, else ray; the rule is
     ``engines/refit_routes.refit_transport``). Each engine takes its weights from the closest data-parallel
     replica of the policy."""
+    refit_timeout_s: float = 600.0
+    """Time limit of each step of a refit process group (transport broadcast): the rendezvous of the sender and
+    every engine worker, and each bucket's broadcast. Past it the refit fails naming the group and what it waited
+    for, instead of waiting forever on a peer that never comes."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
     verify_refit_tol: float = 1e-3
@@ -203,6 +207,8 @@ class RolloutConfig:
         if self.num_engines < 0:
             out.append(f"rollout.num_engines must be >= 0 (0 = auto), got {self.num_engines}")
         out += _non_negative(self, "rollout", ("cpu_kvcache_gib", "verify_refit_tol"))
+        if not (math.isfinite(self.refit_timeout_s) and self.refit_timeout_s > 0):
+            out.append(f"rollout.refit_timeout_s must be finite and > 0, got {self.refit_timeout_s}")
         if not (isinstance(self.oversample, (int, float)) and math.isfinite(self.oversample) and self.oversample >= 1):
             out.append(f"rollout.oversample must be a finite number >= 1 (1 = no oversampling), got {self.oversample}")
         return out

@@ -95,13 +95,15 @@ class HandleSender:
 class BroadcastSender:
     """``join(host, port, world)`` asks the engines to join the group (returns a wait function);
     ``receive(size)`` asks them to take part in the next broadcast and load it (returns a wait function);
-    ``workers``: how many engine workers join (the group's world is 1 + workers)."""
+    ``workers``: how many engine workers join (the group's world is 1 + workers); ``timeout_s``: the group's
+    rendezvous and each broadcast fail past it (``rollout.refit_timeout_s``)."""
 
     def __init__(self, *, offer: Callable[[Sequence[ManifestEntry]], str | None], workers: int,
                  join: Callable[[str, int, int], Callable[[], Any]], receive: Callable[[int], Callable[[], Any]],
-                 host: str, device: torch.device | None = None) -> None:
+                 host: str, device: torch.device | None = None, timeout_s: float = 600.0) -> None:
         self._offer, self._join, self._receive = offer, join, receive
-        self.world, self.host = 1 + workers, host
+        self.world, self.host, self.timeout_s = 1 + workers, host, timeout_s
+        self.name = ""
         self.frame = _DeviceFrame(device or default_device())
         self.group: Any = None
 
@@ -112,7 +114,8 @@ class BroadcastSender:
                 sock.bind(("", 0))
                 port = sock.getsockname()[1]
             joined = self._join(self.host, port, self.world)  # the engines connect to our store meanwhile
-            self.group = refit_group(self.host, port, 0, self.world, self.frame.device)
+            self.group = refit_group(self.host, port, 0, self.world, self.frame.device, timeout_s=self.timeout_s)
+            self.name = f"{self.host}:{port}"
             joined()
         return refusal
 
@@ -122,7 +125,7 @@ class BroadcastSender:
     def send(self, layout: BucketLayout) -> None:  # noqa: ARG002 - the frame names its tensors
         self.frame.ready()
         loaded = self._receive(self.frame.size)
-        broadcast(self.group, self.frame.tensor[: self.frame.size])
+        broadcast(self.group, self.frame.tensor[: self.frame.size], name=self.name)
         loaded()
 
     def close(self) -> None:

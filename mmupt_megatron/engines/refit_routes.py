@@ -11,12 +11,13 @@ with 8 engines and DP 8, replica d refits the engine on its own GPU; a policy wi
 A location is (node id, GPU ids) as Ray reports it for an actor (``ray.get_gpu_ids()``; empty on CPU, and for a
 tensor-parallel engine whose GPUs belong to vLLM's own workers).
 
-``refit_transport`` resolves ``rollout.refit_transport=auto`` for one sender and its engines (see there).
+``refit_transport`` resolves ``rollout.refit_transport=auto`` for one sender and its engines (see there);
+``refit_waves`` orders the senders so that no two refit groups can wait on each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 Location = tuple[str, tuple[str, ...]]
 
@@ -72,4 +73,35 @@ def refit_transport(requested: str, *, sender: Location, engines: Sequence[Locat
     return "shm"
 
 
-__all__ = ["TRANSPORTS", "Location", "refit_sources", "refit_transport"]
+COLLECTIVE = ("broadcast",)
+"""Transports whose every bucket is a collective of the sender and all its engines' workers."""
+
+
+def refit_waves(routes: Sequence[tuple[Hashable, Sequence[int], str]]) -> list[list[int]]:
+    """The policy ranks in the order they refit: waves run one after another, the ranks of a wave at once.
+
+    ``routes[rank]`` = (the rank's sending unit: its (DP replica, pipeline stage), whose TP ranks take part in one
+    stream —, the engines it refits, its transport). An engine actor runs one task at a time, and tasks from
+    different senders reach it in no set order. Where each bucket is a collective of the sender and every engine
+    of its group (``COLLECTIVE``), two such groups that share engines could each hold one engine and wait for the
+    other — the deadlock of a PP=2 policy whose two stages broadcast to the same two engines. So no two collective
+    units that share an engine are in one wave; everything else (and every rank that refits nothing) is in the
+    first. Deterministic: units in order of first appearance, each in the earliest wave it fits."""
+    units: dict[Hashable, set[int]] = {}  # the collective units' engines, in order of first appearance
+    for unit, engines, transport in routes:
+        if transport in COLLECTIVE and engines:
+            units.setdefault(unit, set()).update(engines)
+    wave_of: dict[Hashable, int] = {}
+    wave_engines: list[set[int]] = [set()]
+    for unit, wanted in units.items():
+        wave_of[unit] = next((w for w, used in enumerate(wave_engines) if not used & wanted), len(wave_engines))
+        if wave_of[unit] == len(wave_engines):
+            wave_engines.append(set())
+        wave_engines[wave_of[unit]] |= wanted
+    waves: list[list[int]] = [[] for _ in wave_engines]
+    for rank, (unit, _, _) in enumerate(routes):
+        waves[wave_of.get(unit, 0)].append(rank)
+    return [wave for wave in waves if wave]
+
+
+__all__ = ["COLLECTIVE", "TRANSPORTS", "Location", "refit_sources", "refit_transport", "refit_waves"]

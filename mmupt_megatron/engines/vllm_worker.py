@@ -45,19 +45,37 @@ def share_tensor(tensor: torch.Tensor) -> bytes:
     return bytes(ForkingPickler.dumps(tensor))
 
 
-def refit_group(host: str, port: int, rank: int, world: int, device: torch.device) -> Any:
+def refit_group(host: str, port: int, rank: int, world: int, device: torch.device, *, timeout_s: float = 600.0) -> Any:
     """A process group of its own for refit broadcasts (not torch.distributed's default group: vLLM and the
-    trainer have theirs): NCCL between GPUs, gloo on CPU; rank 0 (the sender) hosts the rendezvous store."""
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=600))
-    if device.type == "cuda":
-        return dist.ProcessGroupNCCL(store, rank, world)
-    return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=600))
+    trainer have theirs): NCCL between GPUs, gloo on CPU; rank 0 (the sender) hosts the rendezvous store.
+    Every member must arrive within ``timeout_s`` (``rollout.refit_timeout_s``), else TimeoutError naming the
+    group and the members it waited for; each later broadcast has the same limit."""
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            return dist.ProcessGroupNCCL(store, rank, world, options)
+        return dist.ProcessGroupGloo(store, rank, world, timeout)
+    except (RuntimeError, dist.DistError) as error:  # DistStoreError / gloo's connectFullMesh timeout
+        raise TimeoutError(
+            f"refit group {host}:{port}: rank {rank} waited {timeout_s:g} s (rollout.refit_timeout_s) for the "
+            f"group's {world} members (the sender and every engine worker) to join, and they did not: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
 
 
-def broadcast(group: Any, tensor: torch.Tensor, *, root: int = 0) -> None:
+def broadcast(group: Any, tensor: torch.Tensor, *, root: int = 0, name: str = "") -> None:
+    """Broadcast ``tensor`` from ``root`` over ``group``; a member missing past the group's timeout is a
+    TimeoutError naming the group (``name``: its ``host:port``)."""
     options = dist.BroadcastOptions()
     options.rootRank = root
-    group.broadcast([tensor], options).wait()
+    try:
+        group.broadcast([tensor], options).wait()
+    except (RuntimeError, dist.DistError) as error:
+        raise TimeoutError(f"refit group {name or '?'}: a {tensor.numel()}-byte bucket broadcast from rank {root} "
+                           f"did not complete (a member did not take part within rollout.refit_timeout_s): "
+                           f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
 
 
 def open_shared(handle: bytes) -> torch.Tensor:
@@ -92,18 +110,19 @@ class RefitExtension:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return self._reload(frame)
 
-    def mmupt_join_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
+    def mmupt_join_broadcast(self, host: str, port: int, first_rank: int, world: int, timeout_s: float = 600.0) -> None:
         """Join the refit group of the sender at ``host:port`` as rank ``first_rank`` + this worker's rank in its
         engine. A worker belongs to one group per sender (each pipeline stage of the policy sends its own layers)."""
         if not hasattr(self, "_refit_groups"):
             self._refit_groups: dict[str, Any] = {}
-        self._refit_groups[f"{host}:{port}"] = refit_group(host, port, first_rank + self.rank, world, self.device)  # type: ignore[attr-defined]
+        self._refit_groups[f"{host}:{port}"] = refit_group(host, port, first_rank + self.rank, world,  # type: ignore[attr-defined]
+                                                           self.device, timeout_s=timeout_s)  # type: ignore[attr-defined]
 
     def mmupt_load_broadcast(self, size: int, group: str) -> int:
         """Receive the next ``size``-byte bucket frame broadcast in refit group ``group`` (``host:port``), and
         load it."""
         frame = torch.empty(size, dtype=torch.uint8, device=self.device)  # type: ignore[attr-defined]
-        broadcast(self._refit_groups[group], frame)
+        broadcast(self._refit_groups[group], frame, name=group)
         return self._reload(frame)
 
     def mmupt_load_shared(self, handle: bytes, size: int) -> int:

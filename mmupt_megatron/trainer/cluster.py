@@ -12,7 +12,9 @@ with ``ray.init(num_cpus=...)``; with ``trainer.ray_address`` set it attaches to
 Rollout: ``generate`` splits a batch into contiguous runs of whole prompt groups, balanced by expected tokens,
 one per engine (``engines/dispatch.py``); seeds follow each request's position in the batch, so the responses
 do not depend on the number of engines. Refit: each engine takes every bucket from one data-parallel replica of the
-policy, the closest (on its GPU, else its node: ``engines/refit_routes.py``); replicas refit their engines at once.
+policy, the closest (on its GPU, else its node: ``engines/refit_routes.py``); replicas refit their engines at once,
+except that two senders broadcasting to a shared engine take turns (``refit_routes.refit_waves``: an engine runs one
+task at a time, and two refit groups that each held one engine would wait for each other forever).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mmupt_megatron.config import Config
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
+from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport, refit_waves
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import BatchTraffic, loss_normalisers, pad_for_ranks, shard_for_rank
@@ -216,6 +218,7 @@ class Cluster:
                                                                  if engine_tp > 1 else {})}))
         self.tokens = ray.get(self.engines[0].tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
+        self.refit_timeout_s = cfg.rollout.refit_timeout_s
         # this cluster's shared-memory refit segments: /dev/shm/<shm_prefix>*, released at shutdown
         self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
@@ -235,12 +238,16 @@ class Cluster:
         sources = refit_sources(engines_at, [[ranks_at[rank] for _, rank in stage_ranks] for stage_ranks in senders])
         self.refit_sources = sources
         """``refit_sources[e]``: the DP replica that refits engine e."""
-        routes = []
+        routes, units = [], []
         for rank, info in enumerate(self.infos):
             mine = [e for e, d in enumerate(sources) if d == info.dp_rank]
-            transport = refit_transport(requested, sender=ranks_at[rank], engines=[engines_at[e] for e in mine],
-                                        colocated=self.colocated, on_gpu=on_gpu)
+            sender = next(r for _, r in senders[info.dp_rank] if self.infos[r].pp_rank == info.pp_rank)
+            transport = refit_transport(requested, sender=ranks_at[sender], engines=[engines_at[e] for e in mine],
+                                        colocated=self.colocated, on_gpu=on_gpu)  # the stage's sender decides
             routes.append(([self.engines[e] for e in mine], transport))
+            units.append(((info.dp_rank, info.pp_rank), mine, transport))
+        self.refit_waves = refit_waves(units)
+        """Policy ranks in refit order: waves one after another, a wave's ranks at once (``refit_waves``)."""
         return routes
 
     # -- the rollout engines ---------------------------------------------------------------------------
@@ -315,11 +322,13 @@ class Cluster:
         import ray
 
         self.schedule.before_refit()
-        sent = ray.get([worker.refit.remote(engines, bucket_bytes=self.bucket_bytes, transport=transport,
-                                            shm_prefix=self.shm_prefix)
-                        for worker, (engines, transport) in zip(self.workers, self.refit_routes, strict=True)])
+        sent = 0
+        for wave in self.refit_waves:  # senders that share engines over a collective never refit at once
+            sent += sum(ray.get([self.workers[rank].refit.remote(
+                self.refit_routes[rank][0], transport=self.refit_routes[rank][1], bucket_bytes=self.bucket_bytes,
+                shm_prefix=self.shm_prefix, timeout_s=self.refit_timeout_s) for rank in wave]))
         self.schedule.after_refit()
-        return sum(sent)
+        return sent
 
     def save(self, folder: str) -> None:
         with self.schedule.around_checkpoint():

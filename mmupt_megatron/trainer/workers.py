@@ -120,9 +120,11 @@ def ray_handle_sender(engines: list[Any]) -> Any:
     return HandleSender(offer=lambda manifest: offer_manifest(engines, manifest), notify=notify)
 
 
-def ray_broadcast_sender(engines: list[Any]) -> Any:
+def ray_broadcast_sender(engines: list[Any], *, timeout_s: float = 600.0) -> Any:
     """A ``BroadcastSender`` to ``RolloutWorker`` actors anywhere: each bucket is broadcast from this rank's device
-    to every engine worker over a refit group of its own (NCCL on GPU, gloo on CPU)."""
+    to every engine worker over a refit group of its own (NCCL on GPU, gloo on CPU). The cluster never lets two
+    such senders that share an engine refit at once (``refit_routes.refit_waves``): an engine actor runs one task
+    at a time, so two groups spanning the same engines could each hold one of them and wait for the other."""
     import ray
 
     from mmupt_megatron.engines.device_transport import BroadcastSender
@@ -135,7 +137,7 @@ def ray_broadcast_sender(engines: list[Any]) -> Any:
 
     def join(host: str, port: int, world: int):  # noqa: ANN202 - a wait function
         group_key[:] = [f"{host}:{port}"]
-        refs = [e.join_refit_broadcast.remote(host, port, first, world) for e, first in zip(engines, firsts)]
+        refs = [e.join_refit_broadcast.remote(host, port, first, world, timeout_s) for e, first in zip(engines, firsts)]
         return lambda: ray.get(refs)
 
     def receive(size: int):  # noqa: ANN202 - a wait function
@@ -143,7 +145,7 @@ def ray_broadcast_sender(engines: list[Any]) -> Any:
         return lambda: ray.get(refs)
 
     return BroadcastSender(offer=lambda manifest: offer_manifest(engines, manifest), workers=sum(sizes), join=join,
-                           receive=receive, host=ray.util.get_node_ip_address())
+                           receive=receive, host=ray.util.get_node_ip_address(), timeout_s=timeout_s)
 
 
 def ray_local_device() -> int:
@@ -270,18 +272,20 @@ class PolicyWorker:
             self.reference.offload(weights=True)
             _empty_cache()
 
-    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "shm", shm_prefix: str = "mmupt_") -> int:
+    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "shm", shm_prefix: str = "mmupt_",
+              timeout_s: float = 600.0) -> int:
         """Stream this rank's stage into ``engines``, the engine actors this rank's DP replica refits (the same
         list on every rank of the replica; empty when it refits none: ``engines/refit_routes.py``). Collective
         over the replica's TP group: TP rank 0 sends one bucket of whole layers at a time, the others take part
         in the gathers. Its shared-memory segments (transport shm) are named ``shm_prefix...`` and live until
-        ``release_refit``. The engines a rank serves stay the same for the cluster's life."""
+        ``release_refit``. The engines a rank serves stay the same for the cluster's life. ``timeout_s``: the
+        broadcast transport's rendezvous and broadcasts (``rollout.refit_timeout_s``)."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         sender = None
         if self.groups.tp_rank == 0 and engines:
             if self._sender is None:  # kept across refits: its bucket buffer is reused
-                self._sender = self._make_sender(engines, transport, shm_prefix=shm_prefix)
+                self._sender = self._make_sender(engines, transport, shm_prefix=shm_prefix, timeout_s=timeout_s)
             sender = self._sender
         return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes, active=bool(engines)).num_bytes
 
@@ -303,12 +307,14 @@ class PolicyWorker:
         return next((kind for cls, kind in kinds.items() if isinstance(self._sender, cls)), "ray")
 
     @staticmethod
-    def _make_sender(engines: list[Any], transport: str, *, shm_prefix: str) -> Any:
+    def _make_sender(engines: list[Any], transport: str, *, shm_prefix: str, timeout_s: float) -> Any:
         """``transport`` (resolved by the cluster: ``engines/refit_routes.refit_transport``): ipc (bucket shared
         by tensor handle), shm (host shared memory), broadcast (a refit process group), ray (object store)."""
         if transport == "shm":
             return RayShmSender(engines, name_prefix=shm_prefix)
-        return {"ipc": ray_handle_sender, "broadcast": ray_broadcast_sender, "ray": RaySender}[transport](engines)
+        if transport == "broadcast":
+            return ray_broadcast_sender(engines, timeout_s=timeout_s)
+        return {"ipc": ray_handle_sender, "ray": RaySender}[transport](engines)
 
     def save(self, folder: str) -> None:
         """Collective: the policy and the optimizer's state (Adam moments, fp32 main params: every rank's
@@ -373,9 +379,9 @@ class RolloutWorker:
         """vLLM workers of this engine (its tensor-parallel degree): each joins a refit broadcast group."""
         return self.engine.tensor_parallel_size
 
-    def join_refit_broadcast(self, host: str, port: int, first_rank: int, world: int) -> None:
+    def join_refit_broadcast(self, host: str, port: int, first_rank: int, world: int, timeout_s: float = 600.0) -> None:
         """Join the refit group whose rendezvous is ``host:port`` (one per sender)."""
-        self.engine.llm.collective_rpc("mmupt_join_broadcast", args=(host, port, first_rank, world))
+        self.engine.llm.collective_rpc("mmupt_join_broadcast", args=(host, port, first_rank, world, timeout_s))
 
     def load_broadcast_bucket(self, size: int, group: str) -> int:
         """Take part in the next broadcast of refit group ``group`` (``host:port``: a ``size``-byte bucket frame)

@@ -49,3 +49,40 @@ def test_auto_transport_follows_where_the_engines_are(engines, colocated, on_gpu
 def test_an_unknown_transport_is_named():
     with pytest.raises(ValueError, match="rollout.refit_transport must be auto or one of.*got 'nccl'"):
         refit_transport("nccl", sender=("a", ()), engines=[], colocated=True, on_gpu=False)
+
+
+def test_senders_broadcasting_to_shared_engines_take_turns_and_the_rest_refit_at_once():
+    from mmupt_megatron.engines.refit_routes import refit_waves
+
+    # PP=2, TP=2, DP=1, two engines, broadcast: stage 0 = ranks 0/1, stage 1 = ranks 2/3, both refit engines 0 and 1.
+    # At once, engine 0 could run stage 0's rendezvous while engine 1 runs stage 1's: each waits for the other.
+    pp2 = [((0, 0), [0, 1], "broadcast")] * 2 + [((0, 1), [0, 1], "broadcast")] * 2
+    assert refit_waves(pp2) == [[0, 1], [2, 3]]
+    # DP=2 x PP=2: each replica's stages share its own engine; the replicas' engines differ: two waves of two
+    dp2pp2 = [((0, 0), [0], "broadcast"), ((0, 1), [0], "broadcast"), ((1, 0), [1], "broadcast"),
+              ((1, 1), [1], "broadcast")]
+    assert refit_waves(dp2pp2) == [[0, 2], [1, 3]]
+    # transports whose buckets are not collectives (shm, ipc, ray) never wait for another sender: one wave
+    assert refit_waves([(u, e, "shm") for u, e, _ in pp2]) == [[0, 1, 2, 3]]
+    # ranks that refit nothing (a replica with no engine) go with the first wave; the first sender's TP
+    # peers stay with it even when only the sender's transport is a collective
+    assert refit_waves([((0, 0), [0], "broadcast"), ((0, 0), [0], "shm"), ((1, 0), [], "shm"),
+                        ((0, 1), [0], "broadcast")]) == [[0, 1, 2], [3]]
+
+
+def test_a_refit_group_whose_members_never_come_fails_in_seconds_naming_the_group():
+    import socket
+    import time
+
+    import torch
+
+    from mmupt_megatron.engines.vllm_worker import refit_group
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"refit group 127\.0\.0\.1:{port}: rank 0 waited 2 s "
+                                           r"\(rollout\.refit_timeout_s\) for the group's 3 members"):
+        refit_group("127.0.0.1", port, 0, 3, torch.device("cpu"), timeout_s=2)
+    assert time.monotonic() - start < 30

@@ -35,6 +35,7 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         # ipc: buckets shared by tensor handle (GPU: CUDA IPC; here a shared-memory file, the same calls);
         # broadcast: over a refit process group (GPU: NCCL; here gloo, the same calls)
         f"rollout.refit_transport={transport}", layout,
+        "rollout.refit_timeout_s=60",  # a refit group that cannot form fails in a minute, naming itself
     ])
     trainer = Trainer(cfg)
     cluster = trainer.cluster
@@ -59,6 +60,9 @@ def test_two_engines_sample_what_one_would_and_both_take_the_refit(tmp_path, ray
         assert metrics["rollout/logprob_gap_max"] < 1e-3 and metrics["train/ratio_mean"] == 1.0
         # every sender used the transport asked for: both replicas (DP=2) or both stages (PP=2)
         assert ray.get([w.refit_transport.remote() for w in cluster.workers]) == [transport, transport]
+        # two stages broadcasting to the same two engines take turns (else each could hold one engine and wait
+        # for the other); DP=2's replicas refit engines of their own, at once
+        assert cluster.refit_waves == ([[0], [1]] if transport == "broadcast" else [[0, 1]])
     finally:
         cluster.shutdown()
 
