@@ -168,18 +168,20 @@ class RolloutConfig:
     CUDA IPC for colocated engines on its GPU; on CPU a shared-memory file), shm (host shared memory the engines
     map; the TP ranks write their pieces into it, no gather), broadcast (from the sender's device over a refit
     process group: NCCL to engines on other GPUs or nodes, gloo on CPU; not for an engine on the sender's GPU),
-    ray (Ray's object store), auto (on GPU: ipc when every engine of a sender is on its GPU, shm for other
-    colocated engines, broadcast for engines on GPUs of their own; on CPU: shm on one host, else ray; the rule is
-    ``engines/refit_routes.refit_transport``). Each engine takes its weights from the closest data-parallel
-    replica of the policy."""
+    ray (Ray's object store), auto (decided per engine: broadcast to an engine on another host; on the sender's
+    host, on GPU: ipc when every such engine is on its GPU, shm for other colocated engines, broadcast for engines
+    on GPUs of their own; on CPU: shm; a sender whose engines need two transports uses both; the rule is
+    ``engines/refit_routes.refit_transports``). ipc and shm named explicitly are refused for an engine on another
+    host. Each engine takes its weights from the closest data-parallel replica of the policy."""
     refit_timeout_s: float = 600.0
     """Time limit of each step of a refit process group (transport broadcast): the rendezvous of the sender and
     every engine worker, and each bucket's broadcast. Past it the refit fails naming the group and what it waited
     for, instead of waiting forever on a peer that never comes."""
     verify_refit: bool = False
     """After each refit, compare engine and policy log-probs on a probe batch; fail above the tolerance."""
-    verify_refit_tol: float = 1e-3
-    """Tolerance (max absolute log-prob difference) of verify_refit."""
+    verify_refit_tol: float = 0.0
+    """Tolerance (max absolute log-prob difference on one token) of verify_refit; 0 = by the policy's dtype: 1e-3
+    in fp32 (CPU), 0.5 in bf16 (GPU), where the two stacks' rounding differs (``weight_sync.REFIT_TOL``)."""
     oversample: float = 1.0
     """Sample this many times trainer.prompts_per_step prompts per step (rounded up) and train on the first
     prompts_per_step groups that carry signal (needs algorithm.drop_zero_advantage_groups); 1 = no oversampling.

@@ -54,12 +54,52 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ValueError(f"recipe {str(recipe)!r} is neither a file nor one of configs/: {available}")
 
 
-def read_yaml(path: Path, *, what: str = "a recipe") -> dict[str, Any]:
-    """A YAML file's mapping; ValueError naming the file when it is not one."""
+class DuplicateKeyError(ValueError):
+    """A YAML mapping gives one key twice (plain YAML keeps the last silently)."""
+
+
+def _check_unique_keys(node: yaml.Node, path: str = "") -> None:
+    """DuplicateKeyError naming the dotted key and both lines when a mapping under ``node`` repeats a key."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                dotted = f"{path}.{key_node.value}" if path else str(key_node.value)
+                line = key_node.start_mark.line + 1
+                seen = first.get((key_node.tag, key_node.value))
+                if seen is not None:
+                    raise DuplicateKeyError(f"key {dotted!r} is given twice, on line {seen} and on line {line} (YAML "
+                                            "would keep the last silently): keep one")
+                first[(key_node.tag, key_node.value)] = line
+                _check_unique_keys(value_node, dotted)
+            else:
+                _check_unique_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{index}]")
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with a repeated key (DuplicateKeyError naming key and lines)."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, *, what: str = "a recipe") -> dict[str, Any]:
+    """A YAML file's mapping; ValueError naming the file when it is not one, or when it gives a key twice."""
+    try:
+        data = safe_load_unique(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
+    except DuplicateKeyError as error:
+        raise ValueError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {what} must be a mapping, got {type(data).__name__}")
     return data

@@ -65,7 +65,15 @@ class DatasetConfig:
 
 
 class BadRowError(ValueError):
-    """A row that cannot be used; the message names the file and row."""
+    """A row that cannot be used; the message names the file and row, ``reason`` is the short form counted by
+    ``on_bad_row=skip``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)  # one argument: str(error) is the message, not a tuple
+        self.reason = reason
+
+    def __reduce__(self):  # pickles (Ray) with both arguments
+        return type(self), (str(self), self.reason)
 
 
 @dataclass
@@ -151,7 +159,7 @@ class ImageQuestionDataset:
                 except BadRowError as e:
                     if self.cfg.on_bad_row == "error":
                         raise
-                    self.skipped.add(e.args[1], e.args[0])
+                    self.skipped.add(e.reason, str(e))
         if not self.samples:
             detail = f" ({self.skipped.summary()})" if self.skipped.total else ""
             raise ValueError(f"no usable rows in {', '.join(self.files)}{detail}")

@@ -132,6 +132,23 @@ def hf_folder_kind(path: Path) -> str | None:
     return None
 
 
+_SAVED_FILES = ("state.json", "dataset_info.json")
+"""What ``Dataset.save_to_disk`` writes beside its ``data-*.arrow`` files."""
+
+
+def saved_folder_problem(path: Path) -> str | None:
+    """What a folder that ``save_to_disk`` wrote (its files or its ``.arrow`` data are there) lacks; None when it is
+    complete or is no such folder. An incomplete one must not be read as a folder of data files."""
+    present = [name for name in _SAVED_FILES if (path / name).is_file()]
+    arrow = sorted(path.glob("*.arrow"))
+    if len(present) == len(_SAVED_FILES) or not (present or arrow):
+        return None
+    missing = [name for name in _SAVED_FILES if name not in present]
+    found = ", ".join(present + ([f"{len(arrow)} .arrow file(s)"] if arrow else []))
+    return (f"{path}: a Dataset.save_to_disk folder ({found}) without its {' and '.join(missing)} (copied or saved "
+            f"only in part?); it is not read as data files: restore {'/'.join(missing)} or save the dataset again")
+
+
 def _split_spec(spec: str) -> tuple[str, str | None]:
     """``NAME@SPLIT`` -> (NAME, SPLIT); an existing path is never split."""
     if "@" in spec and not Path(spec).exists():
@@ -152,6 +169,8 @@ def hf_source(item: str | Path) -> HFSource | None:
     path = Path(name)
     if path.is_dir() and (kind := hf_folder_kind(path)):
         return _saved_folder(path, split) if kind == "saved" else _repo_folder(path, split)
+    if path.is_dir() and (problem := saved_folder_problem(path)):
+        raise ValueError(problem)
     if path.exists():
         if split is not None:
             raise ValueError(f"{item}: @{split} names a split, but {path} is not a Hugging Face dataset folder "
@@ -220,11 +239,52 @@ def _saved_folder(path: Path, split: str | None) -> HFSource:
 
 
 def _prepared(builder, label: str, split: str | None) -> tuple[Any, str]:
-    """(the chosen split as a Dataset, its name) of a dataset builder."""
+    """(the chosen split as a Dataset, its name) of a dataset builder; ValueError naming a data file that does
+    not read (``datasets`` itself names none)."""
     splits = list(builder.info.splits or {}) or list(builder.config.data_files or {})
     chosen = _pick_split(label, splits, split)
-    builder.download_and_prepare()
-    return builder.as_dataset(split=chosen), chosen
+    try:
+        builder.download_and_prepare()
+        return builder.as_dataset(split=chosen), chosen
+    except Exception as e:  # ArrowInvalid, DatasetGenerationError, ...: find the file
+        bad = _unreadable_data_file(builder)
+        if bad is not None:
+            raise ValueError(f"{label}: data file {bad[0]}: {bad[1]}") from e
+        raise ValueError(f"{label}: the dataset does not read ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _unreadable_data_file(builder) -> tuple[str, str] | None:
+    """(file, why) of the first local data file of ``builder`` that does not read: a parquet file's footer
+    first, then its row groups; JSON lines / JSON files parsed whole."""
+    files = [str(f) for split_files in (builder.config.data_files or {}).values() for f in split_files]
+    local = [Path(f) for f in dict.fromkeys(files) if Path(f).is_file()]
+    parquet = [f for f in local if f.suffix == ".parquet"]
+    import pyarrow.parquet as pq
+
+    for full in (False, True):  # the footers (cheap) of every file, then the data
+        for path in parquet:
+            try:
+                opened = pq.ParquetFile(path)
+                if full:
+                    for group in range(opened.num_row_groups):
+                        opened.read_row_group(group)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+                return str(path), f"not a readable parquet file ({type(e).__name__}: {_first_line(e)})"
+    for path in local:
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                records = list(read_file_rows(path, columns=(), required=()))
+            except ValueError as e:
+                return str(path), str(e)
+            bad = next(((row, record) for row, record in records if isinstance(record, str)), None)
+            if bad is not None:
+                return str(path), f"row {bad[0]}: {bad[1]}"
+    return None
 
 
 def _repo_folder(path: Path, split: str | None) -> HFSource:

@@ -11,7 +11,7 @@ with 8 engines and DP 8, replica d refits the engine on its own GPU; a policy wi
 A location is (node id, GPU ids) as Ray reports it for an actor (``ray.get_gpu_ids()``; empty on CPU, and for a
 tensor-parallel engine whose GPUs belong to vLLM's own workers).
 
-``refit_transport`` resolves ``rollout.refit_transport=auto`` for one sender and its engines (see there);
+``refit_transports`` resolves ``rollout.refit_transport=auto`` for one sender and each of its engines (see there);
 ``refit_waves`` orders the senders so that no two refit groups can wait on each other.
 """
 
@@ -47,41 +47,60 @@ def _closeness(engine: Location, senders: Sequence[Location]) -> tuple[int, int]
 TRANSPORTS = ("ipc", "shm", "broadcast", "ray")
 
 
-def refit_transport(requested: str, *, sender: Location, engines: Sequence[Location], colocated: bool,
-                    on_gpu: bool) -> str:
-    """The transport one sender uses for ``engines`` (``rollout.refit_transport``; ``auto`` resolved here):
+def refit_transports(requested: str, *, sender: Location, engines: Sequence[Location], colocated: bool,
+                     on_gpu: bool) -> list[tuple[str, list[int]]]:
+    """How one sender reaches each of its ``engines``: (transport, the engines' indices) per transport it needs
+    (``rollout.refit_transport``; ``auto`` resolved here). Host memory and device handles are shared only within
+    a host, so the engines on the sender's host and those elsewhere are decided apart:
 
-    - GPU, colocated, every engine on the sender's own GPU (engine TP 1): ``ipc``, a CUDA IPC handle to the bucket.
-    - GPU, colocated otherwise (a tensor-parallel engine, or engines on the GPUs of the sender's TP peers): ``shm``,
-      host shared memory. Neither GPU path works there: NCCL cannot hold the sender's GPU twice (an engine worker
-      shares it), and Ray shows each actor only its own GPU, so a CUDA IPC handle does not open on another one.
-    - GPU, engines on GPUs of their own: ``broadcast`` over NCCL (NVLink within a node, the network across).
-    - CPU: ``shm`` when every engine is on the sender's host, else ``ray``.
-    """
-    if requested != "auto":
-        if requested not in TRANSPORTS:
-            raise ValueError(f"rollout.refit_transport must be auto or one of {TRANSPORTS}, got {requested!r}")
-        return requested
+    - another host: ``broadcast`` (NCCL across the network on GPU, gloo on CPU).
+    - this host, GPU, colocated, every such engine on the sender's own GPU (engine TP 1): ``ipc``, a CUDA IPC handle
+      to the bucket.
+    - this host, GPU, colocated otherwise (a tensor-parallel engine, or engines on the GPUs of the sender's TP
+      peers): ``shm``, host shared memory. Neither GPU path works there: NCCL cannot hold the sender's GPU twice (an
+      engine worker shares it), and Ray shows each actor only its own GPU, so a CUDA IPC handle does not open on
+      another one.
+    - this host, GPU, engines on GPUs of their own: ``broadcast`` over NCCL (NVLink).
+    - this host, CPU: ``shm``.
+
+    A pipeline stage on another node than some of its engines (the 32B / 72B recipes) thus sends to them by
+    broadcast and to its own node's engines by shared memory. A transport named explicitly applies to every
+    engine, and ``ipc`` / ``shm`` across hosts is refused, naming the engine."""
+    if requested != "auto" and requested not in TRANSPORTS:
+        raise ValueError(f"rollout.refit_transport must be auto or one of {TRANSPORTS}, got {requested!r}")
     node, gpus = sender
-    same_host = all(n == node for n, _ in engines)
-    if not on_gpu:
-        return "shm" if same_host else "ray"
-    if not colocated:
-        return "broadcast"
-    if gpus and all(n == node and g == gpus for n, g in engines):
-        return "ipc"
-    return "shm"
+    local = [i for i, (n, _) in enumerate(engines) if n == node]
+    remote = [i for i, (n, _) in enumerate(engines) if n != node]
+    if requested != "auto":
+        if requested in ("ipc", "shm") and remote:
+            raise ValueError(f"rollout.refit_transport={requested}: engine {remote[0]} runs on node "
+                             f"{engines[remote[0]][0]}, the sender on {node}; {requested} works only within a host "
+                             "(use auto, broadcast or ray)")
+        return [(requested, list(range(len(engines))))] if engines else []
+    plan: dict[str, list[int]] = {}
+    if local:
+        here = [engines[i] for i in local]
+        if not on_gpu:
+            kind = "shm"
+        elif not colocated:
+            kind = "broadcast"
+        else:
+            kind = "ipc" if gpus and all(g == gpus for _, g in here) else "shm"
+        plan[kind] = local
+    if remote:
+        plan.setdefault("broadcast", []).extend(remote)
+    return [(kind, sorted(ids)) for kind, ids in plan.items()]
 
 
 COLLECTIVE = ("broadcast",)
 """Transports whose every bucket is a collective of the sender and all its engines' workers."""
 
 
-def refit_waves(routes: Sequence[tuple[Hashable, Sequence[int], str]]) -> list[list[int]]:
+def refit_waves(routes: Sequence[tuple[Hashable, Sequence[int], str | Sequence[str]]]) -> list[list[int]]:
     """The policy ranks in the order they refit: waves run one after another, the ranks of a wave at once.
 
     ``routes[rank]`` = (the rank's sending unit: its (DP replica, pipeline stage), whose TP ranks take part in one
-    stream —, the engines it refits, its transport). An engine actor runs one task at a time, and tasks from
+    stream —, the engines it refits, its transport or transports). An engine actor runs one task at a time, and tasks from
     different senders reach it in no set order. Where each bucket is a collective of the sender and every engine
     of its group (``COLLECTIVE``), two such groups that share engines could each hold one engine and wait for the
     other — the deadlock of a PP=2 policy whose two stages broadcast to the same two engines. So no two collective
@@ -89,7 +108,8 @@ def refit_waves(routes: Sequence[tuple[Hashable, Sequence[int], str]]) -> list[l
     first. Deterministic: units in order of first appearance, each in the earliest wave it fits."""
     units: dict[Hashable, set[int]] = {}  # the collective units' engines, in order of first appearance
     for unit, engines, transport in routes:
-        if transport in COLLECTIVE and engines:
+        kinds = {transport} if isinstance(transport, str) else set(transport)
+        if kinds & set(COLLECTIVE) and engines:
             units.setdefault(unit, set()).update(engines)
     wave_of: dict[Hashable, int] = {}
     wave_engines: list[set[int]] = [set()]
@@ -104,4 +124,4 @@ def refit_waves(routes: Sequence[tuple[Hashable, Sequence[int], str]]) -> list[l
     return [wave for wave in waves if wave]
 
 
-__all__ = ["COLLECTIVE", "TRANSPORTS", "Location", "refit_sources", "refit_transport", "refit_waves"]
+__all__ = ["COLLECTIVE", "TRANSPORTS", "Location", "refit_sources", "refit_transports", "refit_waves"]

@@ -358,6 +358,21 @@ def completion_logprobs(logprobs_BT: torch.Tensor, lengths: Sequence[int]) -> li
     return [logprobs_BT[b, logprobs_BT.shape[1] - n :].float().cpu() for b, n in enumerate(lengths)]
 
 
+REFIT_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.5}
+"""``rollout.verify_refit_tol=0`` (auto): the largest |engine - policy| log-prob gap on one token that still counts
+as the same weights, by the policy's parameter dtype. In fp32 (CPU) the two stacks agree to ~1e-5. In bf16 a logit
+of magnitude L is rounded by up to L x 2^-9, and the Megatron and vLLM kernels round and sum in different orders
+through every layer: single-token gaps of 0.05-0.3 nats are normal there (NeMo-RL's bf16 Megatron -> vLLM checks
+allow a token-probability ratio of a few percent on average, more at single tokens), while a wrong, missing or
+stale layer moves log-probs by whole nats. A small training step moves them less than bf16 noise: in bf16 the check
+catches a broken refit, not a refit one step late."""
+
+
+def refit_tolerance(dtype: torch.dtype) -> float:
+    """``REFIT_TOL`` for the policy's parameter dtype (1e-3 for any other)."""
+    return REFIT_TOL.get(dtype, 1e-3)
+
+
 def verify_refit(engine: Any, requests: Sequence[Any], completions: Sequence[list[int]],
                  policy_logprobs: Sequence[torch.Tensor], *, tol: float = 1e-3) -> float:
     """Score ``completions`` with the engine (``engine.prompt_logprobs``) and compare with the policy's

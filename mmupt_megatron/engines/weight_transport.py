@@ -108,6 +108,54 @@ class WeightSender(Protocol):
     # every TP rank write its own pieces into it instead of gathering them over the process group.
 
 
+class FanoutSender:
+    """One stream into several senders, one per transport a sender needs (``refit_routes.refit_transports``: its
+    host's engines by shared memory, another host's by broadcast). The packer fills the first sender's buffer (its
+    ``share``, if any, lets the TP peers write their pieces in place); each bucket is then copied into the other
+    senders' buffers, and every sender ships it."""
+
+    def __init__(self, senders: Sequence[Any]) -> None:
+        if not senders:
+            raise ValueError("FanoutSender: needs at least one sender")
+        self.senders = list(senders)
+        self._data: torch.Tensor | None = None
+
+    def offer(self, manifest: Sequence[ManifestEntry]) -> str | None:
+        refusals = [sender.offer(manifest) for sender in self.senders]  # every receiver sees the manifest
+        return next((r for r in refusals if r), None)
+
+    def buffer(self, layout: BucketLayout) -> torch.Tensor:
+        self._data = self.senders[0].buffer(layout)
+        return self._data
+
+    def share(self) -> tuple[str, int] | None:
+        share = getattr(self.senders[0], "share", None)
+        return share() if share is not None else None
+
+    def send(self, layout: BucketLayout) -> None:
+        data, self._data = self._data, None
+        if data is None:
+            raise RuntimeError("FanoutSender.send: no buffer was handed out for this bucket")
+        for other in self.senders[1:]:
+            other.buffer(layout).copy_(data)
+        del data  # the first transport may unmap its buffer once sent
+        for sender in self.senders:
+            sender.send(layout)
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+
+    @property
+    def segments(self) -> list[str]:
+        return [name for sender in self.senders for name in getattr(sender, "segments", [])]
+
+    def release(self) -> None:
+        for sender in self.senders:
+            if hasattr(sender, "release"):
+                sender.release()
+
+
 class WeightReceiver(Protocol):
     def manifest(self) -> list[ManifestEntry]: ...
 

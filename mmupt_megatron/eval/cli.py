@@ -17,7 +17,8 @@
   training instruction) gives sampling (``rollout.*``), the prompt and image settings (``data.*``), answer
   equivalence (``reward.use_math_verify``) and k (``trainer.eval_k``); ``key=value`` overrides it.
 - Progress goes to stderr (a bar on a terminal, a line per batch otherwise); the table to stdout; the
-  report to ``--out`` (default ``runs/eval/<benchmark>_<data file stem>.json``).
+  report to ``--out`` (default ``runs/eval/<benchmark>_<data file stem>.json``), which may not be the ``--data``
+  file or the ``--model`` folder, nor lie in the ``--data`` or ``--images`` folder: refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -71,7 +72,17 @@ class Progress:
             self.bar.close()
 
 
+def _check_report_path(out: str | Path, args: argparse.Namespace) -> None:
+    """ValueError naming both paths if the report would overwrite or land inside what the command reads."""
+    from mmupt_megatron.output_dirs import check_apart
+
+    check_apart(out, {"--data": args.data, "--images": args.images, "--model": args.model}, out_label="--out",
+                inside_ok=("--model",))
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        _check_report_path(args.out, args)  # before anything is imported or read
     from mmupt_megatron.algorithms import AnswerMatcher
     from mmupt_megatron.config_loading import load_config
     from mmupt_megatron.engines.vllm_rollout import (  # installs vLLM's CPU shims
@@ -91,6 +102,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if k < 1 or args.batch_size < 1:
         raise ValueError(f"--k and --batch-size must be >= 1, got {k} and {args.batch_size}")
     benchmark = detect_benchmark(Path(args.data), cfg.data) if args.benchmark == "auto" else args.benchmark
+    report_path = Path(args.out) if args.out is not None else Path("runs/eval") / f"{benchmark}_{Path(args.data).stem}.json"
+    _check_report_path(report_path, args)
     loaded = load_benchmark(args.data, benchmark, cfg.data, limit=args.limit, on_bad_row=cfg.eval.on_bad_row,
                             images=args.images)
     questions, loading = loaded.questions, loaded.skip_summary()
@@ -139,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     report = build_report(result=result, questions=questions, benchmark=benchmark, data=str(args.data), model=served,
                           config=config, timings=timings, loading=loading)
-    out = write_report(report, args.out or Path("runs/eval") / f"{benchmark}_{Path(args.data).stem}.json")
+    out = write_report(report, report_path)
     print(markdown_table(report))
     print(f"report: {out} ({timings['total']:.0f} s)", flush=True)
     return 0

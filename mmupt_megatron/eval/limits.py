@@ -66,13 +66,16 @@ def engine_limits(model_dir: str | Path) -> EngineLimits:
     return EngineLimits(max_positions=positions, source=source, pixels=pixels)
 
 
-def check_context(limits: EngineLimits, *, max_prompt_length: int, max_new_tokens: int, model: str | Path) -> int:
-    """The engine's max_model_len (prompt + new tokens); ValueError naming the keys when the model is shorter."""
+def check_context(limits: EngineLimits, *, max_prompt_length: int, max_new_tokens: int, model: str | Path,
+                  section: str = "rollout") -> int:
+    """The engine's max_model_len (prompt + new tokens); ValueError naming the keys (``section.max_prompt_length``,
+    ``section.max_new_tokens``) when the model is shorter."""
     max_model_len = max_prompt_length + max_new_tokens
     if limits.max_positions is not None and max_model_len > limits.max_positions:
         raise ValueError(
-            f"rollout.max_prompt_length={max_prompt_length} + rollout.max_new_tokens={max_new_tokens} = {max_model_len} "
-            f"tokens is more than the model serves: {limits.max_positions} ({limits.source} in {model}); lower "
-            f"rollout.max_new_tokens (or rollout.max_prompt_length) so that they add up to at most {limits.max_positions}"
+            f"{section}.max_prompt_length={max_prompt_length} + {section}.max_new_tokens={max_new_tokens} = "
+            f"{max_model_len} tokens is more than the model serves: {limits.max_positions} ({limits.source} in "
+            f"{model}); lower {section}.max_new_tokens (or {section}.max_prompt_length) so that they add up to at "
+            f"most {limits.max_positions}"
         )
     return max_model_len

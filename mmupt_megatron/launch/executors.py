@@ -62,8 +62,13 @@ def _workdir_flags(cluster: ClusterConfig) -> list[str]:
 
 
 def build_executor(cluster: ClusterConfig) -> Any:
-    """A nemo-run executor: ``SlurmExecutor`` (one task per node) or ``LocalExecutor``."""
+    """A nemo-run executor: ``SlurmExecutor`` (one task per node) or ``LocalExecutor``. A ``ClusterConfig`` made
+    in code is checked as ``load_cluster`` checks a file: nothing unvalidated reaches the sbatch script."""
     import nemo_run as run
+
+    problems = cluster.problems()
+    if problems:
+        raise ValueError("cluster: " + "; ".join(problems))
 
     if cluster.kind == "local":
         return run.LocalExecutor(ntasks_per_node=1, env_vars=dict(cluster.env))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.launch.cluster import ClusterConfig
 from mmupt_megatron.launch.executors import (
+    REPO_ROOT,
     attach_ray_bootstrap,
     build_executor,
     experiments_base,
@@ -145,6 +147,29 @@ def _stdin_closed() -> Iterator[None]:
             sys.stdin = saved
 
 
+@contextlib.contextmanager
+def _in_code_checkout(cluster: ClusterConfig) -> Iterator[None]:
+    """``packager: git`` on Slurm: nemo-run archives the git checkout of the *current* folder (``git rev-parse
+    --show-toplevel``, a raw CalledProcessError anywhere else); the job's code is this repository's, so it runs
+    from there. ValueError when this repository is no git checkout (an installed package)."""
+    if cluster.kind != "slurm" or cluster.packager != "git":
+        yield
+        return
+    try:
+        found = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--show-toplevel"], capture_output=True,
+                               text=True, check=False)
+        said = found.stderr.strip().splitlines() or [f"git rev-parse exited {found.returncode}"]
+        problem = said[-1] if found.returncode else ""
+    except OSError as error:  # no git program
+        problem = f"cannot run git ({error.strerror or error})"
+    if problem:
+        raise ValueError(f"the cluster file's packager: git sends the code as a git archive of {REPO_ROOT}, which is "
+                         f"not a git checkout ({problem}): install mmupt-megatron from a git clone (pip install -e .), or set "
+                         "packager: none (a container_image holding the code, or a shared file system)")
+    with contextlib.chdir(REPO_ROOT):
+        yield
+
+
 def run_tasks(*, title: str, tasks: list[Task], cluster: ClusterConfig, dryrun: bool, wait: bool = False) -> str:
     """Dry-run: the rendered scripts. Otherwise submit (Slurm: detached; local: ``wait`` for completion) and
     return the experiment id (for ``--status/--logs/--cancel``)."""
@@ -152,7 +177,8 @@ def run_tasks(*, title: str, tasks: list[Task], cluster: ClusterConfig, dryrun: 
         with tempfile.TemporaryDirectory(prefix="mmupt-launch-") as folder, _stdin_closed():
             exp = build_experiment(title=title, tasks=tasks, cluster=cluster, base_dir=folder)
             try:
-                exp.dryrun(log=False, delete_exp_dir=False)
+                with _in_code_checkout(cluster):
+                    exp.dryrun(log=False, delete_exp_dir=False)
                 return _rendered(exp, Path(folder), cluster)
             finally:
                 exp.__exit__(None, None, None)
@@ -161,7 +187,8 @@ def run_tasks(*, title: str, tasks: list[Task], cluster: ClusterConfig, dryrun: 
         try:
             if cluster.kind == "slurm":
                 check_capacity(cluster=cluster, tunnel=exp.jobs[0].executor.tunnel)
-            exp.run(detach=not wait, tail_logs=False, sequential=cluster.kind == "local")
+            with _in_code_checkout(cluster):
+                exp.run(detach=not wait, tail_logs=False, sequential=cluster.kind == "local")
         finally:
             exp.__exit__(None, None, None)
     return exp._id

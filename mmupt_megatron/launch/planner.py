@@ -38,7 +38,8 @@ engine sits on its replica's GPU (colocated, policy and engines TP 1, PP 1: devi
 memory for other colocated layouts (a tensor-parallel engine shares the sending GPU, which NCCL cannot hold twice,
 and Ray shows each actor only its own GPU, so an IPC handle does not open on another: host-copy rate, the slow
 path of TP > 1 recipes), NCCL broadcast for engines on GPUs of their own (NVLink within one node, the network
-across nodes).
+across nodes) and for engines on another node than the sender (a replica that spans nodes: shared memory to its
+node's engines, then NCCL to the others', priced as the sum).
 Step time: rollout = prefill (2 x params x prompt tokens, once per prompt, compute-bound at the MFU range)
 + decode, memory-bandwidth bound: each decode step of an engine reads its weight shard and the KV cache of
 its running sequences from HBM (3.35 TB/s on H100 SXM, at 50-80% efficiency), one token per running
@@ -95,11 +96,14 @@ class PlanAssumptions:
 
 
 def refit_transport_of(cfg: Config, a: PlanAssumptions) -> str:
-    """What ``refit_routes.refit_transport`` picks on GPUs for this recipe's layout (module docstring)."""
+    """What ``refit_routes.refit_transports`` picks on GPUs for this recipe's layout (module docstring); ``+``
+    joins the transports of a replica that spans nodes (its stages reach their own node's engines by shared memory
+    and the other nodes' by NCCL, one after the other: the senders take turns, ``refit_routes.refit_waves``)."""
     p, r = cfg.parallel, cfg.rollout
     if cfg.trainer.colocate:
         same_gpu = r.tensor_parallel_size == 1 and p.tensor_parallel_size == 1 and p.pipeline_parallel_size == 1
-        return "cuda_ipc" if same_gpu else "shm"
+        spans_nodes = p.tensor_parallel_size * p.pipeline_parallel_size > a.gpus_per_node
+        return "cuda_ipc" if same_gpu else ("shm+nccl" if spans_nodes else "shm")
     one_node = p.world_size + cfg.num_engines() * r.tensor_parallel_size <= a.gpus_per_node
     return "nccl_nvlink" if one_node else "nccl"
 
@@ -241,8 +245,9 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
                        "vLLM activations": a.vllm_activation_gib, "vLLM KV cache": kv_gib}
     out.refit_gb = 2 * arch.total_params / 1e9
     out.refit_transport = refit_transport_of(cfg, a)
-    low_bw, high_bw = a.refit_gb_per_s[out.refit_transport]
-    out.refit_s = (out.refit_gb / high_bw, out.refit_gb / low_bw)  # every engine its full copy, replicas at once
+    kinds = out.refit_transport.split("+")  # every engine its full copy, replicas at once, a mix in turn
+    out.refit_s = (sum(out.refit_gb / a.refit_gb_per_s[k][1] for k in kinds),
+                   sum(out.refit_gb / a.refit_gb_per_s[k][0] for k in kinds))
 
     n_params, seqs = arch.total_params, t.prompts_per_step * r.n
     prompt_tokens, response_tokens = min(a.mean_prompt_tokens, r.max_prompt_length), min(a.mean_response_tokens, r.max_new_tokens)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mmupt_megatron.config_loading import load_config
+from mmupt_megatron.config_loading import load_config, read_yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +73,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"sweep file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a sweep must be a mapping with recipe and grid")
+    data = read_yaml(path, what="a sweep (recipe and grid)")
     unknown = set(data) - {"recipe", "name", "overrides", "grid"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)} (known: recipe, name, overrides, grid)")

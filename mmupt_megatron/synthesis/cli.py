@@ -13,7 +13,9 @@ is read from the run's checkpoint when there is one, else ``synthesis.model_step
 dataset folder). Writes OUT (parquet, JSONL, or, for an OUT without a suffix, a Hugging Face dataset folder
 to share with ``push_to_hub``: the input's row format plus provenance columns; see ``synthesis.rows``) and
 ``OUT_STEM.summary.json`` with the count of every rejection reason. An existing output is kept unless
-``--force``; a bad input row is an error naming the file and row (or, with ``data.on_bad_row=skip``, counted).
+``--force``; OUT (or its summary) that is, holds or lies inside ``--input``, or is or holds ``--model``, is
+refused, with ``--force`` too, before anything is read; a bad input row is an error naming the file and row (or, with
+``data.on_bad_row=skip``, counted).
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from mmupt_megatron.algorithms.synthesis import MODES
 from mmupt_megatron.config import Config
 from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.configured import open_dataset
+from mmupt_megatron.output_dirs import check_apart
 from mmupt_megatron.synthesis.rows import (
     check_output_path,
     summary_path,
     write_result,
     write_summary,
 )
-from mmupt_megatron.synthesis.run import Progress, SynthesisResult, synthesize
+from mmupt_megatron.synthesis.run import Progress, SynthesisResult, engine_context, synthesize
 from mmupt_megatron.trainer.checkpoint import recorded_model_step
 
 DEFAULT_RECIPE = "mmupt_paper"
@@ -46,7 +49,7 @@ def open_engine(model_dir: str | Path, cfg: Config):
     if cfg.logging.quiet_engines:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     r, s = cfg.rollout, cfg.synthesis
-    max_model_len = max(r.max_prompt_length + r.max_new_tokens, s.max_prompt_length + s.max_new_tokens)
+    max_model_len = engine_context(model_dir, rollout=r, synthesis=s)  # ValueError: longer than the model serves
     return VLLMRolloutEngine(model_dir, **engine_kwargs(r, max_model_len=max_model_len, seed=s.seed))
 
 
@@ -64,10 +67,15 @@ def synthesize_file(
     engine=None, progress: Progress | None = print,
 ) -> SynthesisResult:
     """Read the seed rows of ``source``, synthesize with ``engine`` (a vLLM engine on ``model`` when None), write ``out``."""
+    inputs = {"--input": source, "--model": model}
+    check_apart(out, inputs, out_label="--out", inside_ok=("--model",))
+    check_apart(summary_path(out), inputs, out_label="--out's summary", inside_ok=("--model",))
     out = check_output_path(out, force=force)
     if not (Path(model) / "config.json").is_file():
         raise ValueError(f"--model {model} is not a Hugging Face folder (no config.json); export a checkpoint "
                          "with 'mmupt convert megatron-to-hf' or use a run's OUTPUT/hf")
+    if engine is None:  # the model serves prompt + new tokens: checked before the data is read and vLLM starts
+        engine_context(model, rollout=cfg.rollout, synthesis=cfg.synthesis)
     dataset = open_dataset([str(source)], cfg.data)
     if dataset.skipped.total and progress is not None:
         progress(f"synthesize: input {dataset.skipped.summary()}")

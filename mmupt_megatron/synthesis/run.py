@@ -48,12 +48,30 @@ from mmupt_megatron.data.dataset import Sample
 from mmupt_megatron.data.images import load_image
 from mmupt_megatron.data.prompts import build_prompt
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.eval.limits import check_context, engine_limits
 
 Generate = Callable[[Sequence[RolloutRequest], SamplingSpec], list[Rollout]]
 Progress = Callable[[str], None]
 _SEED_ANSWER_OFFSET = 2_000_003
 _ANSWER_OFFSET = 1_000_003
 _MAX_EXAMPLES = 3
+
+
+def engine_context(model_dir: str | Path, *, rollout: RolloutConfig, synthesis: SynthesisConfig) -> int:
+    """The max_model_len of a synthesis engine on ``model_dir``: the longer of the answer prompts (``rollout.*``)
+    and the synthesis prompts (``synthesis.*``), each checked against the model's context as ``mmupt eval`` does
+    (``eval.limits``), before any engine starts; ValueError naming every key to lower."""
+    limits = engine_limits(model_dir)
+    lengths, problems = [], []
+    for section, budget in (("synthesis", synthesis), ("rollout", rollout)):
+        try:
+            lengths.append(check_context(limits, max_prompt_length=budget.max_prompt_length,
+                                         max_new_tokens=budget.max_new_tokens, model=model_dir, section=section))
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return max(lengths)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,30 +5,35 @@ marker last; a run killed mid-save leaves only a ``.tmp`` folder, which resume i
 of that step replaces). Contents:
 
 - ``policy/``: the Megatron policy, a dist-checkpoint (loads at another TP/PP) plus its HF config/tokenizer;
-- ``optimizer/``: the optimizer's state (Adam moments, fp32 main params), a dist-checkpoint (``optim_checkpoint``);
+- ``optimizer/``: the optimizer's state (Adam moments, fp32 main params), a dist-checkpoint (``optim_checkpoint``;
+  only its description file when the optimizer had not stepped yet);
 - ``trainer_state.json``: the step just finished, the data sampler's position, the config used;
 - ``rng.pt``: the driver's Python and torch RNG states (plain tensors and numbers).
 
 ``trainer.resume=auto`` loads the newest checkpoint that loads: a damaged one (a missing or truncated file,
 an index that would run code) is passed over with a log line naming what is wrong. Nothing is unpickled
 freely (``models.safe_files``). Pruning (``checkpoint.keep_last``) never deletes a checkpoint newer than
-the one just written.
+the one just written. A save that fills the disk (``removed_if_disk_full``) removes its own ``.tmp`` folder and
+says "no space left on FOLDER", however deep the workers' error was wrapped.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmupt_megatron.models.safe_files import check_dist_checkpoint, load_plain
+from mmupt_megatron.trainer.optim_checkpoint import saved_without_state
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -75,7 +80,7 @@ def checkpoint_problems(folder: Path) -> list[str]:
         problems.append(str(error))
     for check in (lambda: read_checkpoint_meta(folder / "policy"),
                   lambda: check_dist_checkpoint(folder / "policy" / "megatron"),
-                  lambda: check_dist_checkpoint(folder / "optimizer")):
+                  lambda: saved_without_state(folder / "optimizer") or check_dist_checkpoint(folder / "optimizer")):
         try:
             check()
         except (ValueError, OSError) as error:
@@ -129,6 +134,71 @@ def begin(root: Path, step: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+_FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_DISK_TEXT = re.compile(
+    r"No space left on device|Disk quota exceeded|\[Errno (?:28|122)\]"
+    r"|unexpected pos \d+ vs \d+|file write failed"  # torch's zip writer after a short write (the disk filled up)
+)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or anything it wraps, says the disk (or the quota) is full: an OSError with ENOSPC /
+    EDQUOT, or its text. Followed: causes and contexts, a Ray task error's ``cause``, torch dist-checkpoint's
+    ``CheckpointException.failures`` (rank -> (exception, traceback)), megatron's ``Worker failure: ...``."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_DISK_ERRNOS:
+            return True
+        try:
+            if _FULL_DISK_TEXT.search(str(current)):
+                return True
+        except Exception:  # noqa: BLE001, S110 - an exception whose __str__ fails says nothing here
+            pass
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                stack.append(failure[0] if isinstance(failure, tuple) and failure else failure)
+        stack.extend(c for c in (getattr(current, "cause", None), current.__cause__, current.__context__)
+                     if isinstance(c, BaseException))
+    return False
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} bytes"
+
+
+@contextmanager
+def removed_if_disk_full(tmp: Path) -> Iterator[None]:
+    """Around the writing of checkpoint ``tmp`` (the ``.tmp`` folder ``begin`` made): when the disk or the quota
+    fills up, remove that partial folder (the space it took; nothing else is touched) and raise an OSError
+    (ENOSPC) that says "no space left on FOLDER". Any other error passes through unchanged."""
+    assert tmp.name.endswith(".tmp"), tmp
+    try:
+        yield
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if isinstance(error, KeyboardInterrupt | SystemExit) or not tmp.is_dir() or not _disk_full(error):
+            raise  # not a full disk, or the checkpoint was already renamed into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        final = tmp.name.removesuffix(".tmp")
+        removed = (f"{tmp.name} could not be removed entirely: delete it" if tmp.exists() else
+                   f"the partial {tmp.name} was removed")
+        try:
+            free = f"{_size(shutil.disk_usage(tmp.parent).free)} free now"
+        except OSError:
+            free = "free space unknown"
+        raise OSError(errno.ENOSPC, f"no space left on {tmp.parent}: checkpoint {final} could not be written "
+                                    f"({removed}; {free}; the complete checkpoints are untouched). Free space "
+                                    "there (or lower checkpoint.keep_last), then resume") from error
 
 
 def write_driver_state(tmp: Path, *, step: int, sampler_state: dict[str, Any], config_yaml: str) -> None:

@@ -31,10 +31,11 @@ from mmupt_megatron.config import Config
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
-from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport, refit_waves
+from mmupt_megatron.engines.refit_routes import refit_sources, refit_transports, refit_waves
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.weight_transport import SEGMENT_PREFIX, sweep_segments
 from mmupt_megatron.trainer.batching import BatchTraffic, loss_normalisers, pad_for_ranks, shard_for_rank
+from mmupt_megatron.trainer.host_boundary import assert_on_host
 from mmupt_megatron.trainer.metrics_log import combine_metrics
 from mmupt_megatron.trainer.schedule import MemorySchedule
 from mmupt_megatron.trainer.workers import PolicyWorker, RankInfo, RolloutWorker
@@ -222,13 +223,14 @@ class Cluster:
         # this cluster's shared-memory refit segments: /dev/shm/<shm_prefix>*, released at shutdown
         self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
+        self.param_dtype: torch.dtype = ray.get(self.workers[0].param_dtype.remote())
         self.refit_routes = self._route_refits(cfg.rollout.refit_transport, on_gpu=on_gpu)
-        """Per policy rank: (the engines its DP replica refits — the same list on each rank of the replica —,
-        the transport it sends them by)."""
+        """Per policy rank: (transport, engines) for each transport its stage's sender uses to reach the engines its
+        DP replica refits (the same on each rank of the stage; ``refit_routes.refit_transports``)."""
         self.traffic = BatchTraffic(layout=ray.get(self.workers[0].micro_batch_layout.remote()))
         """Bytes sent to the policy workers and padding computed, per step (``pop``)."""
 
-    def _route_refits(self, requested: str, *, on_gpu: bool) -> list[tuple[list[Any], str]]:
+    def _route_refits(self, requested: str, *, on_gpu: bool) -> list[list[tuple[str, list[Any]]]]:
         import ray
 
         engines_at = ray.get([engine.device_location.remote() for engine in self.engines])
@@ -242,10 +244,10 @@ class Cluster:
         for rank, info in enumerate(self.infos):
             mine = [e for e, d in enumerate(sources) if d == info.dp_rank]
             sender = next(r for _, r in senders[info.dp_rank] if self.infos[r].pp_rank == info.pp_rank)
-            transport = refit_transport(requested, sender=ranks_at[sender], engines=[engines_at[e] for e in mine],
-                                        colocated=self.colocated, on_gpu=on_gpu)  # the stage's sender decides
-            routes.append(([self.engines[e] for e in mine], transport))
-            units.append(((info.dp_rank, info.pp_rank), mine, transport))
+            plan = refit_transports(requested, sender=ranks_at[sender], engines=[engines_at[e] for e in mine],
+                                    colocated=self.colocated, on_gpu=on_gpu)  # the stage's sender decides
+            routes.append([(kind, [self.engines[mine[i]] for i in ids]) for kind, ids in plan])
+            units.append(((info.dp_rank, info.pp_rank), mine, [kind for kind, _ in plan]))
         self.refit_waves = refit_waves(units)
         """Policy ranks in refit order: waves one after another, a wave's ranks at once (``refit_waves``)."""
         return routes
@@ -257,14 +259,16 @@ class Cluster:
 
         parts = [(run, engine.generate.remote(chunk, sub)) for engine, (run, chunk, sub)
                  in zip(self.engines, dispatch(requests, spec, len(self.engines)), strict=True) if chunk]
-        return merge([(run, rollouts) for (run, _), rollouts in zip(parts, ray.get([ref for _, ref in parts]))])
+        results = assert_on_host(ray.get([ref for _, ref in parts]), where="RolloutWorker.generate")
+        return merge([(run, rollouts) for (run, _), rollouts in zip(parts, results)])
 
     def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]], *,
                         engine: int = 0) -> list[torch.Tensor]:
         """Engine ``engine``'s log-probs of given completions (``RolloutEngine.prompt_logprobs``: refit checks)."""
         import ray
 
-        return ray.get(self.engines[engine].prompt_logprobs.remote(requests, completions))
+        return assert_on_host(ray.get(self.engines[engine].prompt_logprobs.remote(requests, completions)),
+                              where="RolloutWorker.prompt_logprobs")
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
     def _per_rank(self, batch: PolicyBatch) -> list[PolicyBatch]:
@@ -294,6 +298,7 @@ class Cluster:
         with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
             results = ray.get([w.logprobs.remote(s, reference=reference, temperature=temperature)
                                for w, s in zip(self.workers, shards)])
+        assert_on_host(results, where="PolicyWorker.logprobs")
         return torch.cat(self._gather(results), dim=0)[: batch.input_ids_BT.shape[0]]
 
     def train(self, batch: PolicyBatch, *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
@@ -306,7 +311,7 @@ class Cluster:
             w.train.remote(s, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for w, s in zip(self.workers, shards)
         ])
-        per_dp = self._gather(results)
+        per_dp = self._gather(assert_on_host(results, where="PolicyWorker.train"))
         merged = combine_metrics(per_dp)
         merged["loss"] = sum(r["loss"] for r in per_dp)
         return merged
@@ -325,8 +330,8 @@ class Cluster:
         sent = 0
         for wave in self.refit_waves:  # senders that share engines over a collective never refit at once
             sent += sum(ray.get([self.workers[rank].refit.remote(
-                self.refit_routes[rank][0], transport=self.refit_routes[rank][1], bucket_bytes=self.bucket_bytes,
-                shm_prefix=self.shm_prefix, timeout_s=self.refit_timeout_s) for rank in wave]))
+                self.refit_routes[rank], bucket_bytes=self.bucket_bytes, shm_prefix=self.shm_prefix,
+                timeout_s=self.refit_timeout_s) for rank in wave]))
         self.schedule.after_refit()
         return sent
 

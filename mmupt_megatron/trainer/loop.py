@@ -40,8 +40,14 @@ from mmupt_megatron.models.qwen2_5_vl import check_fp8
 from mmupt_megatron.synthesis.online import pool_refresher
 from mmupt_megatron.trainer import checkpoint as ckpt
 from mmupt_megatron.trainer.batching import engine_logprobs, pack_rollouts, take_sequences
-from mmupt_megatron.trainer.metrics_log import MetricsLog, combine_metrics, open_metrics_log, plot_metrics
-from mmupt_megatron.trainer.preflight import check_before_start
+from mmupt_megatron.trainer.metrics_log import (
+    MetricsLog,
+    check_resume_files,
+    combine_metrics,
+    open_metrics_log,
+    plot_metrics,
+)
+from mmupt_megatron.trainer.run_dir import claim_output_dir, releases_output_dir
 
 
 @dataclass
@@ -64,7 +70,10 @@ class StepTimer:
 class Trainer:
     def __init__(self, cfg: Config, *, cluster: Any = None) -> None:
         check_fp8(cfg.model.fp8, cfg.model.fp8_recipe)  # the machine can run the config: first of all
-        check_before_start(cfg)  # model, layout, output folder, resume: before Ray starts
+        # model, layout, output folder, resume (check_before_start); the folder apart from the inputs and locked
+        # against a second run on it, released when fit ends: all before Ray starts
+        self.run_lock = claim_output_dir(cfg)
+        check_resume_files(cfg)  # metrics.jsonl, wandb.json: a damaged one named before any checkpoint loads
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/JSONL files or folders of questions")
         self.cfg = cfg
@@ -181,7 +190,7 @@ class Trainer:
 
     def _verify_refit(self, requests, rollouts: list[Rollout], encoded) -> float:
         """Every engine's log-probs of a few trained responses vs the updated policy's (rollout.verify_refit)."""
-        from mmupt_megatron.engines.weight_sync import verify_refit
+        from mmupt_megatron.engines.weight_sync import refit_tolerance, verify_refit
 
         # one response from each of the first prompts: different images in one batch (a probe of one
         # prompt's samples cannot tell whether each sample sees its own image)
@@ -197,7 +206,8 @@ class Trainer:
         probe_requests, completions = [requests[r.prompt_index] for r in probe], [r.response_token_ids for r in probe]
         return max(
             verify_refit(SimpleNamespace(prompt_logprobs=partial(self.cluster.prompt_logprobs, engine=e)),
-                         probe_requests, completions, policy, tol=self.cfg.rollout.verify_refit_tol)
+                         probe_requests, completions, policy,
+                         tol=self.cfg.rollout.verify_refit_tol or refit_tolerance(self.cluster.param_dtype))
             for e in range(self.cluster.num_engines)
         )
 
@@ -241,6 +251,7 @@ class Trainer:
         out["tokens_per_s"] = tokens / max(timer.seconds.get("rollout", 1e-9), 1e-9)
         return out
 
+    @releases_output_dir
     def fit(self) -> list[dict[str, float]]:
         """Train from the latest checkpoint (``trainer.resume``) to ``trainer.steps``; export the policy."""
         cfg = self.cfg
@@ -308,12 +319,13 @@ class Trainer:
         from mmupt_megatron.config_loading import config_to_yaml
 
         tmp = ckpt.begin(ckpt.checkpoints_root(self.out_dir), step)
-        self.cluster.save(str(tmp))
-        ckpt.write_driver_state(tmp, step=step, sampler_state=self.sampler.state_dict(),
-                                config_yaml=config_to_yaml(self.cfg))
-        if log is not None:
-            log.save_state(tmp)  # the W&B run id, so a resume continues that run
-        return ckpt.commit(tmp, keep_last=self.cfg.checkpoint.keep_last)
+        with ckpt.removed_if_disk_full(tmp):  # a full disk: "no space left on ...", this partial .tmp removed
+            self.cluster.save(str(tmp))
+            ckpt.write_driver_state(tmp, step=step, sampler_state=self.sampler.state_dict(),
+                                    config_yaml=config_to_yaml(self.cfg))
+            if log is not None:
+                log.save_state(tmp)  # the W&B run id, so a resume continues that run
+            return ckpt.commit(tmp, keep_last=self.cfg.checkpoint.keep_last)
 
     def export_hf(self, out_dir: Path) -> Path:
         """The current policy as a Hugging Face folder (weights + the base model's config and tokenizer)."""

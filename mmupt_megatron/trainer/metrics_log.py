@@ -11,18 +11,26 @@ to a W&B run (``dir=out_dir``: ``WANDB_MODE=offline`` keeps it under ``OUTPUT/wa
 plots are logged as images and the held-out ``eval/*`` metrics of every step as one table when the log closes.
 ``save_state(checkpoint)`` keeps the run id in ``wandb.json`` there, and a run resumed from that checkpoint
 continues the same W&B run.
+
+A resume reads these side files again: ``check_resume_files(cfg)`` checks them before Ray starts and the checkpoint
+loads (a damaged ``wandb.json`` or a damaged line of ``metrics.jsonl`` is a ValueError naming the file and line).
+The one damage a kill leaves, a cut-off last line of ``metrics.jsonl``, is dropped with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 WANDB_STATE_FILE = "wandb.json"
+METRICS_FILE = "metrics.jsonl"
+
+logger = logging.getLogger(__name__)
 
 PLOTTED = (
     ("reward", "mean reward"),
@@ -39,11 +47,43 @@ def combine_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
             for key in parts[0]}
 
 
+def _metrics_line(path: Path, number: int, raw: bytes) -> tuple[int, str]:
+    """(step, text) of one line of a metrics log; ValueError naming the file and the line."""
+    try:
+        text = raw.decode("utf-8").rstrip("\r")
+        record = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} line {number}: not a JSON line ({error}); the metrics log is damaged: repair or "
+                         "delete that line to resume") from None
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        problem = f"not a step's metrics (a JSON object with an integer \"step\"), got {text[:80]!r}"
+        raise ValueError(  # noqa: TRY004 - a damaged file is the user's to fix
+            f"{path} line {number}: {problem}; the metrics log is damaged: repair or delete that line to resume")
+    return step, text
+
+
+def read_metrics_lines(path: Path, *, warn: bool = True) -> list[tuple[int, str]]:
+    """(step, line) of every line of a metrics log. A cut-off last line (no newline, not JSON: what a run killed
+    while writing it leaves) is dropped, with a warning when ``warn``; any other damaged line is a ValueError
+    naming the file and the line."""
+    *lines, last = path.read_bytes().split(b"\n")  # ``last``: what follows the final newline (b"" normally)
+    kept = [_metrics_line(path, number, raw) for number, raw in enumerate(lines, 1) if raw.strip()]
+    if last.strip():
+        try:
+            kept.append(_metrics_line(path, len(lines) + 1, last))
+        except ValueError:
+            if warn:
+                logger.warning("%s line %d: cut off (%d bytes, no newline; a run stopped while writing it): dropped, "
+                               "its step is re-run", path, len(lines) + 1, len(last))
+    return kept
+
+
 def truncate_jsonl(path: Path, *, before_step: int) -> None:
-    """Drop logged steps >= ``before_step`` (they are re-run after a resume)."""
+    """Drop logged steps >= ``before_step`` (they are re-run after a resume), and a cut-off last line."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    kept = [line for step, line in read_metrics_lines(path) if step < before_step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -95,16 +135,43 @@ class WandbRun:
 
 
 def read_wandb_id(checkpoint: Path | None) -> str | None:
-    """The W&B run id a checkpoint recorded (None: none, or no checkpoint)."""
-    if checkpoint is None or not (checkpoint / WANDB_STATE_FILE).is_file():
+    """The W&B run id a checkpoint recorded (None: none, or no checkpoint); ValueError naming a damaged file."""
+    path = checkpoint / WANDB_STATE_FILE if checkpoint is not None else None
+    if path is None or not path.is_file():
         return None
-    return json.loads((checkpoint / WANDB_STATE_FILE).read_text()).get("run_id")
+    fix = ("it holds the W&B run id a resume continues (logging.wandb=true): write it as {\"run_id\": \"ID\"}, or "
+           "delete the file to log the resumed run as a new W&B run")
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); {fix}") from None
+    run_id = state.get("run_id") if isinstance(state, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"{path}: expected an object with a \"run_id\" string, got {json.dumps(state)[:80]}; {fix}")
+    return run_id
+
+
+def check_resume_files(cfg) -> None:  # cfg: the resolved Config
+    """What a resume reads besides the checkpoint, checked before Ray starts and any checkpoint loads:
+    ``metrics.jsonl`` and (``logging.wandb``) the ``wandb.json`` of every checkpoint ``trainer.resume`` may load.
+    ValueError naming the file (and line); a cut-off last metrics line is left for ``truncate_jsonl`` to drop."""
+    from mmupt_megatron.trainer.checkpoint import resume_candidates
+
+    out = Path(cfg.trainer.output_dir)
+    candidates = resume_candidates(cfg.trainer.resume, out)
+    if not candidates:
+        return
+    if (out / METRICS_FILE).is_file():
+        read_metrics_lines(out / METRICS_FILE, warn=False)
+    if cfg.logging.wandb:
+        for folder in candidates:
+            read_wandb_id(folder)
 
 
 class MetricsLog:
     def __init__(self, out_dir: Path, *, tensorboard: bool, progress: bool, total_steps: int, first_step: int,
                  wandb: WandbSettings | None = None) -> None:
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         truncate_jsonl(self.path, before_step=first_step)
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self.writer = None

@@ -6,6 +6,12 @@ keeps them out of ``state_dict()``), each tensor keyed by the model parameter it
 needs), so the state of a distributed optimizer (DP > 1) loads at another TP/PP/DP with DP > 1. The plain
 optimizer of DP = 1 stores another structure: a checkpoint loads only into the same kind (``KIND_FILE`` says
 which; a mismatch is a clear error). Collective.
+
+An optimizer that has not stepped yet (every step so far skipped: all groups unanimous with
+``algorithm.drop_zero_advantage_groups``, or non-finite gradients) has no Adam moments to save: its
+``KIND_FILE`` records ``"state": "none"`` and nothing else is written; loading such a checkpoint leaves the
+optimizer fresh, its fp32 main parameters taken from the loaded weights, so the first update after the resume
+is the first update of a run never interrupted.
 """
 
 from __future__ import annotations
@@ -34,15 +40,47 @@ def _kind(policy) -> dict:  # noqa: ANN001 - MegatronPolicy
             "tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
 
 
+def _inner_optimizers(policy) -> list:  # noqa: ANN001 - MegatronPolicy
+    """The torch (or apex / TE) optimizers under Megatron's wrappers."""
+    chained = getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])
+    return [inner for inner in (getattr(o, "optimizer", None) for o in chained) if inner is not None]
+
+
+def has_stepped(policy) -> bool:  # noqa: ANN001 - MegatronPolicy
+    """Collective: whether the optimizer holds any state on any rank (an Adam that has stepped does; one whose
+    every update was skipped does not)."""
+    import torch
+    import torch.distributed as dist
+
+    local = any(state for inner in _inner_optimizers(policy) for state in inner.state.values())
+    nccl = "nccl" in str(dist.get_backend())  # NCCL reduces device tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 def save_optimizer(policy, folder: str | Path) -> None:  # noqa: ANN001 - MegatronPolicy
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(folder))
+    kind = _kind(policy)
+    if has_stepped(policy) or policy.cfg.optimizer != "adam":
+        dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(folder))
+    else:  # no update yet: no moments to save (Megatron's sharded state would ask for them)
+        kind["state"] = "none"
     if dist.get_rank() == 0:
-        (Path(folder) / KIND_FILE).write_text(json.dumps(_kind(policy)) + "\n")
+        (Path(folder) / KIND_FILE).write_text(json.dumps(kind) + "\n")
     dist.barrier()
+
+
+def saved_without_state(folder: str | Path) -> bool:
+    """Whether ``folder`` holds the state of an optimizer that had not stepped (its ``KIND_FILE`` says so)."""
+    try:
+        return json.loads((Path(folder) / KIND_FILE).read_text()).get("state") == "none"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _check_kind(policy, folder: str | Path) -> None:  # noqa: ANN001 - MegatronPolicy
@@ -51,6 +89,8 @@ def _check_kind(policy, folder: str | Path) -> None:  # noqa: ANN001 - MegatronP
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not the optimizer description this trainer writes")
     here = _kind(policy)
     if (saved.get("distributed"), saved.get("optimizer")) != (here["distributed"], here["optimizer"]):
         def name(kind: dict) -> str:
@@ -80,6 +120,12 @@ def _fill_empty_adam_state(policy) -> None:  # noqa: ANN001 - MegatronPolicy
 def load_optimizer(policy, folder: str | Path) -> None:  # noqa: ANN001 - MegatronPolicy
     from megatron.core import dist_checkpointing
 
+    if saved_without_state(folder):  # saved before the first update: any layout, nothing to restore
+        if has_stepped(policy):
+            raise ValueError(f"{folder}: the optimizer state of a run that had not updated yet loads only into a "
+                             "fresh optimizer, not into one that has stepped")
+        policy.optimizer.reload_model_params()  # fp32 main params (mixed precision) from the loaded weights
+        return
     check_dist_checkpoint(folder)
     _check_kind(policy, folder)
     _fill_empty_adam_state(policy)

@@ -19,6 +19,7 @@ from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfi
 from mmupt_megatron.engines.micro_batching import MicroBatchLayout
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
+from mmupt_megatron.trainer.host_boundary import host_results
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +170,7 @@ def actor_location() -> tuple[str, tuple[str, ...]]:
     return ray.get_runtime_context().get_node_id(), tuple(str(i) for i in ray.get_gpu_ids())
 
 
+@host_results  # every result reaches the driver in host memory
 class PolicyWorker:
     """One Megatron rank: the trained policy and, when KL is on, a frozen reference copy."""
 
@@ -227,6 +229,10 @@ class PolicyWorker:
     def image_token_id(self) -> int | None:
         return self.arch.image_token_id
 
+    def param_dtype(self) -> torch.dtype:
+        """The policy's parameter dtype (fp32 on CPU, bf16 on GPU): ``rollout.verify_refit_tol``'s default."""
+        return next(self.policy.model.parameters()).dtype
+
     def device_location(self) -> tuple[str, tuple[str, ...]]:
         """Where this rank runs (a refit sender's location, ``engines/refit_routes.py``)."""
         return actor_location()
@@ -272,22 +278,23 @@ class PolicyWorker:
             self.reference.offload(weights=True)
             _empty_cache()
 
-    def refit(self, engines: list[Any], *, bucket_bytes: int, transport: str = "shm", shm_prefix: str = "mmupt_",
+    def refit(self, routes: list[tuple[str, list[Any]]], *, bucket_bytes: int, shm_prefix: str = "mmupt_",
               timeout_s: float = 600.0) -> int:
-        """Stream this rank's stage into ``engines``, the engine actors this rank's DP replica refits (the same
-        list on every rank of the replica; empty when it refits none: ``engines/refit_routes.py``). Collective
-        over the replica's TP group: TP rank 0 sends one bucket of whole layers at a time, the others take part
-        in the gathers. Its shared-memory segments (transport shm) are named ``shm_prefix...`` and live until
-        ``release_refit``. The engines a rank serves stay the same for the cluster's life. ``timeout_s``: the
-        broadcast transport's rendezvous and broadcasts (``rollout.refit_timeout_s``)."""
+        """Stream this rank's stage into the engine actors this rank's DP replica refits: ``routes`` = (transport,
+        engines) per transport its stage's sender uses (``engines/refit_routes.refit_transports``; the same on
+        every rank of the replica; empty when it refits none). Collective over the replica's TP group: TP rank 0
+        sends one bucket of whole layers at a time, the others take part in the gathers. Its shared-memory segments
+        (transport shm) are named ``shm_prefix...`` and live until ``release_refit``. The engines a rank serves stay
+        the same for the cluster's life. ``timeout_s``: the broadcast transport's rendezvous and broadcasts
+        (``rollout.refit_timeout_s``)."""
         from mmupt_megatron.engines.weight_sync import send_refit
 
         sender = None
-        if self.groups.tp_rank == 0 and engines:
+        if self.groups.tp_rank == 0 and routes:
             if self._sender is None:  # kept across refits: its bucket buffer is reused
-                self._sender = self._make_sender(engines, transport, shm_prefix=shm_prefix, timeout_s=timeout_s)
+                self._sender = self._make_sender(routes, shm_prefix=shm_prefix, timeout_s=timeout_s)
             sender = self._sender
-        return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes, active=bool(engines)).num_bytes
+        return send_refit(self.policy.model, sender, bucket_bytes=bucket_bytes, active=bool(routes)).num_bytes
 
     def release_refit(self) -> list[str]:
         """Release the refit sender's buffers: unlink its shared-memory segments (before the actor is killed: a
@@ -298,23 +305,33 @@ class PolicyWorker:
         return names
 
     def refit_transport(self) -> str | None:
-        """ipc, shm, broadcast or ray once this rank has sent a refit; None on ranks that do not send."""
+        """ipc, shm, broadcast or ray once this rank has sent a refit (several joined by ``+`` when its engines
+        need several, e.g. ``shm+broadcast``); None on ranks that do not send."""
         from mmupt_megatron.engines.device_transport import BroadcastSender, HandleSender
+        from mmupt_megatron.engines.weight_transport import FanoutSender
 
         kinds = {HandleSender: "ipc", RayShmSender: "shm", BroadcastSender: "broadcast"}
         if self._sender is None:
             return None
-        return next((kind for cls, kind in kinds.items() if isinstance(self._sender, cls)), "ray")
+        senders = self._sender.senders if isinstance(self._sender, FanoutSender) else [self._sender]
+        return "+".join(next((kind for cls, kind in kinds.items() if isinstance(s, cls)), "ray") for s in senders)
 
     @staticmethod
-    def _make_sender(engines: list[Any], transport: str, *, shm_prefix: str, timeout_s: float) -> Any:
-        """``transport`` (resolved by the cluster: ``engines/refit_routes.refit_transport``): ipc (bucket shared
-        by tensor handle), shm (host shared memory), broadcast (a refit process group), ray (object store)."""
-        if transport == "shm":
-            return RayShmSender(engines, name_prefix=shm_prefix)
-        if transport == "broadcast":
-            return ray_broadcast_sender(engines, timeout_s=timeout_s)
-        return {"ipc": ray_handle_sender, "ray": RaySender}[transport](engines)
+    def _make_sender(routes: list[tuple[str, list[Any]]], *, shm_prefix: str, timeout_s: float) -> Any:
+        """One sender per (transport, engines) route (resolved by the cluster: ``engines/refit_routes``): ipc
+        (bucket shared by tensor handle), shm (host shared memory), broadcast (a refit process group), ray (object
+        store); several behind one ``FanoutSender``, the shared-memory one first (its TP peers write in place)."""
+        from mmupt_megatron.engines.weight_transport import FanoutSender
+
+        def make(transport: str, engines: list[Any]) -> Any:
+            if transport == "shm":
+                return RayShmSender(engines, name_prefix=shm_prefix)
+            if transport == "broadcast":
+                return ray_broadcast_sender(engines, timeout_s=timeout_s)
+            return {"ipc": ray_handle_sender, "ray": RaySender}[transport](engines)
+
+        senders = [make(t, e) for t, e in sorted(routes, key=lambda route: route[0] != "shm")]
+        return senders[0] if len(senders) == 1 else FanoutSender(senders)
 
     def save(self, folder: str) -> None:
         """Collective: the policy and the optimizer's state (Adam moments, fp32 main params: every rank's
@@ -340,6 +357,7 @@ class PolicyWorker:
         export_hf_weights(self.policy.model, out_dir)
 
 
+@host_results
 class RolloutWorker:
     """A rollout engine in its own process."""
 

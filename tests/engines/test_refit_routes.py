@@ -1,9 +1,10 @@
 """Which policy replica refits which engine (``engines/refit_routes.py``): on the engine's GPU first, then its
-node, balanced among equals; across nodes only when nothing is closer."""
+node, balanced among equals; across nodes only when nothing is closer. By which transport, per engine (host
+memory only within a host), and in which order (senders broadcasting to shared engines take turns)."""
 
 import pytest
 
-from mmupt_megatron.engines.refit_routes import refit_sources, refit_transport
+from mmupt_megatron.engines.refit_routes import refit_sources, refit_transports
 
 
 def test_colocated_engines_take_their_weights_from_the_replica_on_their_own_gpu():
@@ -33,22 +34,64 @@ def test_a_replica_without_senders_is_refused():
 
 
 @pytest.mark.parametrize(("engines", "colocated", "on_gpu", "expected"), [
-    ([("a", ("3",))], True, True, "ipc"),  # colocated, engine TP 1 on the sender's GPU: CUDA IPC
-    ([("a", ("3",)), ("a", ("4",))], True, True, "shm"),  # one engine on a TP peer's GPU: no IPC there
-    ([("a", ())], True, True, "shm"),  # a TP engine (its workers hold the GPUs, one shares the sender's): no NCCL
-    ([("a", ("5",)), ("b", ("0",))], False, True, "broadcast"),  # engines on GPUs of their own: NCCL
-    ([("a", ()), ("a", ())], True, False, "shm"),  # CPU, one host
-    ([("a", ()), ("b", ())], False, False, "ray"),  # CPU, several hosts
+    ([("a", ("3",))], True, True, [("ipc", [0])]),  # colocated, engine TP 1 on the sender's GPU: CUDA IPC
+    ([("a", ("3",)), ("a", ("4",))], True, True, [("shm", [0, 1])]),  # one engine on a TP peer's GPU: no IPC there
+    ([("a", ())], True, True, [("shm", [0])]),  # a TP engine (its workers hold the GPUs, one shares the sender's)
+    ([("a", ("5",)), ("b", ("0",))], False, True, [("broadcast", [0, 1])]),  # engines on GPUs of their own: NCCL
+    ([("a", ()), ("a", ())], True, False, [("shm", [0, 1])]),  # CPU, one host
+    ([("a", ()), ("b", ())], False, False, [("shm", [0]), ("broadcast", [1])]),  # CPU, another host's engine
+    # the review's bug: a pipeline stage on node a whose colocated engines sit on a and b. Shared memory and
+    # device handles exist only within a host: b's engine takes its buckets by broadcast
+    ([("b", ("3",)), ("a", ("3",)), ("b", ())], True, True, [("ipc", [1]), ("broadcast", [0, 2])]),
+    ([("b", ()), ("b", ())], True, True, [("broadcast", [0, 1])]),
 ])
-def test_auto_transport_follows_where_the_engines_are(engines, colocated, on_gpu, expected):
+def test_auto_transport_follows_where_each_engine_is(engines, colocated, on_gpu, expected):
     sender = ("a", ("3",)) if on_gpu else ("a", ())
-    assert refit_transport("auto", sender=sender, engines=engines, colocated=colocated, on_gpu=on_gpu) == expected
-    assert refit_transport("broadcast", sender=sender, engines=engines, colocated=colocated, on_gpu=on_gpu) == "broadcast"
+    assert refit_transports("auto", sender=sender, engines=engines, colocated=colocated, on_gpu=on_gpu) == expected
+    assert refit_transports("broadcast", sender=sender, engines=engines, colocated=colocated,
+                            on_gpu=on_gpu) == [("broadcast", list(range(len(engines))))]
 
 
-def test_an_unknown_transport_is_named():
+def test_an_unknown_transport_and_host_memory_across_hosts_are_named():
     with pytest.raises(ValueError, match="rollout.refit_transport must be auto or one of.*got 'nccl'"):
-        refit_transport("nccl", sender=("a", ()), engines=[], colocated=True, on_gpu=False)
+        refit_transports("nccl", sender=("a", ()), engines=[], colocated=True, on_gpu=False)
+    with pytest.raises(ValueError, match=r"refit_transport=shm: engine 1 runs on node b, the sender on a; shm works "
+                                         r"only within a host"):
+        refit_transports("shm", sender=("a", ()), engines=[("a", ()), ("b", ())], colocated=True, on_gpu=False)
+
+
+def test_a_sender_of_several_transports_fills_one_buffer_and_every_transport_ships_it():
+    import torch
+
+    from mmupt_megatron.engines.weight_transport import BucketLayout, FanoutSender
+
+    class Sink:
+        def __init__(self, refusal=None):  # noqa: ANN001
+            self.refusal, self.sent, self.data, self.offered = refusal, [], torch.zeros(0, dtype=torch.uint8), 0
+
+        def offer(self, manifest):  # noqa: ANN001, ARG002
+            self.offered += 1
+            return self.refusal
+
+        def buffer(self, layout):  # noqa: ANN001
+            self.data = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            return self.data
+
+        def send(self, layout):  # noqa: ANN001
+            self.sent.append(bytes(self.data[: layout.nbytes].tolist()))
+
+        def close(self):
+            pass
+
+    layout = BucketLayout(index=0, groups=("g",), entries=(), offsets=(), nbytes=4)
+    first, second = Sink(), Sink(refusal="engine 1 says no")
+    fan = FanoutSender([first, second])
+    assert fan.offer([]) == "engine 1 says no" and first.offered == second.offered == 1
+    fan.buffer(layout).copy_(torch.tensor([1, 2, 3, 4], dtype=torch.uint8))
+    fan.send(layout)
+    assert first.sent == second.sent == [bytes([1, 2, 3, 4])]
+    with pytest.raises(RuntimeError, match="no buffer was handed out"):
+        fan.send(layout)
 
 
 def test_senders_broadcasting_to_shared_engines_take_turns_and_the_rest_refit_at_once():
@@ -68,6 +111,8 @@ def test_senders_broadcasting_to_shared_engines_take_turns_and_the_rest_refit_at
     # peers stay with it even when only the sender's transport is a collective
     assert refit_waves([((0, 0), [0], "broadcast"), ((0, 0), [0], "shm"), ((1, 0), [], "shm"),
                         ((0, 1), [0], "broadcast")]) == [[0, 1, 2], [3]]
+    # a sender using several transports (its host's engines by shm, another host's by broadcast) is collective
+    assert refit_waves([((0, 0), [0, 1], ["shm", "broadcast"]), ((0, 1), [1], ["broadcast"])]) == [[0], [1]]
 
 
 def test_a_refit_group_whose_members_never_come_fails_in_seconds_naming_the_group():

@@ -281,6 +281,15 @@ def test_verify_refit_passes_on_exact_refit_and_names_the_stale_sample(refits):
         verify_refit(engine, requests, COMPLETIONS, policy, tol=0)
 
 
+def test_the_default_refit_tolerance_follows_the_policy_dtype():
+    from mmupt_megatron.config_loading import load_config
+    from mmupt_megatron.engines.weight_sync import refit_tolerance
+
+    # fp32 stacks agree to ~1e-5; bf16 rounding differs by tenths of a nat at single tokens (REFIT_TOL's note)
+    assert refit_tolerance(torch.float32) == 1e-3 and refit_tolerance(torch.bfloat16) == 0.5
+    assert load_config("demo").rollout.verify_refit_tol == 0  # 0 = by dtype (trainer.loop._verify_refit)
+
+
 def _transport_sender(kind: str, conn, grouped, tensors, *, refits: int = 1, num_buffers: int = 1,
                       seen: list | None = None) -> None:
     from mmupt_megatron.engines.weight_transport import PipeSender, ShmSender

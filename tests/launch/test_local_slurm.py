@@ -101,7 +101,7 @@ def ray_processes(job: str) -> list[str]:
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
-        if f"/tmp/ray-mmupt-{job}" in line:
+        if f"/tmp/ray-mmupt-{job}/" in line or line.rstrip().endswith(f"/tmp/ray-mmupt-{job}"):
             out.append(line[:200])
     return out
 

@@ -167,3 +167,12 @@ def test_the_planner_prices_the_refit_transport_auto_picks(recipe, overrides, tr
     from mmupt_megatron.launch.planner import PlanAssumptions, refit_transport_of
 
     assert refit_transport_of(load_config(recipe, overrides), PlanAssumptions()) == transport
+
+
+def test_a_replica_spanning_nodes_refits_its_own_node_by_shared_memory_and_the_others_by_nccl():
+    # 32B at TP 8 x PP 2: each replica's stages sit on two nodes, its colocated engines on both; shared memory works
+    # only within a node (refit_routes.refit_transports), the stages take turns (refit_waves): the times add up
+    p = plan(load_config("qwen2_5_vl_32b_2n8g_tp8pp2"), QWEN2_5_VL["qwen2.5-vl-32b"])
+    assert p.refit_transport == "shm+nccl"
+    gb = p.refit_gb
+    assert p.refit_s == pytest.approx((gb / 10 + gb / 50, gb / 2 + gb / 25))
