@@ -9,6 +9,7 @@
     mmupt launch RECIPE --cluster CLUSTER.yaml [--dryrun] [section.key=value ...]   # nemo-run: Slurm + Ray, local
     mmupt plan RECIPE [--cluster CLUSTER.yaml]        # per-GPU memory, FLOPs, step time on H100s
     mmupt synthesize --mode in-context|direct --input DATA --out DATA --model HF_DIR [--recipe R] [key=value ...]
+    mmupt plot RUN_DIR [RUN_DIR ...] --out FIG.png [--metrics PANEL ...] [--labels NAME ...]   # runs side by side
 
 More subcommands (train, eval, synthesize, convert, launch, plan) are mounted here as they land.
 """
@@ -26,6 +27,7 @@ from mmupt_megatron.models.convert_cli import add_convert_subcommands
 from mmupt_megatron.config_loading import config_to_yaml, load_config
 from mmupt_megatron.launch.cli import add_launch_parser, add_plan_parser
 from mmupt_megatron.synthesis.cli import add_synthesize_subcommand
+from mmupt_megatron.trainer.figures import add_plot_subcommand
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(commands)
     add_plan_parser(commands)
     add_synthesize_subcommand(commands)
+    add_plot_subcommand(commands)
     return parser
 
 

@@ -165,9 +165,9 @@ def _origin(path: str | None, site: str | None, root: Path) -> str:
     real = os.path.realpath(path)
     if site and real.startswith(os.path.realpath(site) + os.sep):
         return "wheels"
-    if real.startswith(str(root) + os.sep):
+    if real.startswith(str(root) + os.sep) and not re.search(r"[/\\](site|dist)-packages[/\\]", real):
         return "checkout"
-    return "node"
+    return "node"  # the interpreter's own packages (a venv inside the checkout too)
 
 
 def _probe_import(name: str, site: str | None, root: Path) -> dict:
@@ -288,6 +288,8 @@ def _trace_peaks(out: Path, stages: list[dict]) -> dict[str, str]:
             continue
     peaks = {}
     for stage in stages:
+        if stage["status"] == "skip":
+            continue
         inside = [used for stamp, used, _ in samples if stage["start"] - 0.5 <= stamp <= stage["end"] + 0.5]
         if inside:
             peaks[stage["name"]] = f"{max(inside):.0f}"

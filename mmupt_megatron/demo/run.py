@@ -15,8 +15,12 @@
    ``reward.min_agreement``.
 5. With ``--synthetic``: the base writes its own questions about the train images (``mmupt synthesize``,
    in-context and direct) and MM-UPT trains on those instead of the dataset's questions.
-6. A table of held-out accuracy (greedy, sampled pass@1, maj@k), majority share and response length, and
-   PNG plots of reward / majority share / pseudo-label accuracy per run (OUT/<run>/plots).
+6. A table of held-out accuracy (greedy, sampled pass@1, maj@k), majority share and response length; PNG plots
+   per run (OUT/<run>/plots); and figures that put the runs side by side (``trainer.figures``): OUT/comparison.png
+   (the test split: MM-UPT vs supervised GRPO vs the base) and OUT/comparison_hard.png (the hard split's runs),
+   each with the held-out accuracy every run reached over training. Every training run evaluates its split's
+   held-out questions (the table's questions) after step 0, every ``trainer.eval_every`` steps (30 in the demo
+   recipe) and after its last step; the base's table row is the dashed line.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from mmupt_megatron.config_loading import load_config
 from mmupt_megatron.data.synthetic import WorldConfig, generate, write_parquet, write_splits
 from mmupt_megatron.eval.evaluator import EvalItem, EvalReport, evaluate, held_out_items
 
-
 BASE_BAND = (0.75, 0.93)
 """The demo's base (demo.warmup.WarmupConfig.band): once an average of the weights has been right on 75% of sampled
 dev answers with every question type at greedy 0.7 on two evaluations in a row, the first trained weights from
@@ -46,6 +49,21 @@ band *before* the average confirms (mid-breakthrough: shape questions at 0.69-0.
 itself caught in the band in 3 of 3 (-6.6 to -11.7)."""
 HARD_MIN_AGREEMENT = 0.9
 """``reward.min_agreement`` of the guarded hard-split run: groups whose majority share is below it earn nothing."""
+DEMO_RUNS = {
+    "mmupt": ("MM-UPT (no labels)", "test"),
+    "supervised": ("supervised GRPO (labels)", "test"),
+    "synthetic_in-context": ("MM-UPT on in-context questions", "test"),
+    "synthetic_direct": ("MM-UPT on direct questions", "test"),
+    "hard_vote": ("MM-UPT on hard data", "hard"),
+    "hard_guarded": (f"MM-UPT + min_agreement {HARD_MIN_AGREEMENT}", "hard"),
+}
+"""Training run folder (OUT/<folder>) -> (its name in the table and the figures, the split it is evaluated on)."""
+DEMO_FIGURES = (
+    ("comparison.png", "test", "test split: MM-UPT (no labels) vs supervised GRPO (labels) vs the base"),
+    ("comparison_hard.png", "hard",
+     f"hard split (base below 50%): voting, with min_agreement {HARD_MIN_AGREEMENT}, vs the base"),
+)
+"""The comparison figures (OUT/<file>): the runs of one split, the base's row of that split as the dashed line."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +83,7 @@ class DemoPlan:
     overrides: tuple[str, ...] = ()
 
 
-def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) -> EvalReport:  # noqa: ANN001
+def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) -> EvalReport:
     """Greedy + k sampled answers per held-out question from a vLLM engine serving ``model_dir``."""
     from mmupt_megatron.engines.vllm_rollout import VLLMRolloutEngine, engine_kwargs
 
@@ -78,7 +96,18 @@ def evaluate_model(model_dir: Path, items: list[EvalItem], *, cfg, seed: int) ->
         engine.close()
 
 
-def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra: list[str]) -> Path:
+def train_overrides(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra: list[str],
+                    eval_file: Path | None = None) -> list[str]:
+    """The overrides of the demo recipe for training run ``name`` (``eval_file``: held-out rows the trainer
+    evaluates every ``trainer.eval_every`` steps; the user's overrides, then ``extra``, come last and win)."""
+    return [f"model.path={base}", f"data.train_files=[{train_file}]", f"trainer.output_dir={plan.out / name}",
+            f"trainer.seed={plan.seed}", f"rollout.seed={plan.seed}", "trainer.resume=never",
+            *([f"data.eval_files=[{eval_file}]"] if eval_file is not None else []),
+            *([f"trainer.steps={plan.steps}"] if plan.steps else []), *plan.overrides, *extra]
+
+
+def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra: list[str],
+              eval_file: Path | None = None) -> Path:
     """``mmupt train demo`` with the given overrides, in-process; returns the exported HF folder."""
     import ray
 
@@ -87,9 +116,7 @@ def train_run(name: str, *, base: Path, train_file: Path, plan: DemoPlan, extra:
 
     out = plan.out / name
     remove_previous_run(out)  # an earlier demo's run of the same name: trained again from scratch
-    overrides = [f"model.path={base}", f"data.train_files=[{train_file}]", f"trainer.output_dir={out}",
-                 f"trainer.seed={plan.seed}", f"rollout.seed={plan.seed}", "trainer.resume=never",
-                 *([f"trainer.steps={plan.steps}"] if plan.steps else []), *plan.overrides, *extra]
+    overrides = train_overrides(name, base=base, train_file=train_file, plan=plan, extra=extra, eval_file=eval_file)
     cfg = load_config("demo", overrides)
     print(f"training '{name}' ({' '.join(extra) or 'majority vote, no labels'}; {cfg.trainer.steps} steps) ...", flush=True)
     trainer = Trainer(cfg)
@@ -169,28 +196,68 @@ def run_demo(plan: DemoPlan) -> list[dict[str, float | str]]:
         rows.append({"run": name, "split": split, **report.metrics})
         print(f"  {name:<28} {split:<5} greedy {report.metrics['greedy']:.3f}  maj@k {report.metrics.get(f'maj@{report.k}', float('nan')):.3f}", flush=True)
 
+    def run(folder: str, train_file: Path, extra: list[str]) -> None:
+        """Train (held-out evaluations of its split's questions during training), then evaluate the export."""
+        name, split = DEMO_RUNS[folder]
+        held_out = "hard_test" if split == "hard" else "test"
+        model = train_run(folder, base=base, train_file=train_file, plan=plan, extra=extra, eval_file=files[held_out])
+        record(name, split, model, hard_test if split == "hard" else test)
+
     record("base", "test", base, test)
-    record("MM-UPT (no labels)", "test", train_run("mmupt", base=base, train_file=files["train"], plan=plan, extra=[]), test)
+    run("mmupt", files["train"], [])
     if plan.supervised:
-        sup = train_run("supervised", base=base, train_file=files["train"], plan=plan, extra=["reward.kind=label"])
-        record("supervised GRPO (labels)", "test", sup, test)
+        run("supervised", files["train"], ["reward.kind=label"])
     if plan.synthetic:
         for mode in ("in-context", "direct"):
-            questions = synthesize_questions(mode, base=base, seeds=files["train"], plan=plan)
-            name = f"MM-UPT on {mode} questions"
-            record(name, "test", train_run(f"synthetic_{mode}", base=base, train_file=questions, plan=plan, extra=[]), test)
+            run(f"synthetic_{mode}", synthesize_questions(mode, base=base, seeds=files["train"], plan=plan), [])
     if plan.failure_mode:
         record("base", "hard", base, hard_test)
-        plain = train_run("hard_vote", base=base, train_file=files["hard_train"], plan=plan, extra=[])
-        record("MM-UPT on hard data", "hard", plain, hard_test)
+        run("hard_vote", files["hard_train"], [])
         # measured: on the hard split the base is as unanimous when wrong as when right (mean majority share
         # ~0.78), so the guard cannot pick the right groups; a high bar limits the damage by training on few
-        guarded = train_run("hard_guarded", base=base, train_file=files["hard_train"], plan=plan,
-                            extra=[f"reward.min_agreement={HARD_MIN_AGREEMENT}"])
-        record(f"MM-UPT + min_agreement {HARD_MIN_AGREEMENT}", "hard", guarded, hard_test)
+        run("hard_guarded", files["hard_train"], [f"reward.min_agreement={HARD_MIN_AGREEMENT}"])
     (plan.out / "demo_results.json").write_text(json.dumps(rows, indent=1))
     print_table(rows, seconds=time.time() - start)
+    for line in write_demo_figures(plan.out, rows):
+        print(line, flush=True)
     return rows
+
+
+def demo_figure_runs(out: Path, rows: list[dict[str, float | str]], split: str) -> tuple[list, dict | None]:
+    """The runs of ``split`` this demo trained (their names in ``rows``; a folder left by an earlier demo is not
+    one), read from OUT/<folder>/metrics.jsonl, and the base's row of that split as logged eval keys (None: no
+    base row)."""
+    from mmupt_megatron.trainer.figures import as_logged, load_run
+
+    names = {r["run"] for r in rows if r["split"] == split}
+    runs = [load_run(out / folder, label=name) for folder, (name, s) in DEMO_RUNS.items() if s == split and name in names]
+    base_row = next((r for r in rows if r["run"] == "base" and r["split"] == split), None)
+    base = as_logged({k: v for k, v in base_row.items() if k not in ("run", "split")}) if base_row else None
+    return runs, base
+
+
+def write_demo_figures(out: Path, rows: list[dict[str, float | str]]) -> list[str]:
+    """OUT/comparison.png and OUT/comparison_hard.png (``DEMO_FIGURES``) from the runs' metrics and the base's rows;
+    returns what to print: the files written, what each left out, and a failure as a warning (a figure never
+    fails the demo, whose table is already written)."""
+    from mmupt_megatron.trainer.figures import comparison_figure
+
+    lines = []
+    for file, split, title in DEMO_FIGURES:
+        try:
+            runs, base = demo_figure_runs(out, rows, split)
+            if not runs:
+                continue
+            figure = comparison_figure(runs, base=base, base_label=f"base ({split} split, the table's row)",
+                                       title=title)
+            try:
+                figure.save(out / file)
+            finally:
+                figure.close()
+            lines += [f"figure: {out / file}", *(f"  {note}" for note in figure.notes)]
+        except Exception as error:  # noqa: BLE001 - the results are written; a figure is not worth failing for
+            lines.append(f"warning: figure {out / file} not written: {type(error).__name__}: {error}")
+    return lines
 
 
 def print_table(rows: list[dict[str, float | str]], *, seconds: float) -> None:

@@ -59,10 +59,11 @@ def ray_bootstrap_lines(*, cluster: ClusterConfig, container_flags: list[str], l
         'ray_nodes=( $(scontrol show hostnames "$SLURM_JOB_NODELIST") )',
         f"ray_address=\"$head_node_ip:{cluster.ray_port}\"",
         "ray_pids=()",
-        "# Ray 2.60: `ray start --head` turns token authentication on when a token exists and RAY_AUTH_MODE is unset,",
-        "# `ray start --address` does not (a worker then fails with InvalidAuthToken): the same choice for both",
+        "# Ray 2.60: the head turns token authentication on when a token exists and RAY_AUTH_MODE is unset, a worker",
+        "# joining with --address does not (it then fails with InvalidAuthToken): make the same choice for both",
         ('if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] '
-         '|| [ -f "$HOME/.ray/auth_token" ]; }; then export RAY_AUTH_MODE=token; fi'),
+         '|| [ -f "$HOME/.ray/auth_token" ]; }; then export RAY_AUTH_MODE=token; '
+         'echo "Ray token authentication: on (a token exists; RAY_AUTH_MODE=token for the head and every worker)"; fi'),
         "# the Ray steps end with the job script (a SIGTERM stops `ray start --block` and its daemons)",
         'stop_ray() { ((${#ray_pids[@]})) || return 0; kill -TERM "${ray_pids[@]}" 2>/dev/null || true; wait "${ray_pids[@]}" 2>/dev/null || true; }',
         "trap stop_ray EXIT",

@@ -3,7 +3,7 @@ Weights & Biases (``logging.wandb``).
 
     log = MetricsLog(out_dir, tensorboard=True, progress=True, total_steps=60, first_step=0)
     log.write(metrics)            # one dict per step (must contain "step")
-    log.add_plots(plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots"))
+    log.add_plots(plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots"))   # errors: a logged warning
     log.close()
 
 With ``wandb=WandbSettings(...)`` (``open_metrics_log`` builds it from ``logging.*``) every dict written also goes
@@ -240,27 +240,48 @@ def open_metrics_log(cfg, out_dir: Path, *, first_step: int, resumed_from: Path 
 
 
 def plot_metrics(jsonl: Path, out_dir: Path) -> list[Path]:
-    """One PNG per plotted metric present in the log; returns the files written."""
+    """One PNG per plotted metric present in the log, and ``overview.png``: every panel of ``trainer.figures``
+    (held-out accuracy, reward, vote, length, log-prob gap; raw and smoothed). Returns the files written. Plots never
+    stop a run: an error while plotting is a logged warning naming the folder, and the files written before it are
+    returned."""
+    written: list[Path] = []
+    try:
+        _plot_each_metric(jsonl, out_dir, written)
+        from mmupt_megatron.trainer.figures import comparison_figure, load_run
+
+        overview = comparison_figure([load_run(jsonl)], title=jsonl.parent.name)
+        try:
+            written.append(overview.save(out_dir / "overview.png"))
+        finally:
+            overview.close()
+    except Exception as error:  # noqa: BLE001 - a figure is never worth a run
+        logger.warning("%s: plotting failed, the run goes on without the rest of its plots (%d written): %s: %s",
+                       out_dir, len(written), type(error).__name__, error)
+    return written
+
+
+def _plot_each_metric(jsonl: Path, out_dir: Path, written: list[Path]) -> None:
+    """One PNG per metric of ``PLOTTED`` in the log, appended to ``written`` as each is saved."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+    rows = [json.loads(text) for _, text in read_metrics_lines(jsonl, warn=False)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     for key, title in PLOTTED:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{key.replace('/', '_').replace('@', '_at_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = out_dir / f"{key.replace('/', '_').replace('@', '_at_')}.png"
+            fig.savefig(path, dpi=100)
+        finally:
+            plt.close(fig)
         written.append(path)
-    return written
