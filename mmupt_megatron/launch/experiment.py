@@ -38,6 +38,9 @@ from mmupt_megatron.launch.executors import (
 from mmupt_megatron.launch.sweep import Sweep
 
 LOG_TAIL_LINES = 20
+ERROR_LINE = re.compile(r"mmupt: error: .*")
+"""The one line ``mmupt`` prints for an expected failure (``cli_errors.run_command``; Ray's colour codes may precede
+it on its line)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +257,8 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def experiment_status(exp_id: str, *, cluster: ClusterConfig | None) -> str:
-    """One line per task (name, state, Slurm job id, log file); a failed task adds its log's last lines."""
+    """One line per task (name, state, Slurm job id, log file); a failed task adds its log's last lines, and its
+    ``mmupt: error:`` line when other output followed it (Ray's logs after a lost node: the cause, not noise)."""
     exp = load_experiment(exp_id, cluster=cluster)
     with _stdin_closed():
         table = exp.status(return_dict=True) or {}
@@ -266,8 +270,12 @@ def experiment_status(exp_id: str, *, cluster: ClusterConfig | None) -> str:
         logs = _task_logs(job, slurm_id)
         out.append(f"{job.id}: {state} (job {slurm_id or '?'}; log {logs[0] if logs else 'not written yet'})")
         if state in ("FAILED", "CANCELLED") and logs:
+            tail = _tail(logs[0], LOG_TAIL_LINES)
+            errors = ERROR_LINE.findall(logs[0].read_text(errors="replace"))
+            if errors and errors[-1] not in tail:
+                out.append(f"  {errors[-1]}")
             out.append(f"  last lines of {logs[0]}:")
-            out += [f"    {line}" for line in _tail(logs[0], LOG_TAIL_LINES).splitlines()]
+            out += [f"    {line}" for line in tail.splitlines()]
     return "\n".join(out)
 
 

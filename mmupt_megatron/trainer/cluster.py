@@ -15,6 +15,10 @@ do not depend on the number of engines. Refit: each engine takes every bucket fr
 policy, the closest (on its GPU, else its node: ``engines/refit_routes.py``); replicas refit their engines at once,
 except that two senders broadcasting to a shared engine take turns (``refit_routes.refit_waves``: an engine runs one
 task at a time, and two refit groups that each held one engine would wait for each other forever).
+
+A node lost mid-run (its raylet gone: Ray reports it dead, or it does not answer) turns the Ray error of the call
+that met it into ``NodeLostError``, whose one line names the node (host name and address) and the ranks and
+engines that ran there; Ray's own error names only an actor id.
 """
 
 from __future__ import annotations
@@ -94,6 +98,19 @@ def _node_address() -> tuple[str, int]:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
+def _answers(address: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts a TCP connection at ``address:port`` within ``timeout_s``."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+class NodeLostError(RuntimeError):
+    """A Ray node that ran some of the cluster's actors is gone (one line: the node, what ran there, the cause)."""
 
 
 def _bundle_location() -> tuple[str, tuple[int, ...]]:
@@ -224,11 +241,56 @@ class Cluster:
         self.shm_prefix = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         self.image_token_id = ray.get(self.workers[0].image_token_id.remote())
         self.param_dtype: torch.dtype = ray.get(self.workers[0].param_dtype.remote())
+        self.homes = self._actor_homes()
+        """Ray node id -> the actors of this cluster there (``policy rank R``, ``rollout engine E``)."""
         self.refit_routes = self._route_refits(cfg.rollout.refit_transport, on_gpu=on_gpu)
         """Per policy rank: (transport, engines) for each transport its stage's sender uses to reach the engines its
         DP replica refits (the same on each rank of the stage; ``refit_routes.refit_transports``)."""
         self.traffic = BatchTraffic(layout=ray.get(self.workers[0].micro_batch_layout.remote()))
         """Bytes sent to the policy workers and padding computed, per step (``pop``)."""
+
+    def _actor_homes(self) -> dict[str, list[str]]:
+        """Ray node id -> labels of this cluster's actors running there."""
+        import ray
+
+        homes: dict[str, list[str]] = {}
+        named = [*((f"policy rank {r}", w) for r, w in enumerate(self.workers)),
+                 *((f"rollout engine {e}", a) for e, a in enumerate(self.engines))]
+        for (label, _), (node, _) in zip(named, ray.get([a.device_location.remote() for _, a in named]), strict=True):
+            homes.setdefault(node, []).append(label)
+        return homes
+
+    def lost_nodes(self) -> list[str]:
+        """The nodes of this cluster's actors that are gone: Ray reports them dead, or their raylet does not
+        answer (Ray's health check takes a while to notice); each as ``host (address, why; it ran ...)``."""
+        import ray
+
+        known = {node["NodeID"]: node for node in ray.nodes()}
+        lost = []
+        for node_id, labels in getattr(self, "homes", {}).items():
+            node = known.get(node_id, {})
+            address, port = node.get("NodeManagerAddress", "?"), node.get("NodeManagerPort", 0)
+            if node.get("Alive") and _answers(address, port):
+                continue
+            why = "Ray reports it dead" if not node.get("Alive") else f"its raylet at {address}:{port} does not answer"
+            lost.append(f"{node.get('NodeManagerHostname', node_id[:12])} ({address}, {why}; it ran {', '.join(labels)})")
+        return lost
+
+    def _get(self, refs: Any, **kwargs: Any) -> Any:
+        """``ray.get``; a Ray error met because a node of this cluster is gone becomes ``NodeLostError`` naming it."""
+        import ray
+
+        try:
+            return ray.get(refs, **kwargs)
+        except ray.exceptions.RayError as error:
+            try:
+                lost = self.lost_nodes()
+            except Exception:  # noqa: BLE001 - Ray cannot say either: its own error stands
+                lost = []
+            if not lost:
+                raise
+            cause = " ".join(str(error).split())[:300]
+            raise NodeLostError(f"lost Ray node {'; '.join(lost)}: {type(error).__name__}: {cause}") from error
 
     def _route_refits(self, requested: str, *, on_gpu: bool) -> list[list[tuple[str, list[Any]]]]:
         import ray
@@ -255,19 +317,15 @@ class Cluster:
     # -- the rollout engines ---------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], spec: SamplingSpec) -> list[Rollout]:
         """``spec.n`` responses per request, the requests split over the engines; in request order."""
-        import ray
-
         parts = [(run, engine.generate.remote(chunk, sub)) for engine, (run, chunk, sub)
                  in zip(self.engines, dispatch(requests, spec, len(self.engines)), strict=True) if chunk]
-        results = assert_on_host(ray.get([ref for _, ref in parts]), where="RolloutWorker.generate")
+        results = assert_on_host(self._get([ref for _, ref in parts]), where="RolloutWorker.generate")
         return merge([(run, rollouts) for (run, _), rollouts in zip(parts, results)])
 
     def prompt_logprobs(self, requests: list[RolloutRequest], completions: list[list[int]], *,
                         engine: int = 0) -> list[torch.Tensor]:
         """Engine ``engine``'s log-probs of given completions (``RolloutEngine.prompt_logprobs``: refit checks)."""
-        import ray
-
-        return assert_on_host(ray.get(self.engines[engine].prompt_logprobs.remote(requests, completions)),
+        return assert_on_host(self._get(self.engines[engine].prompt_logprobs.remote(requests, completions)),
                               where="RolloutWorker.prompt_logprobs")
 
     # -- fan-out over data-parallel slices -----------------------------------------------------------
@@ -286,28 +344,22 @@ class Cluster:
         return [by_dp[d] for d in range(self.dims.dp)]
 
     def _all(self, method: str, *args: Any, actors: list[Any] | None = None, **kwargs: Any) -> list[Any]:
-        import ray
-
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in (actors or self.workers)])
+        return self._get([getattr(actor, method).remote(*args, **kwargs) for actor in (actors or self.workers)])
 
     def logprobs(self, batch: PolicyBatch, *, reference: bool = False, temperature: float | None = None) -> torch.Tensor:
         """The policy's (or the reference's) log-probs at rollout.temperature, or at ``temperature``."""
-        import ray
-
         shards = self._per_rank(batch)
         with self.schedule.reference() if reference else nullcontext():  # the reference is on the device only then
-            results = ray.get([w.logprobs.remote(s, reference=reference, temperature=temperature)
+            results = self._get([w.logprobs.remote(s, reference=reference, temperature=temperature)
                                for w, s in zip(self.workers, shards)])
         assert_on_host(results, where="PolicyWorker.logprobs")
         return torch.cat(self._gather(results), dim=0)[: batch.input_ids_BT.shape[0]]
 
     def train(self, batch: PolicyBatch, *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
         """One optimizer step on ``batch``, the loss averaged over its tokens (sequences) times ``scale``."""
-        import ray
-
         shards = self._per_rank(batch)
         num_tokens, num_seqs = loss_normalisers(batch, scale)
-        results = ray.get([
+        results = self._get([
             w.train.remote(s, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for w, s in zip(self.workers, shards)
         ])
@@ -324,12 +376,10 @@ class Cluster:
         """Stream the policy's weights into every engine in buckets of whole layers, each engine from its replica
         (``refit_routes``); returns the bytes sent. Colocated: the policy's training state leaves the device
         first and the engines wake around it."""
-        import ray
-
         self.schedule.before_refit()
         sent = 0
         for wave in self.refit_waves:  # senders that share engines over a collective never refit at once
-            sent += sum(ray.get([self.workers[rank].refit.remote(
+            sent += sum(self._get([self.workers[rank].refit.remote(
                 self.refit_routes[rank], bucket_bytes=self.bucket_bytes, shm_prefix=self.shm_prefix,
                 timeout_s=self.refit_timeout_s) for rank in wave]))
         self.schedule.after_refit()
