@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from mmupt_megatron.algorithms.advantages import ESTIMATORS
 from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_cap
+from mmupt_megatron.algorithms.lr_schedule import SCHEDULES
 from mmupt_megatron.config_synthesis import SynthesisConfig
 
 LOSS_OVER = ("batch", "trained")
@@ -371,12 +372,24 @@ class TrainerConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 disables."""
+    lr_schedule: str = "constant"
+    """Learning rate after the warm-up: constant, linear or cosine decay to trainer.min_lr at the run's last optimizer
+    update (trainer.steps x updates per step); stepped once per optimizer update on every rank, kept in checkpoints,
+    logged as train/lr (``algorithms/lr_schedule.py``)."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up in optimizer updates."""
+    """Linear learning-rate warm-up, in optimizer updates: update i < warmup_steps takes lr x (i + 1) / warmup_steps."""
+    min_lr: float = 0.0
+    """Where the linear and cosine schedules end."""
     seed: int = 1
     """Seed for data order, initialisation and sampling."""
     deterministic: bool = False
-    """Deterministic algorithms (CPU: bitwise-reproducible runs and resumes)."""
+    """Deterministic kernels and reductions in the policy and the engines, so a run repeats bit for bit on the same
+    machine and software: torch's deterministic algorithms (CUBLAS_WORKSPACE_CONFIG=:4096:8), Megatron's
+    deterministic_mode (its embedding backward; with Transformer Engine NVTE_ALLOW_NONDETERMINISTIC_ALGO=0), NCCL's
+    ring algorithm for every collective (NCCL_ALGO=Ring), and on GPU vLLM's batch-invariant kernels
+    (VLLM_BATCH_INVARIANT=1: a response does not depend on what else is in the batch). Costs speed on GPU (slower
+    kernels, one NCCL algorithm; unmeasured here); on CPU the stack is deterministic already and it costs nothing
+    measurable. Sampling seeds are fixed either way (rollout.seed)."""
     output_dir: str = "runs/default"
     """Where checkpoints, metrics and plots go. A folder holding an earlier run is continued (resume), never
     overwritten: checked before Ray starts."""
@@ -415,6 +428,10 @@ class TrainerConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             out.append(f"trainer.lr must be finite and > 0, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            out.append(f"trainer.lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            out.append(f"trainer.min_lr must be in [0, trainer.lr={self.lr:g}], got {self.min_lr}")
         out += _non_negative(self, "trainer", ("grad_clip", "weight_decay", "warmup_steps", "eval_every", "num_cpus",
                                                "max_bad_steps"))
         if not self.resume.strip() or self.resume.strip().lower() in _NOT_A_RESUME:
@@ -525,6 +542,12 @@ class Config:
         """Whether each step makes exactly one optimizer update (algorithm.ppo_epochs=1, trainer.prompts_per_update
         covering trainer.prompts_per_step): then it is on policy and needs no old-log-prob forward."""
         return self.algorithm.ppo_epochs == 1 and self.trainer.prompts_per_update >= self.trainer.prompts_per_step
+
+    def total_updates(self) -> int:
+        """Optimizer updates in a full run: trainer.steps x algorithm.ppo_epochs x mini-batches per step (the length
+        of trainer.lr_schedule's decay; a step whose groups are all unanimous makes fewer)."""
+        t = self.trainer
+        return t.steps * self.algorithm.ppo_epochs * max(1, t.prompts_per_step // max(1, t.prompts_per_update))
 
     def num_engines(self) -> int:
         """rollout.engines for this recipe's policy world size and trainer.colocate."""

@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmupt_megatron.algorithms.logprobs import check_temperature, vocab_parallel_token_logprobs
+from mmupt_megatron.algorithms.lr_schedule import lr_at
 from mmupt_megatron.algorithms.loss import (
     PolicyLossConfig,
     check_rollout_is_cap,
@@ -75,7 +76,12 @@ from mmupt_megatron.models.rope_index import causal_attention_mask, mrope_positi
 @dataclass(kw_only=True, frozen=True)
 class PolicyOptimConfig:
     lr: float = 1e-6
-    """Learning rate (constant; schedules belong to the trainer)."""
+    """Peak learning rate (``lr_schedule`` shapes it per update)."""
+    lr_schedule: str = "constant"
+    """``algorithms/lr_schedule``: constant, linear or cosine after ``warmup_updates``, over ``total_updates``."""
+    warmup_updates: int = 0
+    total_updates: int = 0
+    min_lr: float = 0.0
     optimizer: str = "adam"
     """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
     weight_decay: float = 0.01
@@ -210,6 +216,8 @@ class MegatronPolicy:
                 pg_collection=groups.megatron_pgs,
             )
         config.no_sync_func = self.ddp.no_sync
+        self.updates = 0
+        """Optimizer updates taken over the run (the learning-rate schedule's position; saved with the optimizer)."""
         self._stash = None  # what offload() moved to host memory
         self.p2p = None
         if groups.dims.pp > 1:
@@ -371,15 +379,28 @@ class MegatronPolicy:
         outputs, _ = self._run(batch, loss_fn, forward_only=False)
         merged = _merge_micro_batch_metrics(outputs)
         gap = {key: value for key, value in merged.items() if key.startswith("logprob_gap")}  # before any update
+        lr = self._schedule_lr()
         if not self._grads_finite():
             # fp32 Megatron optimizers apply NaN/inf gradients as they are: skip the update on every rank
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), **gap}
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), "lr": lr, **gap}
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
-            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), **gap}
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0, **merged}
+            return {"skipped": 1.0, "loss": float("nan"), "grad_norm": float("nan"), "lr": lr, **gap}
+        self.updates += 1
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "skipped": 0.0, "lr": lr,
+                **merged}
+
+    def _schedule_lr(self) -> float:
+        """Set the learning rate of update ``self.updates`` (the run's count: restored with the optimizer's
+        checkpoint) on every parameter group, as Megatron's scheduler does (times a group's ``lr_mult``)."""
+        c = self.cfg
+        lr = lr_at(self.updates, lr=c.lr, kind=c.lr_schedule, warmup=c.warmup_updates, total=c.total_updates,
+                   min_lr=c.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        return lr
 
     # ------------------------------------------------------------------ memory (the colocated schedule)
     def _inner_optimizers(self) -> list:

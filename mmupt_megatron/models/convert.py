@@ -187,13 +187,14 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> No
 
 
 def build_model(arch: LMArch, groups, *, dtype: torch.dtype, init_weights: bool = False, fp8: bool = False,
-                fp8_recipe: str = "delayed", recompute: bool = False, sequence_parallel: bool = False) -> torch.nn.Module:
-    """The policy model; ``fp8`` / ``fp8_recipe`` / ``recompute`` / ``sequence_parallel`` are model.fp8 /
-    model.fp8_recipe / model.gradient_checkpointing / parallel.sequence_parallel."""
+                fp8_recipe: str = "delayed", recompute: bool = False, sequence_parallel: bool = False,
+                deterministic: bool = False) -> torch.nn.Module:
+    """The policy model; ``fp8`` / ``fp8_recipe`` / ``recompute`` / ``sequence_parallel`` / ``deterministic`` are
+    model.fp8 / model.fp8_recipe / model.gradient_checkpointing / parallel.sequence_parallel / trainer.deterministic."""
     from mmupt_megatron.models.qwen2_5_vl import Qwen2_5_VLModel
 
     return Qwen2_5_VLModel(arch, groups, dtype=dtype, init_weights=init_weights, fp8=fp8, fp8_recipe=fp8_recipe,
-                           recompute=recompute, sequence_parallel=sequence_parallel)
+                           recompute=recompute, sequence_parallel=sequence_parallel, deterministic=deterministic)
 
 
 def _hf_to_megatron_worker(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:

@@ -138,7 +138,7 @@ def uses_te_spec(spec: Any) -> bool:
 
 def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype, fp8_mode: str | None,
                        init_weights: bool, fp8_recipe: str = "delayed", recompute: bool = False,
-                       sequence_parallel: bool = False) -> Any:
+                       sequence_parallel: bool = False, deterministic: bool = False) -> Any:
     """Megatron's config for ``arch``; ``recompute`` (model.gradient_checkpointing) keeps only each layer's
     input for the backward and recomputes the layer (full, uniform, one layer per checkpoint);
     ``sequence_parallel`` (parallel.sequence_parallel, TP > 1) splits norms and dropout along the sequence."""
@@ -187,6 +187,7 @@ def transformer_config(arch: LMArch, groups: ParallelGroups, *, dtype: torch.dty
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        deterministic_mode=deterministic,  # trainer.deterministic: the embedding's deterministic backward
     )
 
 
@@ -196,7 +197,8 @@ class Qwen2_5_VLModel(torch.nn.Module):
 
     def __init__(self, arch: LMArch, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
                  init_weights: bool = True, fp8: bool = False, fp8_recipe: str = "delayed",
-                 layer_spec: str = "auto", recompute: bool = False, sequence_parallel: bool = False) -> None:
+                 layer_spec: str = "auto", recompute: bool = False, sequence_parallel: bool = False,
+                 deterministic: bool = False) -> None:
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
@@ -212,7 +214,8 @@ class Qwen2_5_VLModel(torch.nn.Module):
         self.arch = arch
         self.groups = groups
         self.config = transformer_config(arch, groups, dtype=dtype, fp8_mode=fp8_mode, init_weights=init_weights,
-                                         fp8_recipe=fp8_recipe, recompute=recompute, sequence_parallel=sequence_parallel)
+                                         fp8_recipe=fp8_recipe, recompute=recompute, sequence_parallel=sequence_parallel,
+                                         deterministic=deterministic)
         self.padded_vocab = padded_vocab_size(arch.vocab_size, tp=groups.dims.tp)
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mmupt_megatron.config import Config
+from mmupt_megatron.distributed.determinism import deterministic_env
 from mmupt_megatron.distributed.parallel import ParallelDims
 from mmupt_megatron.engines.dispatch import dispatch, merge
 from mmupt_megatron.engines.megatron_policy import PolicyBatch, PolicyOptimConfig
@@ -123,6 +124,10 @@ def _bundle_location() -> tuple[str, tuple[int, ...]]:
 def policy_optim_config(cfg: Config) -> PolicyOptimConfig:
     return PolicyOptimConfig(
         lr=cfg.trainer.lr,
+        lr_schedule=cfg.trainer.lr_schedule,
+        warmup_updates=cfg.trainer.warmup_steps,
+        total_updates=cfg.total_updates(),
+        min_lr=cfg.trainer.min_lr,
         weight_decay=cfg.trainer.weight_decay,
         grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size,
@@ -203,17 +208,26 @@ class Cluster:
                     "num_gpus": bundle.get("GPU", 0) * fraction}
 
         optim = policy_optim_config(cfg)
+        deterministic = cfg.trainer.deterministic  # its variables are in each actor's environment from the start
+
+        def env(options: dict[str, Any], *, engine: bool) -> dict[str, Any]:
+            if deterministic:
+                extra = deterministic_env(engine=engine, on_gpu=on_gpu)
+                runtime = options.get("runtime_env", {})
+                options["runtime_env"] = {**runtime, "env_vars": {**runtime.get("env_vars", {}), **extra}}
+            return options
+
         # torch.distributed rendezvous on rank 0's node (not the driver's: on a cluster they differ)
         master_addr, port = ray.get(ray.remote(_node_address).options(**on(0)).remote())
         Actor = ray.remote(PolicyWorker)
         self.workers = [
-            Actor.options(**on(rank, half)).remote(
+            Actor.options(**env(on(rank, half), engine=False)).remote(
                 rank=rank, world_size=world, master_addr=master_addr, master_port=port, dims=self.dims,
                 model_dir=model_dir, optim=optim, with_reference=cfg.algorithm.loss.kl_coef > 0, seed=cfg.trainer.seed,
                 backend=None if p.backend == "auto" else p.backend,
                 model_options={"fp8": cfg.model.fp8, "fp8_recipe": cfg.model.fp8_recipe,
                                "recompute": cfg.model.gradient_checkpointing,
-                               "sequence_parallel": p.sequence_parallel},
+                               "sequence_parallel": p.sequence_parallel, "deterministic": deterministic},
             )
             for rank in range(world)
         ]
@@ -231,7 +245,7 @@ class Cluster:
                 options = {**on(first + e * engine_tp, 0.0, placement_group_capture_child_tasks=True), "num_cpus": 0.1}
                 options["runtime_env"] = {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)),
                                                        "VLLM_RAY_PER_WORKER_GPUS": str(half)}}
-            self.engines.append(ray.remote(RolloutWorker).options(**options).remote(
+            self.engines.append(ray.remote(RolloutWorker).options(**env(options, engine=True)).remote(
                 model_dir=model_dir, engine_kwargs={**kwargs, **({"distributed_executor_backend": "ray"}
                                                                  if engine_tp > 1 else {})}))
         self.tokens = ray.get(self.engines[0].tokenizer_info.remote())

@@ -65,7 +65,7 @@ def save_optimizer(policy, folder: str | Path) -> None:  # noqa: ANN001 - Megatr
     from megatron.core import dist_checkpointing
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    kind = _kind(policy)
+    kind = {**_kind(policy), "updates": policy.updates}  # the learning-rate schedule's position
     if has_stepped(policy) or policy.cfg.optimizer != "adam":
         dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(folder))
     else:  # no update yet: no moments to save (Megatron's sharded state would ask for them)
@@ -117,9 +117,23 @@ def _fill_empty_adam_state(policy) -> None:  # noqa: ANN001 - MegatronPolicy
                                               exp_avg_sq=torch.zeros_like(param))
 
 
+def saved_updates(folder: str | Path) -> int:
+    """The optimizer updates the run had taken when ``folder`` was saved (0 for a checkpoint that predates the
+    count: its learning-rate schedule starts over)."""
+    try:
+        saved = json.loads((Path(folder) / KIND_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    updates = saved.get("updates", 0) if isinstance(saved, dict) else 0
+    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+        raise ValueError(f"{Path(folder) / KIND_FILE}: updates must be a count >= 0, got {updates!r}")
+    return updates
+
+
 def load_optimizer(policy, folder: str | Path) -> None:  # noqa: ANN001 - MegatronPolicy
     from megatron.core import dist_checkpointing
 
+    policy.updates = saved_updates(folder)
     if saved_without_state(folder):  # saved before the first update: any layout, nothing to restore
         if has_stepped(policy):
             raise ValueError(f"{folder}: the optimizer state of a run that had not updated yet loads only into a "

@@ -193,12 +193,17 @@ class PolicyWorker:
     ) -> None:
         """``local_rank``: the device index in this process (default: the GPU Ray assigned this actor);
         ``backend``: torch.distributed's (default: ``init_parallel``'s choice for the device);
-        ``model_options``: ``build_model``'s fp8 / fp8_recipe / recompute (model.* keys)."""
+        ``model_options``: ``build_model``'s fp8 / fp8_recipe / recompute / sequence_parallel / deterministic (with
+        ``deterministic``, torch's deterministic algorithms too: ``distributed/determinism.py``)."""
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(ray_local_device() if local_rank is None else local_rank),
         )
         torch.set_num_threads(num_threads)
+        if (model_options or {}).get("deterministic"):
+            from mmupt_megatron.distributed.determinism import make_deterministic
+
+            make_deterministic()
         from mmupt_megatron.engines.megatron_policy import MegatronPolicy
         from mmupt_megatron.distributed.parallel import init_parallel
         from mmupt_megatron.models.convert import build_model
@@ -251,10 +256,6 @@ class PolicyWorker:
 
     def train(self, batch: PolicyBatch, *, global_num_tokens: float, global_num_seqs: float) -> dict[str, float]:
         return self.policy.train_step(batch, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.policy.optimizer.param_groups:
-            group["lr"] = lr
 
     # -- device memory (trainer/schedule.py) ------------------------------------------------------------
     def offload(self) -> int:

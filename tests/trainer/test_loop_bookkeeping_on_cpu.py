@@ -63,6 +63,7 @@ def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
     assert split[0] == split[2] > 0 > split[1] == split[3]
     assert advantages[2:] == advantages[:2]  # the second epoch trains on the same mini-batches
     assert metrics["train/num_tokens"] > 0 and metrics["train/grad_norm"] > 0 and "train/kl_ref" in metrics
+    assert metrics["train/lr"] == pytest.approx(1e-3)  # trainer.lr_schedule=constant, no warm-up: logged per step
 
 
 @pytest.mark.slow
