@@ -432,11 +432,13 @@ class MegatronPolicy:
             stash([*self.model.parameters(), *(b.param_data for b in buffers)], into=self._stash)
         return self._stash.nbytes
 
-    def onload(self) -> None:
-        """Undo ``offload`` (no-op when nothing is off the device)."""
+    def onload(self, *, grads: bool = True) -> None:
+        """Undo ``offload`` (no-op when nothing is off the device). ``grads=False`` leaves the gradient buffers off
+        (a checkpoint needs the weights and the optimizer's state, never the gradients: 4 bytes a parameter)."""
         if self._stash is not None:
-            self._stash.restore()
-            self._stash = None
+            self._stash.restore(dropped=grads)
+            if not self._stash.moved:
+                self._stash = None
 
 
 def _packed_seq_params(pack, *, device: torch.device):

@@ -33,9 +33,13 @@ class HostStash:
     def nbytes(self) -> int:
         return sum(size for _, _, size in self.moved) + sum(host.nbytes for _, host in self.swapped)
 
-    def restore(self) -> None:
-        """Every storage back at its size; copied bytes restored exactly, dropped ones zeroed."""
+    def restore(self, *, dropped: bool = True) -> None:
+        """Every storage back at its size; copied bytes restored exactly, dropped ones zeroed. With
+        ``dropped=False`` the dropped storages (gradients) stay off the device, still in this stash."""
+        kept = [entry for entry in self.moved if entry[1] is None and not dropped]
         for storage, host, size in self.moved:
+            if host is None and not dropped:
+                continue
             storage.resize_(size)
             data = _as_bytes(storage)
             if host is None:
@@ -46,7 +50,7 @@ class HostStash:
             tensor.data = host.to(tensor.device, non_blocking=host.is_pinned())
         if any(s.device.type == "cuda" for s, _, _ in self.moved) or any(t.is_cuda for t, _ in self.swapped):
             torch.cuda.synchronize()
-        self.moved.clear()
+        self.moved[:] = kept
         self.swapped.clear()
 
 

@@ -95,6 +95,8 @@ def format_plan(recipe: str, p: Plan, assumptions: PlanAssumptions) -> str:
         *(f"    {k:<36}{v:7.1f}" for k, v in p.train_gib.items()),
         f"  log-prob phase, per GPU (GiB)          {sum(p.logprob_gib.values()):7.1f}",
         *(f"    {k:<36}{v:7.1f}" for k, v in p.logprob_gib.items()),
+        f"  checkpoint phase, per GPU (GiB)        {sum(p.checkpoint_gib.values()):7.1f}",
+        *(f"    {k:<36}{v:7.1f}" for k, v in p.checkpoint_gib.items()),
         f"  rollout phase, per engine GPU (GiB)    {p.rollout_total:7.1f}",
         *(f"    {k:<36}{v:7.1f}" for k, v in p.rollout_gib.items()),
         f"    KV capacity at full length (seqs)   {p.kv_sequences:7.0f}",

@@ -16,6 +16,8 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P.
   Log-prob phase: those + the reference policy 2P (when algorithm.loss.kl_coef > 0) + forward-only logits.
   Training phase: those + activations (the reference is offloaded).
+  Checkpoint phase (a save or a load): weights + optimizer state, no gradients; colocated, the engines sleep
+  meanwhile (``trainer/schedule.around_checkpoint``). Each phase must fit the GPU, else the plan names it.
   Activations per micro-batch (bf16; flash attention: no s^2 term; the residual stream is whole on every TP rank
   unless parallel.sequence_parallel splits its 8h bytes over TP), per token and layer:
   attention 4h + (4h + 4kv)/TP bytes (norm in, QKV in | Q, K/V, attention out) + MLP 4h + 6f/TP bytes (norm
@@ -116,6 +118,8 @@ class Plan:
     rollout_gib: dict[str, float] = field(default_factory=dict)
     kv_sequences: float = 0.0
     logprob_gib: dict[str, float] = field(default_factory=dict)
+    checkpoint_gib: dict[str, float] = field(default_factory=dict)
+    """A checkpoint's save or load: weights + optimizer state, no gradients; colocated engines asleep."""
     activation_parts: dict[str, float] = field(default_factory=dict)
     """The first stage's activation GiB by part: language model, vision tower, logits."""
     num_engines: int = 1
@@ -230,6 +234,11 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
          | {"forward logits": forward_logits, "overhead": a.overhead_gib} for params, _ in stages),
         key=lambda rows: sum(rows.values()),
     )
+    out.checkpoint_gib = max(
+        ({k: v for k, v in state_rows(params).items() if not k.startswith("grads")} | {"overhead": a.overhead_gib}
+         for params, _ in stages),
+        key=lambda rows: sum(rows.values()),
+    )
     out.colocated = t.colocate
     out.num_engines = cfg.num_engines()
     if not num_gpus:
@@ -290,6 +299,10 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
     if logprob_total > cap:
         rows = ", ".join(f"{k} {v:.1f}" for k, v in out.logprob_gib.items())
         out.problems.append(f"log-prob phase needs {logprob_total:.1f} GiB per GPU > {cap:g} GiB ({rows})")
+    checkpoint_total = sum(out.checkpoint_gib.values())
+    if checkpoint_total > cap:
+        rows = ", ".join(f"{k} {v:.1f}" for k, v in out.checkpoint_gib.items())
+        out.problems.append(f"checkpoint phase needs {checkpoint_total:.1f} GiB per GPU > {cap:g} GiB ({rows})")
     if out.rollout_total > cap + 1e-9:
         out.problems.append(
             f"rollout phase needs {out.rollout_total:.1f} GiB per GPU > {cap:g} GiB: overhead {a.overhead_gib:g} + "

@@ -440,8 +440,8 @@ class _RayDeviceOps:
     def policy_offload(self) -> None:
         self.cluster._all("offload")
 
-    def policy_onload(self) -> None:
-        self.cluster._all("onload")
+    def policy_onload(self, *, grads: bool = True) -> None:
+        self.cluster._all("onload", grads)
 
     def reference_onload(self) -> None:
         self.cluster._all("onload_reference")

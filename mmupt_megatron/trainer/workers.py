@@ -266,9 +266,10 @@ class PolicyWorker:
         _empty_cache()
         return moved
 
-    def onload(self) -> None:
-        """Gradients and optimizer state back (the reference stays off until ``onload_reference``)."""
-        self.policy.onload()
+    def onload(self, grads: bool = True) -> None:
+        """Gradients and optimizer state back (the reference stays off until ``onload_reference``); without
+        ``grads`` the optimizer state only (a checkpoint's save or load)."""
+        self.policy.onload(grads=grads)
 
     def onload_reference(self) -> None:
         if self.reference is not None:

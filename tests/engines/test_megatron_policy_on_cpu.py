@@ -178,9 +178,11 @@ def offload_worker(hf_dir: str, data: dict) -> dict:
     before = [t.clone() for t in [*moving.model.parameters(), *moving._optimizer_tensors()]]
     out["moved"] = moving.offload(weights=True)
     out["freed"] = all(p.untyped_storage().nbytes() == 0 for p in moving.model.parameters())
-    moving.onload()
+    moving.onload(grads=False)  # a checkpoint's onload: weights and optimizer state, the gradients stay off
+    out["grads_stay_off"] = all(b.grad_data.untyped_storage().nbytes() == 0 for b in moving.ddp.buffers)
     after = [*moving.model.parameters(), *moving._optimizer_tensors()]
     out["restored"] = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    moving.onload()  # then the gradients too
     out["grads_zero"] = all(not b.grad_data.any() for b in moving.ddp.buffers)
     for policy in policies:  # a second step from the restored state equals one from the untouched state
         batch.old_logprobs_BT = policy.compute_logprobs(batch).detach() - 0.05
@@ -197,4 +199,4 @@ def test_offload_onload_round_trip_is_bit_exact(tmp_path):
     hf_dir = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=7)
     for rank in run_workers(offload_worker, world_size=2, args=(str(hf_dir), make_batch(hf_dir, tmp_path))):
         assert rank["moved"] > 0 and rank["freed"] and rank["num_optimizer_tensors"] > 0
-        assert rank["restored"] and rank["grads_zero"] and rank["same_after_step"]
+        assert rank["restored"] and rank["grads_zero"] and rank["same_after_step"] and rank["grads_stay_off"]

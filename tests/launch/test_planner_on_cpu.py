@@ -176,3 +176,17 @@ def test_a_replica_spanning_nodes_refits_its_own_node_by_shared_memory_and_the_o
     assert p.refit_transport == "shm+nccl"
     gb = p.refit_gb
     assert p.refit_s == pytest.approx((gb / 10 + gb / 50, gb / 2 + gb / 25))
+
+
+def test_the_checkpoint_phase_is_priced_without_gradients_or_awake_engines():
+    p = plan(load_config("qwen2_5_vl_7b_1n8g_tp2"), QWEN2_5_VL["qwen2.5-vl-7b"])
+    # weights + Adam state + overhead: the engines sleep during a save, the gradients stay on the host
+    assert set(p.checkpoint_gib) == {"weights (bf16)", "optimizer (fp32 x3 / DP)", "overhead"}
+    assert p.checkpoint_gib["weights (bf16)"] == p.train_gib["weights (bf16)"]
+    assert sum(p.checkpoint_gib.values()) < p.train_total - p.train_gib["grads (fp32)"] + 1e-9
+    # a card too small for it is refused, naming the phase
+    from mmupt_megatron.launch.planner import PlanAssumptions
+
+    small = plan(load_config("qwen2_5_vl_7b_1n8g_tp2"), QWEN2_5_VL["qwen2.5-vl-7b"],
+                 assumptions=PlanAssumptions(gpu_memory_gib=20.0))
+    assert any(problem.startswith("checkpoint phase needs") for problem in small.problems)

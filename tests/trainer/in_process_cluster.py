@@ -53,8 +53,8 @@ class InProcessCluster:
     def policy_offload(self) -> None:
         self.moved_bytes.append(self.worker.offload())
 
-    def policy_onload(self) -> None:
-        self.worker.onload()
+    def policy_onload(self, *, grads: bool = True) -> None:
+        self.worker.onload(grads=grads)
 
     def reference_onload(self) -> None:
         self.worker.onload_reference()
