@@ -23,6 +23,9 @@ from mmupt_megatron.algorithms.loss import PolicyLossConfig, check_rollout_is_ca
 from mmupt_megatron.algorithms.lr_schedule import SCHEDULES
 from mmupt_megatron.config_synthesis import SynthesisConfig
 
+EXECUTORS = ("auto", "ray", "mp", "uni")
+"""rollout.executor's values (``engines/vllm_rollout.resolve_executor``)."""
+
 LOSS_OVER = ("batch", "trained")
 """algorithm.loss_over: what the loss is averaged over when zero-advantage groups were dropped."""
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -152,6 +155,12 @@ class RolloutConfig:
     """Maximum prompt length in tokens (image tokens included); longer prompts are an error."""
     tensor_parallel_size: int = 1
     """vLLM tensor-parallel degree (devices per engine)."""
+    executor: str = "auto"
+    """How an engine runs its workers: ray (vLLM's Ray executor, its workers placed in the trainer's placement group;
+    the engine core runs in the engine's own actor, VLLM_ENABLE_V1_MULTIPROCESSING=0, as NeMo-RL does, so it is on
+    the Ray cluster without looking for it), mp (vLLM's multiprocessing executor), uni (one worker in the engine
+    core's process; tensor_parallel_size 1 only), auto (in training: ray for tensor-parallel engines, else vLLM's
+    default; eval and synthesis: vLLM's default). ``engines/vllm_rollout.EXECUTORS``."""
     num_engines: int = 0
     """Data-parallel rollout engines; 0 = auto: colocated (trainer.colocate), one per rollout.tensor_parallel_size
     devices of the policy (policy world size / rollout.tensor_parallel_size); otherwise 1. Prompt groups are split
@@ -200,6 +209,11 @@ class RolloutConfig:
             out.append(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             out.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.executor not in EXECUTORS:
+            out.append(f"rollout.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        elif self.executor == "uni" and self.tensor_parallel_size > 1:
+            out.append(f"rollout.executor=uni runs one worker: rollout.tensor_parallel_size must be 1, got "
+                       f"{self.tensor_parallel_size}")
         if self.refit_transport not in ("auto", "ipc", "shm", "broadcast", "ray"):
             out.append(f"rollout.refit_transport must be auto, ipc, shm, broadcast or ray, got {self.refit_transport!r}")
         for name in ("max_new_tokens", "max_prompt_length", "tensor_parallel_size", "refit_bucket_mib"):

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from mmupt_megatron.config import EXECUTORS
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
 from mmupt_megatron.engines.vllm_worker import EXTENSION
 
@@ -61,6 +62,25 @@ def install_cpu_shims() -> None:
 
 
 
+EXECUTOR_BACKENDS = dict(zip(EXECUTORS, [(None, None), ("ray", False), ("mp", None), ("uni", None)], strict=True))
+"""rollout.executor -> (vLLM's distributed_executor_backend, engine core in its own process): None = vLLM's choice."""
+
+
+def resolve_executor(executor: str) -> tuple[str | None, bool | None]:
+    """(distributed_executor_backend, multiprocess) for ``rollout.executor``. With Ray's executor the engine core
+    runs in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, what NeMo-RL does): a core spawned in a
+    process of its own would have to find the Ray cluster (its address and token) by itself."""
+    if executor not in EXECUTOR_BACKENDS:
+        raise ValueError(f"rollout.executor must be one of {tuple(EXECUTOR_BACKENDS)}, got {executor!r}")
+    return EXECUTOR_BACKENDS[executor]
+
+
+def training_executor(executor: str, *, tensor_parallel_size: int) -> str:
+    """rollout.executor for an engine the trainer starts in a Ray actor: ``auto`` is ``ray`` for a tensor-parallel
+    engine (its workers go into the trainer's placement group), else vLLM's default."""
+    return "ray" if executor == "auto" and tensor_parallel_size > 1 else executor
+
+
 def engine_kwargs(rollout: Any, *, max_model_len: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """``VLLMRolloutEngine`` keyword arguments from a ``rollout.*`` config section (context length: prompt +
     new tokens unless ``max_model_len`` says more; seed: ``rollout.seed`` unless given)."""
@@ -70,6 +90,7 @@ def engine_kwargs(rollout: Any, *, max_model_len: int | None = None, seed: int |
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         cpu_kvcache_gib=rollout.cpu_kvcache_gib,
         seed=rollout.seed if seed is None else seed,
+        executor=rollout.executor,
     )
 
 
@@ -115,13 +136,15 @@ class VLLMRolloutEngine:
         seed: int = 0,
         max_images_per_prompt: int = 1,
         max_num_seqs: int = 256,
-        distributed_executor_backend: str | None = None,
+        executor: str = "auto",
         multiprocess: bool | None = None,
     ):
-        """``distributed_executor_backend="ray"``: a tensor-parallel engine whose workers Ray places (on the
-        bundles named by ``VLLM_RAY_BUNDLE_INDICES`` of the placement group the calling actor runs in).
-        ``multiprocess``: the engine core in its own process (vLLM's default; on CPU machines in-process unless
-        this says otherwise, for a 3-4 s start)."""
+        """``executor`` (rollout.executor, ``resolve_executor``): ``ray``: workers Ray places (on the bundles named by
+        ``VLLM_RAY_BUNDLE_INDICES`` of the placement group the calling actor runs in), the engine core in this
+        process; ``mp`` / ``uni``: vLLM's own; ``auto``: vLLM's default. ``multiprocess``: the engine core in its own
+        process (vLLM's default; on CPU machines in-process unless this says otherwise, for a 3-4 s start)."""
+        distributed_executor_backend, core_process = resolve_executor(executor)
+        multiprocess = core_process if core_process is not None else multiprocess
         self.model_dir = Path(model_dir)
         self.tensor_parallel_size = tensor_parallel_size
         self.on_cpu = not torch.cuda.is_available()

@@ -176,7 +176,7 @@ class Cluster:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from mmupt_megatron.engines.vllm_rollout import engine_kwargs
+        from mmupt_megatron.engines.vllm_rollout import engine_kwargs, training_executor
 
         start_ray(cfg)
         p = cfg.parallel
@@ -188,6 +188,9 @@ class Cluster:
         if engine_tp > 1 and not on_gpu:
             raise ValueError(f"rollout.tensor_parallel_size={engine_tp}: tensor-parallel engines need GPUs, and this "
                              "Ray cluster has none; use 1")
+        if cfg.rollout.executor == "ray" and not on_gpu:
+            raise ValueError("rollout.executor=ray: vLLM's CPU build has no Ray executor (\"current platform cpu does "
+                             "not support ray\"); use auto, mp or uni on CPU")
         self.num_engines = cfg.num_engines()
         devices = cfg.devices()
         have = ray.cluster_resources().get("GPU", 0)
@@ -237,17 +240,17 @@ class Cluster:
         self.schedule.before_first_rollout()  # the engines measure free device memory when they start
         first = 0 if self.colocated else world
         kwargs = engine_kwargs(cfg.rollout)
+        kwargs["executor"] = training_executor(cfg.rollout.executor, tensor_parallel_size=engine_tp)
         for e in range(self.num_engines):
             bundles = [order[first + e * engine_tp + i] for i in range(engine_tp)]
-            if engine_tp == 1:
+            if kwargs["executor"] != "ray":
                 options = on(first + e, half)
             else:  # vLLM's Ray executor places one worker per bundle of ours (its own actors, in our group)
                 options = {**on(first + e * engine_tp, 0.0, placement_group_capture_child_tasks=True), "num_cpus": 0.1}
                 options["runtime_env"] = {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)),
                                                        "VLLM_RAY_PER_WORKER_GPUS": str(half)}}
             self.engines.append(ray.remote(RolloutWorker).options(**env(options, engine=True)).remote(
-                model_dir=model_dir, engine_kwargs={**kwargs, **({"distributed_executor_backend": "ray"}
-                                                                 if engine_tp > 1 else {})}))
+                model_dir=model_dir, engine_kwargs=kwargs))
         self.tokens = ray.get(self.engines[0].tokenizer_info.remote())
         self.bucket_bytes = cfg.rollout.refit_bucket_mib << 20
         self.refit_timeout_s = cfg.rollout.refit_timeout_s
