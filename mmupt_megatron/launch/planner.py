@@ -14,7 +14,8 @@ Memory per GPU (GiB), on the fuller of the first and last pipeline stage:
   stage params P = layers/PP x layer/TP + embedding/TP (first) | lm_head/TP (last) + the ViT (first; the vision
   tower is replicated on every TP rank). weights 2P (bf16), grads 4P (fp32 main grads), optimizer 12P / DP
   (fp32 master + Adam m, v; Megatron's distributed optimizer shards them over DP), FP8 weight copies 1P.
-  Log-prob phase: those + the reference policy 2P (when algorithm.loss.kl_coef > 0) + forward-only logits.
+  Log-prob phase: the weights (colocated: gradients and optimizer state come back only before training, not
+  colocated they stay) + the reference policy 2P (when algorithm.loss.kl_coef > 0) + forward-only logits.
   Training phase: those + activations (the reference is offloaded).
   Checkpoint phase (a save or a load): weights + optimizer state, no gradients; colocated, the engines sleep
   meanwhile (``trainer/schedule.around_checkpoint``). Each phase must fit the GPU, else the plan names it.
@@ -229,8 +230,11 @@ def plan(cfg: Config, arch: QwenVLArch, *, assumptions: PlanAssumptions = PlanAs
         key=lambda rows: sum(rows.values()),
     )
     forward_logits = logits * 2 * 2  # forward only: bf16 logits and their [B, T, V] copy
+    without_training_state = (  # colocated, grads and optimizer state come back only before training
+        lambda rows: {k: v for k, v in rows.items() if not k.startswith(("grads", "optimizer"))} if t.colocate else rows)
     out.logprob_gib = max(
-        (state_rows(params) | ({"reference (bf16)": 2 * params / GIB} if cfg.algorithm.loss.kl_coef > 0 else {})
+        (without_training_state(state_rows(params))
+         | ({"reference (bf16)": 2 * params / GIB} if cfg.algorithm.loss.kl_coef > 0 else {})
          | {"forward logits": forward_logits, "overhead": a.overhead_gib} for params, _ in stages),
         key=lambda rows: sum(rows.values()),
     )

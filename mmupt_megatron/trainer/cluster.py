@@ -376,6 +376,7 @@ class Cluster:
         """One optimizer step on ``batch``, the loss averaged over its tokens (sequences) times ``scale``."""
         shards = self._per_rank(batch)
         num_tokens, num_seqs = loss_normalisers(batch, scale)
+        self.schedule.before_train()  # the step's first update: gradients and optimizer state back
         results = self._get([
             w.train.remote(s, global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for w, s in zip(self.workers, shards)
@@ -386,7 +387,7 @@ class Cluster:
         return merged
 
     def release_engine(self) -> None:
-        """After a rollout: the engines sleep and the policy gets its memory back (colocated)."""
+        """After a rollout: the engines sleep (colocated); the policy gets its training state back before training."""
         self.schedule.after_rollout()
 
     def refit(self) -> int:

@@ -5,8 +5,9 @@ One step, colocated (``trainer.colocate=true``); every phase name is appended to
 | phase               | engines                          | policy (each rank)                                  |
 |---------------------|----------------------------------|-----------------------------------------------------|
 | rollout             | weights + KV cache on the device | weights only (grads, optimizer state, reference off)|
-| ``after_rollout``   | sleep: weights and KV cache off  | onload: optimizer state back, gradients allocated   |
+| ``after_rollout``   | sleep: weights and KV cache off  | weights only (the log-prob passes need no more)     |
 | ``reference()``     | asleep                           | reference model on the device for its log-probs only|
+| ``before_train``    | asleep                           | onload: optimizer state back, gradients allocated   |
 | train               | asleep                           | weights, gradients, optimizer state                 |
 | ``before_refit``    | wake their weights               | offload: gradients (dropped), optimizer state, ref  |
 | refit               | weights                          | weights (the source)                                |
@@ -52,6 +53,7 @@ class MemorySchedule:
     def __init__(self, ops: DeviceOps, *, colocated: bool) -> None:
         self.ops, self.colocated = ops, colocated
         self.log: list[str] = []
+        self._training = False  # the step's training state is on the device (set by before_train)
 
     def _phase(self, name: str) -> bool:
         if self.colocated:
@@ -66,7 +68,14 @@ class MemorySchedule:
     def after_rollout(self) -> None:
         if self._phase("after_rollout"):
             self.ops.engines_sleep()
+        self._training = False
+
+    def before_train(self) -> None:
+        """Before each optimizer update; the first of a step brings the gradients and optimizer state back (the
+        old- and reference-log-prob passes before it ran without them)."""
+        if not self._training and self._phase("before_train"):
             self.ops.policy_onload()
+        self._training = True
 
     @contextmanager
     def reference(self) -> Iterator[None]:
@@ -80,6 +89,7 @@ class MemorySchedule:
                 self.ops.reference_offload()
 
     def before_refit(self) -> None:
+        self._training = False
         if self._phase("before_refit"):
             self.ops.policy_offload()
             self.ops.engines_wake(("weights",))

@@ -190,3 +190,11 @@ def test_the_checkpoint_phase_is_priced_without_gradients_or_awake_engines():
     small = plan(load_config("qwen2_5_vl_7b_1n8g_tp2"), QWEN2_5_VL["qwen2.5-vl-7b"],
                  assumptions=PlanAssumptions(gpu_memory_gib=20.0))
     assert any(problem.startswith("checkpoint phase needs") for problem in small.problems)
+
+
+def test_colocated_log_prob_passes_run_without_gradients_or_optimizer_state():
+    colocated = plan(load_config("qwen2_5_vl_7b_1n8g_tp2"), QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert not any(k.startswith(("grads", "optimizer")) for k in colocated.logprob_gib)  # trainer/schedule.before_train
+    apart = plan(load_config("qwen2_5_vl_7b_1n8g_tp2", ["trainer.colocate=false", "rollout.num_engines=2"]),
+                 QWEN2_5_VL["qwen2.5-vl-7b"])
+    assert "grads (fp32)" in apart.logprob_gib  # the policy stays resident when the engines have GPUs of their own

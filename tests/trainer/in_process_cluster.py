@@ -92,6 +92,7 @@ class InProcessCluster:
 
     def train(self, batch, *, scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:  # noqa: ANN001 - PolicyBatch
         self.calls.append(("train", batch.input_ids_BT.shape[0]))
+        self.schedule.before_train()
         self.trained_advantages.append(batch.advantages_B.tolist())
         self.loss_scales.append((scale, int(batch.loss_mask_BT.sum())))
         self.traffic.record([batch], copies=[1])

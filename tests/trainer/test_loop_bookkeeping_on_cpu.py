@@ -50,8 +50,9 @@ def test_step_votes_rewards_and_trains_in_phase_order(tmp_path):
                      ("train", 4), ("train", 4), ("train", 4), ("train", 4), ("engines_wake", "weights"), ("refit",),
                      ("engines_wake", "kv_cache")]
     # the colocated memory schedule, in order; the policy's offloads are real (the reference at least)
+    # the gradients and optimizer state come back only before the first update, not for the log-prob passes
     assert phases == ["before_first_rollout", "after_rollout", "reference_onload", "reference_offload",
-                      "before_refit", "after_refit"]
+                      "before_train", "before_refit", "after_refit"]
     assert len(moved) == 2 and moved[1] > moved[0] > 0  # after training, Adam's state leaves the device too
     # rewards: agreement with each group's majority ("2"), over all 12 voters: 6 + 3 agree
     assert metrics["reward"] == pytest.approx(9 / 12)

@@ -51,3 +51,17 @@ def test_a_failed_save_still_puts_memory_back_and_separate_devices_move_nothing(
     with MemorySchedule(apart, colocated=False).around_checkpoint():
         pass
     assert apart.calls == []
+
+
+def test_the_training_state_comes_back_before_the_first_update_only():
+    ops = Ops()
+    schedule = MemorySchedule(ops, colocated=True)
+    schedule.after_rollout()
+    with schedule.reference():
+        pass
+    for _ in range(3):  # three mini-batches: one onload
+        schedule.before_train()
+    schedule.before_refit()
+    schedule.after_refit()
+    assert ops.calls == [("engines_sleep",), ("reference_onload",), ("reference_offload",), ("policy_onload", "grads"),
+                         ("policy_offload",), ("engines_wake", "weights"), ("engines_wake", "kv_cache")]
