@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import struct
 import sys
@@ -39,7 +38,7 @@ import torch
 
 from mmupt_megatron.config import EXECUTORS
 from mmupt_megatron.engines.rollout import Rollout, RolloutRequest, SamplingSpec
-from mmupt_megatron.engines.vllm_worker import EXTENSION
+from mmupt_megatron.engines.vllm_worker import EXTENSION, quiet_partial_reload
 
 _SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu_site"
 
@@ -316,13 +315,8 @@ class VLLMRolloutEngine:
     def _reload(self, method: str, **rpc: Any) -> list[Any]:
         """``collective_rpc(method, **rpc)`` for an in-place reload, then the caches computed with the old weights
         dropped; the workers' results."""
-        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # "Failed to load weights" for layers a partial refit leaves as they are
-        try:
+        with quiet_partial_reload():  # in this process; the workers' own processes silence it themselves
             results = self.llm.collective_rpc(method, **rpc)
-        finally:
-            quiet.setLevel(level)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
         return results

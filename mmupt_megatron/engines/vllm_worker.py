@@ -20,8 +20,11 @@ and returns the number of tensors loaded. The caller resets the engine's prefix 
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +32,20 @@ import torch
 import torch.distributed as dist
 
 EXTENSION = "mmupt_megatron.engines.vllm_worker.RefitExtension"
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+@contextmanager
+def quiet_partial_reload() -> Iterator[None]:
+    """vLLM's in-place reload warns "Failed to load weights" for every layer a bucket leaves as it is (a refit sends
+    a few layers at a time): silenced meanwhile, wherever the reload runs (an engine worker's own process too)."""
+    quiet = logging.getLogger(RELOAD_LOGGER)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def share_tensor(tensor: torch.Tensor) -> bytes:
@@ -92,7 +109,8 @@ class RefitExtension:
         from mmupt_megatron.engines.weight_transport import decode_bucket
 
         entries, tensors = decode_bucket(frame)
-        self.reload_weights(weights_iterator=iter(tensors))  # type: ignore[attr-defined]
+        with quiet_partial_reload():
+            self.reload_weights(weights_iterator=iter(tensors))  # type: ignore[attr-defined]
         return len(entries)
 
     def mmupt_load_shm(self, name: str, size: int) -> int:

@@ -131,3 +131,15 @@ def test_a_refit_group_whose_members_never_come_fails_in_seconds_naming_the_grou
                                            r"\(rollout\.refit_timeout_s\) for the group's 3 members"):
         refit_group("127.0.0.1", port, 0, 3, torch.device("cpu"), timeout_s=2)
     assert time.monotonic() - start < 30
+
+
+def test_a_partial_reload_is_quiet_in_any_process_and_the_level_comes_back():
+    import logging
+
+    from mmupt_megatron.engines.vllm_worker import RELOAD_LOGGER, quiet_partial_reload
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+    logger.setLevel(logging.INFO)
+    with quiet_partial_reload():
+        assert not logger.isEnabledFor(logging.WARNING)  # "Failed to load weights" per untouched layer: silenced
+    assert logger.level == logging.INFO
