@@ -33,6 +33,9 @@ class SamplingSpec:
     max_new_tokens: int = 256
     seed: int = 0
     """Request i is sampled with seed + i, so results do not depend on how requests are batched."""
+    per_request: bool = True
+    """False: no per-request seeds (vLLM samples them all from its engine generator, ``seed`` unused): faster, but a
+    response then depends on the batch it was sampled in (rollout.seed_per_request)."""
     stop_token_ids: tuple[int, ...] = ()
     banned_token_ids: tuple[int, ...] = ()
     """Never sampled (e.g. vision placeholders: a response must not contain image tokens)."""

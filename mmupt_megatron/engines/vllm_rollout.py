@@ -204,7 +204,7 @@ class VLLMRolloutEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
-                seed=sampling.seed + index,
+                seed=sampling.seed + index if sampling.per_request else None,
                 logprobs=0,
                 stop_token_ids=list(sampling.stop_token_ids) or None,
                 logit_bias={token: -100.0 for token in sampling.banned_token_ids} or None,

@@ -214,7 +214,8 @@ class Trainer:
     def _generate(self, requests: list[RolloutRequest], step: int) -> list[Rollout]:
         r = self.cfg.rollout
         spec = SamplingSpec(n=r.num_voters, temperature=r.temperature, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, seed=r.seed + 1_000_003 * step)
+                            max_new_tokens=r.max_new_tokens, seed=r.seed + 1_000_003 * step,
+                            per_request=r.seed_per_request)
         return self.cluster.generate(requests, spec)
 
     def _pad_id(self) -> int:
