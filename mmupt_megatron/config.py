@@ -110,7 +110,16 @@ class ParallelConfig:
     """torch.distributed backend of the policy ranks: auto (gloo on CPU; on GPU NCCL for device tensors and gloo
     for host ones), gloo or nccl."""
     distributed_optimizer: bool = True
-    """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer)."""
+    """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer; Adam with DP > 1)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32 (Megatron DDP's grad_reduce_in_fp32; false: in the weights' bf16)."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's data-parallel reduction during the backward (Megatron DDP; same gradients, tested
+    at DP=2). Megatron then needs every trained parameter to get a gradient on every rank at every step, which a
+    trainable vision tower does not on a data-parallel shard without images: needs model.freeze_vision=true."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: gather updated parameters during the next forward instead of after the step
+    (needs overlap_grad_reduce and distributed_optimizer)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: norms and dropout run on a 1/TP slice of the sequence (activation memory
     / TP there). Needs tensor_parallel_size > 1; sequences are padded to a multiple of TP."""
@@ -124,6 +133,10 @@ class ParallelConfig:
             f"parallel.{name} must be >= 1, got {getattr(self, name)}"
             for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
             if getattr(self, name) < 1
+        ] + [
+            f"parallel.overlap_param_gather needs parallel.{name}=true"
+            for name in ("overlap_grad_reduce", "distributed_optimizer")
+            if self.overlap_param_gather and not getattr(self, name)
         ]
         if self.backend not in ("auto", "gloo", "nccl"):
             out.append(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
@@ -582,6 +595,10 @@ class Config:
         if self.rollout.oversample > 1 and not self.algorithm.drop_zero_advantage_groups:
             out.append(f"rollout.oversample={self.rollout.oversample} needs algorithm.drop_zero_advantage_groups=true "
                        "(oversampled groups refill the batch in place of dropped ones)")
+        if self.parallel.overlap_grad_reduce and not self.model.freeze_vision:
+            out.append("parallel.overlap_grad_reduce=true needs model.freeze_vision=true: Megatron's overlapped reduction "
+                       "needs a gradient for every trained parameter on every rank, and a data-parallel shard without "
+                       "images leaves the vision tower's missing")
         if self.reward.kind == "majority" and self.rollout.num_voters < 2:
             out.append(
                 f"reward.kind=majority needs at least 2 voters per prompt (rollout.n / rollout.n_vote), "

@@ -101,6 +101,11 @@ class PolicyOptimConfig:
     """Keep the vision tower fixed (no grads, no optimizer state)."""
     temperature: float = 1.0
     """Log-probs are those of softmax(logits / temperature): the trainer sets rollout.temperature."""
+    distributed_optimizer: bool = True
+    """Megatron's distributed optimizer (state sharded over DP) when DP > 1 and the optimizer is Adam."""
+    grad_reduce_in_fp32: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     rollout_is_cap: float | None = None
     """Truncated importance sampling against the engine's log-probs (algorithm.rollout_is_cap); None: off."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -184,6 +189,11 @@ def _micro_batches(batch: PolicyBatch, layout: MicroBatchLayout, *,
 class MegatronPolicy:
     """Wraps a ``Qwen2_5_VLModel`` with Megatron DDP and optimizer; see the module docstring."""
 
+    @property
+    def distributed_optimizer(self) -> bool:
+        """Megatron's distributed optimizer (sharded state over DP) is in use: it supports only Adam, and DP > 1."""
+        return self.cfg.distributed_optimizer and self.groups.dims.dp > 1 and self.cfg.optimizer == "adam"
+
     def __init__(self, model: torch.nn.Module, groups: ParallelGroups, cfg: PolicyOptimConfig) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -193,12 +203,12 @@ class MegatronPolicy:
             model.vision_model.requires_grad_(False)
         config = model.config
         config.calculate_per_token_loss = True
-        # Megatron's distributed optimizer (sharded optimizer state over DP) supports only Adam.
-        distributed = groups.dims.dp > 1 and cfg.optimizer == "adam"
+        distributed = self.distributed_optimizer
         self.ddp = DistributedDataParallel(
             config=config,
             ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed
+                grad_reduce_in_fp32=cfg.grad_reduce_in_fp32, overlap_grad_reduce=cfg.overlap_grad_reduce,
+                overlap_param_gather=cfg.overlap_param_gather and distributed, use_distributed_optimizer=distributed,
             ),
             module=model,
             pg_collection=groups.megatron_pgs,

@@ -36,7 +36,7 @@ KIND_FILE = "mmupt_optimizer.json"
 
 def _kind(policy) -> dict:  # noqa: ANN001 - MegatronPolicy
     dims = policy.groups.dims
-    return {"distributed": dims.dp > 1 and policy.cfg.optimizer == "adam", "optimizer": policy.cfg.optimizer,
+    return {"distributed": policy.distributed_optimizer, "optimizer": policy.cfg.optimizer,
             "tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
 
 
