@@ -277,7 +277,12 @@ class RewardConfig:
     use_math_verify: bool = True
     """Compare non-numeric answers symbolically with math-verify (else canonical forms only)."""
     verify_timeout_s: float = 1.0
-    """Time limit of one symbolic comparison; a timeout counts as not equal."""
+    """Time limit of one math-verify call (0: none). A call past it is counted (reward/equivalence_timeouts)
+    and run again without a limit, so a busy node costs time, never a different verdict."""
+    num_workers: int = -1
+    """Processes for the math-verify comparisons of a step's votes (the exact fast path runs in the trainer):
+    -1 = the machine's free cores (usable CPUs minus the load average, at most all but one and 8), 0 or 1 = in
+    the trainer's process. The rewards do not depend on it."""
 
     def problems(self) -> list[str]:
         out = []
@@ -287,6 +292,8 @@ class RewardConfig:
             out.append(f"reward.min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.verify_timeout_s < 0:
             out.append(f"reward.verify_timeout_s must be >= 0, got {self.verify_timeout_s}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < -1:
+            out.append(f"reward.num_workers must be an integer >= -1 (-1: the free cores), got {self.num_workers!r}")
         return out
 
 

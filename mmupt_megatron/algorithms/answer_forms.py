@@ -16,10 +16,26 @@
 A ``\\text{}`` around the whole answer is looked through for letters only (math-verify reads
 ``\\mathrm{3.5}`` as text, so a wrapped number is an ``expr`` and goes to math-verify).
 
+Named values: ``NAME = VALUE`` (and ``x \\in S``) where NAME is a single name: a symbol (``k``, ``x_1``,
+``\\theta``; not ``e``, Euler's number), a tuple of symbols (``(p, q)``), a segment (``AB``,
+``\\overline{AB}``), an angle (``\\angle ABC``) or a function value (``f(x)``, ``g(2)``), and a symbol does not
+occur in VALUE (``x = 2x - 3`` is an equation). The form keeps the name (``var``) and the value's own form
+(``value``): a number with a name is a ``number`` (``AB = 1``), anything else an ``expr``.
+
+Lists (``list_structure``): several items separated by top-level commas: a bare ``list`` (``1, 2``; what
+several boxes in one response become, see ``answers``), a ``set`` (``\\{1, 2\\}``) or a ``tuple``
+(``(1, 2, 3)``). ``1,5`` alone (a decimal comma to math-verify) is not a list.
+
 Rules for comparing forms (``AnswerMatcher`` applies them): equal forms are equal answers; two numbers are
-equal when their values are, unless both name a variable and the variables differ (``x = 3`` equals
+equal when their values are, or when one is written as a decimal with at least 6 places (trailing zeros not
+counted) and is the other one rounded to those places (``0.333333`` and ``0.3333333`` equal ``\\frac{1}{3}``;
+``0.333`` and ``0.666666`` do not), unless both name a variable and the names differ (``x = 3`` equals
 ``3`` but not ``y = 3``); two letters are equal only when they are the same letter; a letter never equals
-anything else. Only pairs with an ``expr`` need math-verify.
+anything else. A named value equals its value (``k = 45`` and ``45``; ``(p, q) = (3, 2)`` and ``(3, 2)``;
+``f(x) = x^2`` and ``x^2``), two named values with the same name compare their values, and with different
+names, or against an equation, the whole answers compare. Lists compare item by item: as multisets when
+one is a set or a list of solutions of one variable (``x = 1, x = 2``), in order otherwise (a tuple, or two
+bare lists: ``10, 4, -2`` is not ``4, 10, -2``). Only pairs with an ``expr`` need math-verify.
 
 Deliberate differences from math-verify 0.9.0 (which reads these spellings otherwise, see
 ``DELIBERATE_DIFFERENCES``) are listed with their reasons below; the differential tests check that there
@@ -50,7 +66,16 @@ DELIBERATE_DIFFERENCES: dict[str, str] = {
         "math-verify equates `12.5\\%` with 12.5 but not `12.5 percent` or `12.5%` (and `-5%` with neither -5"
         " nor -0.05); the word, the sign and the escaped sign mean the same"
     ),
+    "one inequality in other words (`5 > x > 3` and `3 < x < 5`, `5 \\ge x > 3` and `3 < x \\le 5`)": (
+        "math-verify compares two chains relation by relation (`5 > x` against `3 < x`) and calls them unequal;"
+        " for the same variable they describe the same set (``exact_forms.same_set``)"
+    ),
+    "a segment's name with or without its bar (`\\overline{AB} = 3`, `AB = 3`)": (
+        "math-verify reads `AB` as the product a*b and `\\overline{AB}` as a symbol; both name the segment AB"
+    ),
 }
+"""Spellings we call equal and math-verify does not. (Where we are stricter: two bare lists, or a list and a
+tuple, in another order, ``2, 1`` and ``(1, 2)``, are not equal: math-verify sorts the items first.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +84,15 @@ class CanonicalAnswer:
     key: str
     """number: the exact value (``str(Fraction)``); choice: the letter; expr: the normalised text."""
     var: str = ""
-    """number only: the variable of ``x = 3``, else empty."""
+    """The name of a named value (``x = 3``, ``AB = 1``, ``(p,q) = (3,2)``), else empty."""
     text: str = field(default="", compare=False)
     """What math-verify reads for this answer: a number's exact value, an expression's own text."""
+    decimal: bool = field(default=False, compare=False)
+    """number only: written with a decimal point (the rounding rule, see module docstring)."""
+    value: CanonicalAnswer | None = field(default=None, compare=False)
+    """A named value's value (without the name); None when unnamed."""
+    equation: bool = field(default=False, compare=False)
+    """expr only: an equation that is not a named value (``x + y = 1``, ``(k = 0)``; ``y = 2x + 3`` is named)."""
 
 
 _OUTER_MATH = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -83,7 +114,16 @@ _MIXED = re.compile(r"^(?P<whole>[1-9]\d*)(?: (?P<slash>\d+/\d+)| ?(?P<frac>\\fr
 _SIGN = re.compile(r"^(?P<sign>[+-]?) ?")
 _DEGREES = re.compile(r"(?:\^ ?\{ ?\\circ ?\}|\^ ?\\circ|°|\\degree)$")
 _PERCENT = re.compile(r"(?: ?\\?%| ?(?:percent|percentage|pct))$")
-_ASSIGNMENT = re.compile(r"^(?P<var>[A-DF-Za-df-z]) ?= ?(?P<value>[^=]+)$")
+_GREEK = ("alpha|beta|gamma|delta|Delta|theta|Theta|lambda|mu|nu|rho|sigma|tau|phi|varphi|Phi|psi|omega|Omega|"
+          "kappa|zeta|eta|xi|chi")
+_SYMBOL = rf"(?:[A-Za-df-z]|\\(?:{_GREEK}))(?:_(?:\{{[A-Za-z0-9]+\}}|[A-Za-z0-9]))?"
+_NAME = (rf"(?P<tuple>\(\s?{_SYMBOL}(?:\s?,\s?{_SYMBOL})+\s?\))"
+         r"|(?P<angle>(?:m\s?)?\\angle\s?[A-Z]{1,3})"
+         r"|(?P<segment>\\overline\s?\{\s?[A-Z]{2}\s?\}|[A-Z]{2})"
+         r"|(?P<function>[A-Za-z](?:\^\{-1\})?\s?\([^()=<>]*\))"
+         rf"|(?P<symbol>{_SYMBOL})")
+_NAMED = re.compile(rf"^(?:{_NAME}) ?(?P<op>=|\\in(?![A-Za-z])) ?(?P<value>[^=]+)$")
+_IDENTIFIER_NOISE = re.compile(r"\\(?:text|mathrm|operatorname|mbox)\s?\{[^{}]*\}|\\[A-Za-z]+")
 _MAX_DIGITS = 15  # math-verify compares floats at 15 significant digits; longer numbers go to it as text
 
 
@@ -186,6 +226,82 @@ def _render(value: Fraction, spelling: str) -> str:
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
+_BOX = re.compile(r"^\\(?:boxed|fbox)\s?\{(.*)\}$", re.DOTALL)
+
+
+def presentation_stripped(answer: str) -> str:
+    """The answer's text as its ``expr`` key has it: delimiters, layout commands and spacing removed."""
+    return _strip_presentation(answer)
+
+
+def _unbox(text: str) -> str:
+    """``\\boxed{...}`` around a whole list item (``\\boxed{1}, \\boxed{2}``), removed."""
+    match = _BOX.match(text)
+    while match and _balanced(match.group(1)):
+        text = match.group(1).strip()
+        match = _BOX.match(text)
+    return text
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += char == "{"
+        depth -= char == "}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _name_of(match: re.Match) -> tuple[str, list[str]]:
+    """The normalised name of a ``NAME = ...`` match and the identifiers that must not occur in its value."""
+    if match.group("tuple"):
+        symbols = [part.strip() for part in match.group("tuple").strip()[1:-1].split(",")]
+        return "(" + ",".join(symbols) + ")", symbols
+    if match.group("angle"):
+        return "\\angle " + match.group("angle").split("angle")[1].strip(), []
+    if match.group("segment"):
+        segment = re.sub(r"[^A-Z]", "", match.group("segment").replace("overline", ""))
+        return segment, [segment]
+    if match.group("function"):
+        function = match.group("function").replace(" ", "")
+        return function, [function[0] + "("]
+    symbol = match.group("symbol")
+    return symbol, [symbol]
+
+
+def _occurs(identifier: str, value: str) -> bool:
+    """Whether a name's identifier occurs in a value (letters case-insensitively: latex2sympy lowercases)."""
+    if identifier.endswith("("):
+        return identifier in value.replace(" ", "")
+    if identifier.startswith("\\"):
+        return re.search(re.escape(identifier.split("_")[0]) + r"(?![A-Za-z])", value) is not None
+    letters = _IDENTIFIER_NOISE.sub(" ", value)
+    if len(identifier) == 2 and identifier.isupper():  # a segment
+        return identifier in letters
+    return identifier[0].lower() in letters.lower()
+
+
+def _named(text: str, answer: str) -> CanonicalAnswer | None:
+    """``NAME = VALUE`` / ``x \\in S`` as a named form (see module docstring), or None."""
+    match = None if text.endswith(".") else _NAMED.match(text)  # math-verify reads `E = mc^2.` its own way
+    if not match:
+        return None
+    name, identifiers = _name_of(match)
+    value_text = match.group("value").strip()
+    if match.group("op") != "=" and not match.group("symbol"):
+        return None  # x \in S: a single symbol only
+    if not value_text or any(_occurs(identifier, value_text) for identifier in identifiers):
+        return None  # x = 2x - 3 is an equation, not a value
+    value = canonical_form(value_text)
+    if value.kind == "choice" or value.var:
+        return None  # x = B, x = y = 3
+    if value.kind == "number":
+        return CanonicalAnswer("number", value.key, var=name, text=f"{name} = {value.text}", decimal=value.decimal,
+                               value=value)
+    return CanonicalAnswer("expr", text, var=name, text=strip_math_delimiters(answer), value=value)
+
+
 def canonical_form(answer: str) -> CanonicalAnswer:
     """Classify and normalise one extracted answer (see module docstring)."""
     if not isinstance(answer, str):
@@ -198,16 +314,110 @@ def canonical_form(answer: str) -> CanonicalAnswer:
         return CanonicalAnswer("choice", next(g for g in choice.groups() if g))
     value = number_value(text)  # not `plain`: math-verify reads `\mathrm{3.5}` as text, not as 3.5
     if value is not None:
-        return CanonicalAnswer("number", str(value), text=_render(value, text))
-    assignment = _ASSIGNMENT.match(text)
-    if assignment:
-        value = number_value(assignment.group("value").strip())
-        if value is not None:
-            var = assignment.group("var")
-            return CanonicalAnswer("number", str(value), var=var, text=f"{var} = {_render(value, text)}")
-    return CanonicalAnswer("expr", text, text=strip_math_delimiters(answer))
+        return CanonicalAnswer("number", str(value), text=_render(value, text), decimal="." in text)
+    named = _named(text, answer)
+    if named is not None:
+        return named
+    equation = "=" in text and list_structure(text) is None  # `(k = 0)` too: latex2sympy drops the brackets
+    return CanonicalAnswer("expr", text, text=strip_math_delimiters(answer), equation=equation)
+
+
+def _places(value: Fraction) -> int | None:
+    """Decimal places of a terminating decimal, trailing zeros not counted; None if it does not terminate."""
+    den, places = value.denominator, 0
+    while den % 10 == 0:
+        den //= 10
+        places += 1
+    twos = fives = 0
+    while den % 2 == 0:
+        den //= 2
+        twos += 1
+    while den % 5 == 0:
+        den //= 5
+        fives += 1
+    return places + max(twos, fives) if den == 1 else None
+
+
+def _round6(value: Fraction) -> int | None:
+    """``value`` rounded to 6 places (times 10**6); None at a tie, which rounding rules settle differently."""
+    scaled = value * 10**6
+    whole = scaled.numerator // scaled.denominator
+    rest = scaled - whole
+    return None if rest == Fraction(1, 2) else whole + (rest > Fraction(1, 2))
+
+
+def decimal_rounds(decimal: Fraction, exact: Fraction) -> bool:
+    """``decimal`` (written with a point) has >= 6 places, is ``exact`` rounded to them, and both round to the
+    same 6 places without a tie (what math-verify compares: ``0.4545455`` is 5/11 to 7 places but rounds to
+    0.454546 at 6, 5/11 to 0.454545, so they stay apart)."""
+    places = _places(decimal)
+    if places is None or places < 6 or decimal == 0 or 2 * abs(exact - decimal) * 10**places > 1:
+        return False
+    return _round6(decimal) is not None and _round6(decimal) == _round6(exact)
 
 
 def numbers_equal(a: CanonicalAnswer, b: CanonicalAnswer) -> bool:
-    """Two ``number`` forms: same value, and the same variable when both name one."""
-    return a.key == b.key and (a.var == b.var or not a.var or not b.var)
+    """Two ``number`` forms: same value (or a decimal and what it rounds), and the same name when both have one."""
+    if a.var and b.var and a.var != b.var:
+        return False
+    if a.key == b.key:
+        return True
+    if a.decimal == b.decimal:
+        return False
+    decimal, exact = (a, b) if a.decimal else (b, a)
+    return decimal_rounds(Fraction(decimal.key), Fraction(exact.key))
+
+
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+
+
+def split_top_level(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside (), [], {} and ``\\{ \\}``."""
+    parts, depth, start, index = [], 0, 0, 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text) and text[index + 1] in "{}":
+            depth += 1 if text[index + 1] == "{" else -1
+            index += 2
+            continue
+        if char in _OPEN:
+            depth += 1
+        elif char in _OPEN.values():
+            depth -= 1
+        elif depth == 0 and text.startswith(separator, index) and (
+                separator != "=" or (index == 0 or text[index - 1] not in "<>!\\") and not text.startswith("==", index)):
+            parts.append(text[start:index])
+            start = index + len(separator)
+        index += 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts]
+
+
+_BRACKET = re.compile(r"\\[{}]|[()\[\]{}]")
+
+
+def _encloses(text: str, opener: str, closer: str) -> bool:
+    """``text`` is one bracket group, from ``opener`` at its start to the matching ``closer`` at its end."""
+    if not (text.startswith(opener) and text.endswith(closer)) or len(text) < len(opener) + len(closer):
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(text):
+        depth += 1 if match.group() in ("\\{", "(", "[", "{") else -1
+        if depth == 0:
+            return match.end() == len(text)
+    return False
+
+
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+
+
+def list_structure(text: str) -> tuple[str, list[str]] | None:
+    """(``list`` | ``set`` | ``tuple``, item texts) for an answer of two or more items, else None."""
+    if _DECIMAL_COMMA.match(text) or text.endswith("."):
+        return None  # 0,111 is a decimal comma to math-verify, and it reads `0, 1.` as 1: math-verify decides
+    for kind, opener, closer in (("set", "\\{", "\\}"), ("tuple", "(", ")")):
+        if _encloses(text, opener, closer):
+            items = split_top_level(text[len(opener) : len(text) - len(closer)], ",")
+            return (kind, [_unbox(item) for item in items]) if len(items) >= 2 and all(items) else None
+    items = split_top_level(text, ",")
+    return ("list", [_unbox(item) for item in items]) if len(items) >= 2 and all(items) else None

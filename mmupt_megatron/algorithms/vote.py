@@ -12,6 +12,9 @@ For every group (all responses sampled for one prompt):
   its own cluster's share instead; when ``majority_share < min_agreement`` the whole group earns 0 and is
   flagged ``low_agreement`` (the guard against amplifying a wrong majority on hard data).
 
+Before clustering, the groups' math-verify pairs go to the matcher's worker processes when it has some
+(``AnswerMatcher.prepare``); the rewards are the same with or without them.
+
 "Voting over more samples than are trained on" needs nothing special here: pass every sampled answer,
 and train on the responses you choose; the rewards of the others are simply not used.
 
@@ -55,6 +58,9 @@ class VoteResult:
     in_majority: list[bool]
     """Whether each response's answer is in its group's winning cluster."""
     groups: dict[Hashable, GroupVote]
+    equivalence_timeouts: int = 0
+    """math-verify calls in this vote that ran past ``reward.verify_timeout_s`` (each was re-run without a
+    limit, so it cost time, not a verdict): log it as ``reward/equivalence_timeouts``."""
 
 
 def _check_inputs(answers: Sequence[str | None], group_ids: Sequence[Hashable]) -> None:
@@ -93,7 +99,10 @@ def majority_vote(
     rewards = [0.0] * len(answers)
     in_majority = [False] * len(answers)
     votes: dict[Hashable, tuple] = {}
-    for group_id, indices in _group_indices(group_ids).items():
+    timeouts_before = matcher.num_timeouts
+    members = _group_indices(group_ids)
+    matcher.prepare([[answers[i] for i in indices if answers[i] is not None] for indices in members.values()])
+    for group_id, indices in members.items():
         answered = [i for i in indices if answers[i] is not None]
         if not answered:
             votes[group_id] = (len(indices), 0, None, 0.0, 0.0, False, None)
@@ -129,7 +138,8 @@ def majority_vote(
             low_agreement=low_agreement,
             pseudo_label_correct=correct,
         )
-    return VoteResult(rewards=rewards, in_majority=in_majority, groups=groups)
+    return VoteResult(rewards=rewards, in_majority=in_majority, groups=groups,
+                      equivalence_timeouts=matcher.num_timeouts - timeouts_before)
 
 
 def label_rewards(

@@ -86,7 +86,9 @@ class Trainer:
         self.no_signal_steps = 0  # steps whose groups all had zero advantages: no update
         self.unfilled_steps = 0  # oversampling steps that found fewer than prompts_per_step groups with signal
         self.images = image_encoder(d)
-        self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s)
+        # reward.num_workers: math-verify pairs in a pool started by the first vote that needs it (closed by fit)
+        self.matcher = AnswerMatcher(use_math_verify=cfg.reward.use_math_verify, timeout_s=cfg.reward.verify_timeout_s,
+                                     num_workers=cfg.reward.num_workers)
         if cluster is None:
             from mmupt_megatron.trainer.cluster import Cluster
 
@@ -241,6 +243,7 @@ class Trainer:
             "step": step,
             "reward": sum(rewards) / len(rewards),
             "majority_share": sum(g.majority_share for g in groups) / len(groups),
+            "reward/equivalence_timeouts": float(vote.equivalence_timeouts),
             "low_agreement_groups": sum(g.low_agreement for g in groups) / len(groups),
             "no_answer": sum(a is None for a in answers) / len(answers),
             "response_length": tokens / len(rollouts),
@@ -279,6 +282,7 @@ class Trainer:
                 log.add_plots(plot_metrics(log.path, self.out_dir / "plots"))
         finally:
             log.close()
+            self.matcher.close()
         if cfg.checkpoint.export_hf:
             self.export_hf(self.out_dir / "hf")
         return history

@@ -1,7 +1,7 @@
 """Hypothesis strategies: pairs of answers that state the same value, or a near miss, in many spellings.
 
 ``answer_pairs()`` draws a family (integers, fractions, decimals, percents, roots, intervals, equations,
-sets, letters, expressions), a value, then either the same value or a near miss of it (off by one, digits
+sets, letters, expressions, named values, decimals of 6+ places), a value, then either the same value or a near miss of it (off by one, digits
 regrouped, another variable, another bracket...), and writes each in a random surface form with random
 LaTeX wrappers.
 """
@@ -98,13 +98,44 @@ def _expression_forms(name: str) -> list[str]:
     return table[name]
 
 
+_NAMES = ("k", "AB", "f(2)", "x_1", "\\theta", "n")
+
+
+def _named_forms(name: str, value: int) -> list[str]:
+    if name == "(p,q)":
+        a, b = divmod(value, 10)
+        return [f"(p,q) = ({a},{b})", f"(p, q) = ({a}, {b})", f"({a},{b})", f"({a}, {b})", f"{a}, {b}"]
+    return [f"{name} = {value}", f"{name}={value}", str(value), f"{name} = {value}.0", f"{value}^\\circ" if value > 0 else str(value)]
+
+
+def _decimal6_forms(value: Fraction) -> list[str]:
+    p, q = value.numerator, value.denominator
+    sign = "-" if value < 0 else ""
+    forms = [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"{sign}\\frac{{{abs(p)}}}{{{q}}}"]
+    for places in (6, 7, 8):
+        forms.append(f"{round(float(value), places):.{places}f}")
+    return forms
+
+
+def _decimal6_near(value: Fraction, draw: st.DrawFn) -> list[str]:
+    truncated = f"{int(value * 10**6) / 10**6:.6f}"
+    return [truncated, f"{round(float(value), 5):.5f}", f"{round(float(value) + 2e-6, 6):.6f}", f"{round(float(value), 3):.3f}"]
+
+
 _NEAR_INT = st.sampled_from([1, -1, 10, -10, 100, 2, 1000])
 _EXPRESSIONS = ("x+1", "2x", "x^2", "2pi", "pi/2", "mc2")
 
 
 @st.composite
 def _value(draw: st.DrawFn) -> tuple[str, tuple]:
-    family = draw(st.sampled_from(["int", "frac", "root", "interval", "equation", "set", "letter", "expr"]))
+    family = draw(st.sampled_from(["int", "frac", "root", "interval", "equation", "set", "letter", "expr", "named",
+                                   "decimal6"]))
+    if family == "named":
+        name = draw(st.sampled_from((*_NAMES, "(p,q)")))
+        return family, (name, draw(st.integers(10, 99)) if name == "(p,q)" else draw(st.integers(-20, 120)))
+    if family == "decimal6":
+        q = draw(st.sampled_from([3, 6, 7, 9, 11, 12, 13]))
+        return family, (Fraction(draw(st.integers(-40, 40).filter(lambda p: p % q != 0)), q),)
     if family == "int":
         return family, (draw(st.one_of(st.integers(-30, 30), st.integers(1000, 99999), st.integers(-2000, -1000))),)
     if family == "frac":
@@ -144,6 +175,13 @@ def _near_miss(draw: st.DrawFn, family: str, args: tuple) -> tuple:
         return draw(st.sampled_from([args[:-1] + (args[-1] + 1,), args[:1], args + (99,)]))
     if family == "letter":
         return (draw(st.sampled_from("ABCDEJ")),)
+    if family == "named":
+        name, value = args
+        if name == "(p,q)":
+            return name, draw(st.sampled_from([value + 1, (value % 10) * 10 + value // 10]))
+        return (draw(st.sampled_from([n for n in _NAMES if n != name])), value) if draw(st.booleans()) else (name, value + 1)
+    if family == "decimal6":
+        return ("near", args[0])
     return (draw(st.sampled_from(_EXPRESSIONS)),)
 
 
@@ -157,6 +195,8 @@ def _forms(family: str, args: tuple) -> list[str]:
         "set": lambda: _set_forms(args),
         "letter": lambda: _letter_forms(*args),
         "expr": lambda: _expression_forms(*args),
+        "named": lambda: _named_forms(*args),
+        "decimal6": lambda: _decimal6_forms(args[0]) if args[0] != "near" else _decimal6_near(args[1], None),
     }[family]()
 
 
