@@ -3,7 +3,7 @@
 Images once per prompt: a batch holds each distinct image once (``image_grid_thw`` one row per image,
 ``pixel_values`` their patches in row order) and ``image_index_B[b]`` is the row of sample b's first image (-1:
 none); its images are that row and the next ones, one per run of ``<|image_pad|>`` in its tokens. Without
-``image_index_B`` the images are in sample order, one copy per sample (the layout before issue 12; still read).
+``image_index_B`` the images are in sample order, one copy per sample (also read).
 ``select_samples`` keeps only the images the chosen samples use, so DP shards and micro-batches carry no others.
 
 Token budget: ``plan_micro_batches`` sorts sequences by length (longest first) and packs them into micro-batches

@@ -30,8 +30,8 @@ def pack_rollouts(
     images_once: bool = True,
 ) -> PolicyBatch:
     """``images[prompt_index] = (pixel_values, image_grid_thw)`` of that prompt's image(s), if any. ``images_once``:
-    each prompt's images once, shared by its samples (``image_index_B``); False: one copy per sample (the layout
-    before issue 12, kept for the step-time benchmark's baseline)."""
+    each prompt's images once, shared by its samples (``image_index_B``); False: one copy per sample (the layout of
+    the step-time benchmark's baseline)."""
     if not rollouts:
         raise ValueError("no rollouts to pack")
     if advantages_B is not None and advantages_B.shape != (len(rollouts),):
